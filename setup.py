@@ -1,0 +1,26 @@
+"""Packaging for metahub.
+
+``twisted.plugins`` is listed as a package (it is a namespace: no ``__init__.py``) so that
+``twisted/plugins/metahub_plugin.py`` is installed where ``twistd`` looks for plugins, for both
+``pip install .`` and ``pip install -e .``.
+"""
+from setuptools import setup
+
+setup(
+    name="metahub",
+    version="0.1.0",
+    description="Pull-through caching proxy for container registries with per-machine-type images",
+    python_requires=">=3.11",
+    packages=["storage", "metahub", "twisted.plugins"],
+    package_data={"twisted.plugins": ["metahub_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.3",
+        "treq>=23.11",
+        "lmdb>=1.4",
+        "pyyaml>=6.0",
+        "service-identity>=24.1",
+        "prometheus-client>=0.20",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    entry_points={"console_scripts": ["metahub = metahub.cli:main"]},
+)

@@ -1,0 +1,196 @@
+"""The node's LMDB index: what this node knows about blobs and tags.
+
+It is a cache of the blob store, never the truth: losing it loses nothing (:func:`storage.reindex`
+rebuilds it) and a blob missing from it is looked up on disk by the caller. LMDB must live on local
+disk (lmdb.h: "Do not use LMDB databases on remote filesystems"), so every node has its own.
+
+Sub-databases:
+
+``blobs``   raw 32-byte digest -> JSON ``{size, media_type, created, last_access}``
+``links``   raw digest -> repository names seen with it (dupsort), for cross-repository safety
+``tags``    ``upstream \\0 repository \\0 tag`` -> JSON ``{digest, checked}``
+
+Write transactions are short and are meant to be made from one thread. Last-access times are
+buffered in memory by :meth:`Index.record_access` and written in one transaction by
+:meth:`Index.flush_access`, so a busy server does not fsync per request. The map grows on demand:
+a write that hits ``MapFullError`` doubles the map size and is retried.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import lmdb
+
+from .digest import parse_digest
+
+T = TypeVar("T")
+
+_INITIAL_MAP_SIZE = 1 << 20  # grown on demand; small so growth is exercised in normal use
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    digest: str
+    size: int
+    media_type: str | None
+    created: float
+    last_access: float
+
+
+@dataclass(frozen=True)
+class TagRecord:
+    digest: str
+    checked: float  # when upstream last confirmed (or first told us) tag -> digest
+
+
+def _key(digest: str) -> bytes:
+    return bytes.fromhex(parse_digest(digest))
+
+
+def _tag_key(upstream: str, repository: str, tag: str) -> bytes:
+    return "\0".join((upstream, repository, tag)).encode()
+
+
+class Index:
+    """One node's LMDB environment, opened at ``path`` (a directory on local disk)."""
+
+    def __init__(self, path: str, map_size: int = _INITIAL_MAP_SIZE) -> None:
+        os.makedirs(path, exist_ok=True)
+        # metasync=False: a system crash may undo the last transaction but never breaks the
+        # environment; losing a transaction of a cache is harmless.
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=4, metasync=False, readahead=False)
+        self._blobs = self.env.open_db(b"blobs")
+        self._links = self.env.open_db(b"links", dupsort=True)
+        self._tags = self.env.open_db(b"tags")
+        self._pending_access: dict[bytes, float] = {}
+
+    def close(self) -> None:
+        self.env.close()
+
+    @property
+    def map_size(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def _write(self, work: Callable[[lmdb.Transaction], T]) -> T:
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return work(txn)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.map_size * 2)
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def put_blob(
+        self,
+        digest: str,
+        size: int,
+        now: float,
+        media_type: str | None = None,
+        repository: str | None = None,
+    ) -> BlobRecord:
+        """Record a blob (created now unless known), keeping a known media type if none is given."""
+        key = _key(digest)
+
+        def work(txn: lmdb.Transaction) -> BlobRecord:
+            raw = txn.get(key, db=self._blobs)
+            old = json.loads(raw) if raw is not None else {}
+            record = {
+                "size": size,
+                "media_type": media_type or old.get("media_type"),
+                "created": old.get("created", now),
+                "last_access": now,
+            }
+            txn.put(key, json.dumps(record).encode(), db=self._blobs)
+            if repository is not None:
+                txn.put(key, repository.encode(), db=self._links, dupdata=True)
+            return BlobRecord(digest, **record)
+
+        return self._write(work)
+
+    def get_blob(self, digest: str) -> BlobRecord | None:
+        with self.env.begin() as txn:
+            raw = txn.get(_key(digest), db=self._blobs)
+        return None if raw is None else BlobRecord(digest, **json.loads(raw))
+
+    def remove_blob(self, digest: str) -> None:
+        key = _key(digest)
+
+        def work(txn: lmdb.Transaction) -> None:
+            txn.delete(key, db=self._blobs)
+            txn.delete(key, db=self._links)
+
+        self._write(work)
+        self._pending_access.pop(key, None)
+
+    def iter_blobs(self) -> Iterator[BlobRecord]:
+        with self.env.begin() as txn:
+            for key, raw in txn.cursor(db=self._blobs):
+                yield BlobRecord("sha256:" + bytes(key).hex(), **json.loads(raw))
+
+    def count_blobs(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self._blobs)["entries"])
+
+    # -- repository links ----------------------------------------------------------------------
+
+    def link(self, digest: str, repository: str) -> None:
+        """Remember that ``repository`` references or served ``digest``."""
+        key = _key(digest)
+        self._write(lambda txn: txn.put(key, repository.encode(), db=self._links, dupdata=True))
+
+    def is_linked(self, digest: str, repository: str) -> bool:
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._links)
+            return cursor.set_key_dup(_key(digest), repository.encode())
+
+    def repositories(self, digest: str) -> list[str]:
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._links)
+            if not cursor.set_key(_key(digest)):
+                return []
+            return [bytes(value).decode() for value in cursor.iternext_dup()]
+
+    # -- access times --------------------------------------------------------------------------
+
+    def record_access(self, digest: str, now: float) -> None:
+        """Note a read in memory; :meth:`flush_access` writes the batch."""
+        self._pending_access[_key(digest)] = now
+
+    def flush_access(self) -> int:
+        """Write buffered access times of blobs the index knows; returns how many were written."""
+        pending, self._pending_access = self._pending_access, {}
+        if not pending:
+            return 0
+
+        def work(txn: lmdb.Transaction) -> int:
+            written = 0
+            for key, when in pending.items():
+                raw = txn.get(key, db=self._blobs)
+                if raw is None:
+                    continue
+                record = json.loads(raw)
+                if when > record["last_access"]:
+                    record["last_access"] = when
+                    txn.put(key, json.dumps(record).encode(), db=self._blobs)
+                    written += 1
+            return written
+
+        return self._write(work)
+
+    # -- tags ----------------------------------------------------------------------------------
+
+    def set_tag(self, upstream: str, repository: str, tag: str, digest: str, checked: float) -> None:
+        parse_digest(digest)
+        value = json.dumps({"digest": digest, "checked": checked}).encode()
+        key = _tag_key(upstream, repository, tag)
+        self._write(lambda txn: txn.put(key, value, db=self._tags))
+
+    def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
+        with self.env.begin() as txn:
+            raw = txn.get(_tag_key(upstream, repository, tag), db=self._tags)
+        return None if raw is None else TagRecord(**json.loads(raw))

@@ -1,0 +1,83 @@
+"""The store a server uses: blob files plus this node's index, kept consistent with each other.
+
+The index is trusted for speed and corrected by the files: a digest the index lacks is looked up with
+one ``stat`` and adopted; a digest whose file is gone (evicted by another node) is forgotten when the
+caller reports it with :meth:`Storage.forget`.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .blobstore import BlobStore
+from .index import BlobRecord, Index
+
+#: Temporary files untouched for this long belong to dead writers (see BlobStore.clean_temp).
+DEFAULT_TEMP_GRACE = 3600.0
+
+
+@dataclass(frozen=True)
+class ReindexResult:
+    added: int
+    removed: int
+    total: int
+
+
+class Storage:
+    """Opens the blob store at ``store_path`` and the LMDB index at ``index_path``.
+
+    Opening costs the same with ten blobs or ten million: it creates directories if needed, opens
+    LMDB and removes temporary files older than ``temp_grace`` (crashed writers); it never scans blobs.
+    """
+
+    def __init__(
+        self,
+        store_path: str,
+        index_path: str,
+        clock: Callable[[], float] = time.time,
+        temp_grace: float = DEFAULT_TEMP_GRACE,
+    ) -> None:
+        self.clock = clock
+        self.blobs = BlobStore(store_path)
+        self.index = Index(index_path)
+        self.blobs.clean_temp(temp_grace, clock())
+
+    def close(self) -> None:
+        self.index.flush_access()
+        self.index.close()
+
+    def lookup(self, digest: str) -> BlobRecord | None:
+        """What is known of a committed blob, from the index or else from the file itself."""
+        record = self.index.get_blob(digest)
+        if record is not None:
+            return record
+        found = self.blobs.stat(digest)
+        if found is None:
+            return None
+        return self.index.put_blob(digest, found.size, self.clock())
+
+    def forget(self, digest: str) -> None:
+        """The index named a blob whose file is gone: drop it so the next lookup sees the truth."""
+        self.index.remove_blob(digest)
+
+    def reindex(self) -> ReindexResult:
+        """Make the index agree with the files: add blobs it lacks, drop those whose file is gone.
+
+        Media types, links and tags already in the index are kept; a full scan of the store.
+        """
+        on_disk = {}
+        for found in self.blobs.iter_blobs():
+            on_disk[found.digest] = found
+        known = {record.digest: record for record in self.index.iter_blobs()}
+        removed = 0
+        for digest in known.keys() - on_disk.keys():
+            self.index.remove_blob(digest)
+            removed += 1
+        added = 0
+        for digest, found in on_disk.items():
+            record = known.get(digest)
+            if record is None or record.size != found.size:
+                self.index.put_blob(digest, found.size, found.mtime)
+                added += 1
+        return ReindexResult(added=added, removed=removed, total=len(on_disk))

@@ -1,0 +1,267 @@
+"""The blob files: verified writes, ranges, following a write, crash leftovers."""
+from __future__ import annotations
+
+import gc
+import hashlib
+import multiprocessing
+import os
+
+import pytest
+
+from storage import (
+    BlobNotFound,
+    BlobStore,
+    DigestMismatch,
+    FollowState,
+    InvalidDigest,
+    SizeMismatch,
+    parse_digest,
+    sha256_digest,
+)
+
+
+def digest_of(data: bytes) -> str:
+    return sha256_digest(data)
+
+
+@pytest.fixture
+def store(tmp_path) -> BlobStore:
+    return BlobStore(str(tmp_path / "store"))
+
+
+def names_under(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "sha256:" + "A" * 64,
+        "sha256:" + "a" * 63,
+        "sha256:" + "a" * 65,
+        "sha512:" + "a" * 128,
+        "sha256:../../" + "a" * 58,
+        "sha256:" + "a" * 64 + "\n",
+        "a" * 64,
+        "",
+    ],
+)
+def test_only_sha256_lowercase_hex_digests_become_paths(store: BlobStore, bad: str) -> None:
+    with pytest.raises(InvalidDigest):
+        store.path(bad)
+    with pytest.raises(InvalidDigest):
+        store.writer(bad)
+    with pytest.raises(ValueError):
+        parse_digest(bad)
+
+
+def test_layout_is_two_hex_fanout(store: BlobStore) -> None:
+    data = b"hello"
+    digest = digest_of(data)
+    with store.writer(digest) as w:
+        w.write(data)
+        path = w.commit()
+    hex_ = digest.split(":")[1]
+    assert path == os.path.join(store.root, "blobs", "sha256", hex_[:2], hex_)
+    assert open(path, "rb").read() == data
+    assert store.stat(digest).size == 5
+    assert os.listdir(store.tmp_dir) == []
+
+
+def test_digest_mismatch_leaves_nothing(store: BlobStore) -> None:
+    digest = digest_of(b"expected")
+    w = store.writer(digest)
+    w.write(b"something else")
+    with pytest.raises(DigestMismatch) as err:
+        w.commit()
+    assert err.value.actual == digest_of(b"something else")
+    assert store.stat(digest) is None
+    assert names_under(store.root) == []
+
+
+def test_size_mismatch_short_and_long(store: BlobStore) -> None:
+    data = b"0123456789"
+    digest = digest_of(data)
+    short = store.writer(digest, size=11)
+    short.write(data)
+    with pytest.raises(SizeMismatch):
+        short.commit()
+    long = store.writer(digest, size=4)
+    with pytest.raises(SizeMismatch):
+        long.write(data)
+    assert store.stat(digest) is None
+    assert names_under(store.root) == []
+
+
+def test_abandoned_writers_clean_up(store: BlobStore) -> None:
+    digest = digest_of(b"x")
+    with pytest.raises(RuntimeError):
+        with store.writer(digest) as w:
+            w.write(b"x")
+            raise RuntimeError("client went away")
+    dropped = store.writer(digest)
+    dropped.write(b"x")
+    del dropped
+    gc.collect()
+    assert os.listdir(store.tmp_dir) == []
+    assert store.stat(digest) is None
+
+
+def test_two_writers_of_one_digest_both_succeed(store: BlobStore) -> None:
+    data = os.urandom(4096)
+    digest = digest_of(data)
+    a, b = store.writer(digest), store.writer(digest)
+    a.write(data)
+    b.write(data)
+    a.commit()
+    b.commit()
+    assert open(store.path(digest), "rb").read() == data
+    assert os.listdir(store.tmp_dir) == []
+
+
+def _write_in_process(root: str, data: bytes, barrier) -> None:
+    store = BlobStore(root)
+    w = store.writer(sha256_digest(data), size=len(data))
+    for i in range(0, len(data), 65536):
+        w.write(data[i : i + 65536])
+    barrier.wait()  # both processes commit at the same moment
+    w.commit()
+
+
+def test_concurrent_writers_in_two_processes(tmp_path) -> None:
+    root = str(tmp_path / "store")
+    data = os.urandom(3 << 20)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_write_in_process, args=(root, data, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0]
+    store = BlobStore(root)
+    with store.open(sha256_digest(data)) as r:
+        assert r.read(len(data) + 1) == data
+    assert os.listdir(store.tmp_dir) == []
+
+
+def test_open_with_range(store: BlobStore) -> None:
+    data = bytes(range(256)) * 4
+    digest = digest_of(data)
+    with store.writer(digest) as w:
+        w.write(data)
+        w.commit()
+    with store.open(digest, 10, 20) as r:
+        assert (r.size, r.remaining) == (1024, 10)
+        assert r.read(4) + r.read(100) == data[10:20]
+        assert r.read(1) == b""
+    with store.open(digest, 1000) as r:
+        assert r.read(9999) == data[1000:]
+    with store.open(digest, 0, 5000) as r:  # an end past the blob is clipped
+        assert r.remaining == 1024
+    with pytest.raises(ValueError):
+        store.open(digest, 2000)
+    with pytest.raises(BlobNotFound):
+        store.open(digest_of(b"absent"))
+
+
+def test_follower_reads_a_write_to_the_end(store: BlobStore) -> None:
+    data = os.urandom(300_000)
+    digest = digest_of(data)
+    assert store.follow(digest) is None
+    w = store.writer(digest, size=len(data))
+    f = store.follow(digest)
+    assert f is not None
+    got = bytearray()
+    assert f.read(1000) == b"" and f.state is FollowState.WRITING
+    for i in range(0, len(data), 70_000):
+        w.write(data[i : i + 70_000])
+        got += f.read(1 << 20)
+        assert f.state is FollowState.WRITING
+    w.commit()
+    while chunk := f.read(50_000):
+        got += chunk
+    assert f.state is FollowState.COMMITTED
+    assert bytes(got) == data
+    f.close()
+
+
+def test_follower_sees_a_failed_write_fail(store: BlobStore) -> None:
+    digest = digest_of(b"the real content")
+    w = store.writer(digest)
+    f = store.follow(digest)
+    w.write(b"corrupted bytes")
+    assert f.read(100) == b"corrupted bytes"
+    with pytest.raises(DigestMismatch):
+        w.commit()
+    assert f.read(100) == b""
+    assert f.state is FollowState.FAILED
+
+
+def test_follower_of_failed_write_switches_to_another_writers_blob(store: BlobStore) -> None:
+    """Ours fails, a second writer commits: the bytes already given were right, so it completes."""
+    data = os.urandom(10_000)
+    digest = digest_of(data)
+    ours, theirs = store.writer(digest), store.writer(digest)
+    ours.write(data[:4000])
+    f = store.follow(digest)
+    assert f.temp_path == ours.temp_path  # the write with the most bytes is followed
+    theirs.write(data)
+    got = f.read(4000)
+    theirs.commit()
+    ours.abort()
+    while chunk := f.read(3000):
+        got += chunk
+    assert f.state is FollowState.COMMITTED
+    assert got == data
+
+
+def test_follower_detects_wrong_prefix_after_switch(store: BlobStore) -> None:
+    data = os.urandom(10_000)
+    digest = digest_of(data)
+    bad = store.writer(digest)
+    bad.write(b"\0" * 6000)  # a writer receiving wrong bytes
+    f = store.follow(digest)
+    assert f.read(6000) == b"\0" * 6000
+    good = store.writer(digest)
+    good.write(data)
+    good.commit()
+    bad.abort()
+    while f.read(4096):
+        pass
+    assert f.state is FollowState.FAILED
+
+
+def test_follow_a_committed_blob(store: BlobStore) -> None:
+    data = b"done already"
+    digest = digest_of(data)
+    with store.writer(digest) as w:
+        w.write(data)
+        w.commit()
+    f = store.follow(digest)
+    assert f.read(100) == data
+    assert f.read(100) == b"" and f.state is FollowState.COMMITTED
+
+
+def test_clean_temp_spares_live_writers(store: BlobStore) -> None:
+    old = store.writer(digest_of(b"old"))
+    old.write(b"o")
+    live = store.writer(digest_of(b"live"))
+    live.write(b"l")
+    os.utime(old.temp_path, (1000, 1000))
+    assert store.clean_temp(grace=60) == 1
+    assert not os.path.exists(old.temp_path)
+    assert os.path.exists(live.temp_path)
+
+
+def test_iter_blobs_skips_foreign_files(store: BlobStore) -> None:
+    data = b"a blob"
+    digest = digest_of(data)
+    with store.writer(digest) as w:
+        w.write(data)
+        w.commit()
+    open(os.path.join(store.blob_dir, "zz"), "w").close()
+    os.makedirs(os.path.join(store.blob_dir, "ab"), exist_ok=True)
+    open(os.path.join(store.blob_dir, "ab", "not-a-digest"), "w").close()
+    assert [(b.digest, b.size) for b in store.iter_blobs()] == [(digest, len(data))]
+    assert hashlib.sha256(data).hexdigest() == digest[7:]

@@ -1,0 +1,73 @@
+"""SIGKILL a process that is writing blobs and updating the index, at many points: nothing breaks."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from storage import Storage
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    from storage import Storage, sha256_digest
+    store = Storage(sys.argv[1], sys.argv[2])
+    n = 0
+    while True:
+        data = os.urandom(1 << 18) * 4          # 1 MiB, written in several chunks
+        digest = sha256_digest(data)
+        with store.blobs.writer(digest, size=len(data)) as w:
+            for i in range(0, len(data), 1 << 16):
+                w.write(data[i:i + (1 << 16)])
+                if n == 0 and i == 0:
+                    print("writing", flush=True)
+            w.commit()
+        store.index.put_blob(digest, len(data), time.time(), repository="docker.io/x/y")
+        store.index.set_tag("docker.io", "x/y", "latest", digest, checked=time.time())
+        n += 1
+    """
+)
+
+
+def assert_store_sound(store_path: str) -> int:
+    blob_root = os.path.join(store_path, "blobs", "sha256")
+    count = 0
+    for prefix in os.listdir(blob_root):
+        for name in os.listdir(os.path.join(blob_root, prefix)):
+            with open(os.path.join(blob_root, prefix, name), "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == name, "partial blob under its name"
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3, 0.6])
+def test_sigkill_while_writing_leaves_a_sound_store(tmp_path, delay: float) -> None:
+    store_path, index_path = str(tmp_path / "store"), str(tmp_path / "index")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, store_path, index_path], stdout=subprocess.PIPE, env=env
+    )
+    try:
+        assert proc.stdout.readline() == b"writing\n"
+        time.sleep(delay)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    committed = assert_store_sound(store_path)
+    # The index opens; every blob it knows is sound; temp files of the dead writer are removed.
+    store = Storage(store_path, index_path, temp_grace=0)
+    try:
+        assert os.listdir(os.path.join(store_path, "tmp")) == []
+        for record in store.index.iter_blobs():
+            assert store.blobs.stat(record.digest).size == record.size
+        assert store.reindex().total == committed
+        tag = store.index.get_tag("docker.io", "x/y", "latest")
+        assert tag is None or store.lookup(tag.digest) is not None
+    finally:
+        store.close()
