@@ -1,0 +1,647 @@
+"""The configuration contract (see docs/configuration.md): YAML in, frozen dataclasses out.
+
+Everything is checked here, once, at startup, so the rest of the server can trust its ``Config``: a
+bad file stops metahub with one line ``PATH: problem`` (a :class:`ConfigError`) instead of a traceback
+minutes later in a request handler. Each mapping is described by a small table of its keys
+(``_Key``); one generic walker (:func:`_fields`) rejects unknown keys, refuses inline secrets,
+reports missing required keys and runs each key's converter with the key's dotted path, so every
+error names exactly what to fix (``machine_types.type1.featurs: unknown key``).
+
+Secrets (upstream passwords, account password hashes) are fields with ``repr=False`` and are never
+echoed in an error message or in :func:`config_summary`.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import Any, Callable, Mapping, NoReturn, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+__all__ = [
+    "Account",
+    "Config",
+    "ConfigError",
+    "MachineType",
+    "StorageConfig",
+    "UpstreamConfig",
+    "config_summary",
+    "format_duration",
+    "format_size",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+]
+
+
+class ConfigError(Exception):
+    """A bad configuration: the message is one line that names the key's path."""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    url: str  # scheme://host[:port], no trailing slash
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # read from password_file; never logged
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    @property
+    def host(self) -> str:
+        """``host[:port]`` of the URL, what containerd sends as ``?ns=``."""
+        return urlsplit(self.url).netloc
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str
+    index: str
+    max_size: int | None = None  # bytes
+
+
+@dataclass(frozen=True)
+class MachineType:
+    name: str
+    os: str
+    architecture: str
+    variant: str | None = None
+    features: tuple[str, ...] = ()
+    match: str = "subset"  # or "exact"
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    password_hash: str = field(repr=False)
+    machine_types: tuple[str, ...] = ()
+    repositories: tuple[str, ...] | None = None  # None: every repository
+
+
+@dataclass(frozen=True)
+class Config:
+    storage: StorageConfig
+    upstreams: dict[str, UpstreamConfig]
+    default_upstream: str
+    listen: str = "tcp:5000"
+    tag_ttl: float = 300.0  # seconds
+    anonymous: str = "deny"  # or "allow"
+    machine_types: dict[str, MachineType] = field(default_factory=dict)
+    accounts: dict[str, Account] = field(default_factory=dict)
+    source: str | None = None  # the file it was loaded from, for logs and `check-config`
+
+
+# --- public helpers ----------------------------------------------------------------------------
+
+_SIZE_UNITS: dict[str, int] = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+
+_DURATION_UNITS: dict[str, float] = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|[dhms]))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|[dhms])")
+
+
+def parse_size(value: object) -> int:
+    """``200GiB`` / ``500MB`` / ``1024`` -> bytes. Raises ``ValueError``.
+
+    Both IEC (KiB = 1024) and SI (kB = 1000) suffixes, case-insensitive; a bare number is bytes. A
+    bare ``G`` or ``M`` is refused because operators mean both 10**9 and 2**30 by it.
+    """
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("not a size")
+    result = Fraction(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]  # exact, unlike float
+    if result.denominator != 1:
+        raise ValueError("not a whole number of bytes")
+    return int(result)
+
+
+def parse_duration(value: object) -> float:
+    """``5m`` / ``30s`` / ``1h30m`` / ``250ms`` / a number of seconds -> seconds. Raises ``ValueError``."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and _DURATION.fullmatch(value.strip()):
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(value))
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", value):
+        seconds = float(value)
+    else:
+        raise ValueError("not a duration")
+    if not math.isfinite(seconds):
+        raise ValueError("not a duration")
+    return seconds
+
+
+def format_size(size: int) -> str:
+    """The largest IEC unit that keeps at least 1, for logs (``214748364800`` -> ``200GiB``)."""
+    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
+        if size >= _SIZE_UNITS[unit.lower()]:
+            return f"{size / _SIZE_UNITS[unit.lower()]:.4g}{unit}"
+    return f"{size}B"
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds back into the config's own notation, for logs (``5400`` -> ``1h30m``)."""
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    rest, parts = int(seconds), []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts) or "0s"
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping.
+
+    Plain PyYAML keeps the last duplicate silently, so a second ``storage:`` further down a long
+    file would quietly win; here it is an error with its line number.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: str) -> Config:
+    """Read and check a YAML config file; relative paths in it are relative to its directory.
+
+    Every problem, including a missing file or a YAML syntax error, is a one-line
+    :class:`ConfigError` (``FILE:LINE:COLUMN: ...`` for syntax), never a traceback.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = e.problem or e.context or "invalid YAML"
+        if e.context and e.problem:
+            problem = f"{problem} ({e.context})"
+        raise ConfigError(_one_line(f"{where}: YAML syntax error: {problem}")) from None
+    except yaml.reader.ReaderError as e:  # a control character: PyYAML gives only an offset
+        line = text.count("\n", 0, e.position) + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise ConfigError(f"{path}:{line}: YAML syntax error: character U+{code:04X} is not allowed") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(_one_line(f"{path}: YAML syntax error: {e}")) from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; required keys: {_required_keys(_TOP)}")
+    config = parse_config(data, os.path.dirname(os.path.abspath(path)))
+    return replace(config, source=os.path.abspath(path))
+
+
+def parse_config(data: object, base_dir: str) -> Config:
+    """Check already-parsed YAML (``data``) and build a :class:`Config`.
+
+    ``base_dir`` anchors relative paths (store, index, password files), so a config and its
+    secrets can move together and a test can point at ``tmp_path``.
+    """
+    ctx = _Context(os.path.abspath(base_dir))
+    if data is None:
+        _fail("(top level)", f"the configuration is empty; required keys: {_required_keys(_TOP)}")
+    values = _fields(data, "", _TOP, ctx)
+    upstreams: dict[str, UpstreamConfig] = values["upstreams"]
+    machine_types: dict[str, MachineType] = values.get("machine_types", {})
+    accounts: dict[str, Account] = values.get("accounts", {})
+    default = values.get("default_upstream")
+    if default is None:
+        if len(upstreams) != 1:
+            _fail("default_upstream", f"required when there is more than one upstream ({_names(upstreams)})")
+        default = next(iter(upstreams))
+    elif default not in upstreams:
+        _fail("default_upstream", f"{default!r} is not an upstream (defined: {_names(upstreams)})")
+    for account in accounts.values():
+        for i, type_name in enumerate(account.machine_types):
+            if type_name not in machine_types:
+                _fail(
+                    f"accounts.{account.name}.machine_types[{i}]",
+                    f"unknown machine type {type_name!r} (defined: {_names(machine_types)})",
+                )
+    cache = values.get("cache", {})
+    return Config(
+        storage=values["storage"],
+        upstreams=upstreams,
+        default_upstream=default,
+        listen=values.get("listen", Config.listen),
+        tag_ttl=cache.get("tag_ttl", Config.tag_ttl),
+        anonymous=values.get("anonymous", Config.anonymous),
+        machine_types=machine_types,
+        accounts=accounts,
+    )
+
+
+def config_summary(config: Config) -> str:
+    """A few lines for the startup log: enough to see which config is live, and no secret."""
+    storage = config.storage
+    bound = format_size(storage.max_size) if storage.max_size is not None else "unbounded"
+    upstreams = ", ".join(
+        f"{u.name}={u.url}"
+        + (" (default)" if u.name == config.default_upstream else "")
+        + (" (with credentials)" if u.password is not None else "")
+        for u in config.upstreams.values()
+    )
+    access = f"anonymous pulls: {config.anonymous}"
+    if config.anonymous == "deny" and not config.accounts:
+        access += " (no accounts defined: every pull will be refused)"
+    lines = [
+        f"config: {config.source}" if config.source else None,
+        f"listen: {config.listen}",
+        f"storage: path={storage.path} index={storage.index} max_size={bound}",
+        f"upstreams: {upstreams}",
+        f"tag_ttl: {format_duration(config.tag_ttl)}; {access}",
+        f"machine types: {len(config.machine_types)}; accounts: {len(config.accounts)}",
+    ]
+    return "\n".join(line for line in lines if line)
+
+
+# --- the walker --------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Context:
+    base_dir: str
+
+
+Convert = Callable[[Any, str, _Context], Any]
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One row of a key table: how to convert the value, and whether it must be there.
+
+    ``refuse`` marks a key people will try (an inline ``password``) that is rejected with advice
+    rather than as merely unknown.
+    """
+
+    convert: Convert
+    required: bool = False
+    refuse: str | None = None
+
+
+def _fail(path: str, problem: str) -> NoReturn:
+    raise ConfigError(f"{path or '(top level)'}: {problem}")
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _describe(value: object) -> str:
+    """A short rendering of a wrong value for an error message (never used for secrets)."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return _one_line(text if len(text) <= 60 else text[:57] + "...")
+
+
+def _names(mapping: Mapping[str, Any]) -> str:
+    return ", ".join(mapping) or "none"
+
+
+def _required_keys(table: Mapping[str, _Key]) -> str:
+    return ", ".join(key for key, spec in table.items() if spec.required)
+
+
+def _mapping(value: object, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        _fail(path, f"expected a mapping, got {_describe(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            _fail(_join(path, str(key)), f"keys must be strings, got {_describe(key)}")
+    return value
+
+
+def _fields(value: object, path: str, table: Mapping[str, _Key], ctx: _Context) -> dict[str, Any]:
+    """Walk one mapping against its key table; returns the converted values of the keys present.
+
+    A key set to nothing (``key:`` or ``~``) counts as absent, so commenting out every entry under
+    ``accounts:`` leaves a valid file.
+    """
+    out: dict[str, Any] = {}
+    for key, item in _mapping(value, path).items():
+        key_path = _join(path, key)
+        spec = table.get(key)
+        if spec is None:
+            close = difflib.get_close_matches(key, list(table), n=1, cutoff=0.5)
+            _fail(key_path, "unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif spec.refuse:
+            _fail(key_path, spec.refuse)
+        elif item is not None:
+            out[key] = spec.convert(item, key_path, ctx)
+        elif spec.required:
+            _fail(key_path, "required, but has no value")
+    for key, spec in table.items():
+        if spec.required and key not in out:
+            _fail(_join(path, key), "required key is missing")
+    return out
+
+
+def _named(
+    value: object, path: str, ctx: _Context, name_rule: Callable[[str], str | None],
+    entry: Callable[[str, Any, str, _Context], T],
+) -> dict[str, T]:
+    """A mapping of user-chosen names to entries (upstreams, machine types, accounts)."""
+    out: dict[str, T] = {}
+    for name, item in _mapping(value, path).items():
+        item_path = _join(path, name)
+        problem = name_rule(name)
+        if problem:
+            _fail(item_path, problem)
+        out[name] = entry(name, item, item_path, ctx)
+    return out
+
+
+# --- scalar converters -------------------------------------------------------------------------
+
+
+def _string(value: object, path: str, ctx: _Context) -> str:
+    if not isinstance(value, str) or not value.strip():
+        _fail(path, f"expected a non-empty string, got {_describe(value)}")
+    return value.strip()
+
+
+def _choice(*choices: str) -> Convert:
+    def convert(value: object, path: str, ctx: _Context) -> str:
+        if value not in choices:
+            _fail(path, f"expected one of {', '.join(choices)}, got {_describe(value)}")
+        return value  # type: ignore[return-value]
+    return convert
+
+
+def _strings(value: object, path: str, ctx: _Context) -> tuple[str, ...]:
+    """A list of distinct non-empty strings: a duplicate is always a typo or a paste error."""
+    if not isinstance(value, list):
+        _fail(path, f"expected a list, got {_describe(value)}")
+    out: list[str] = []
+    for i, item in enumerate(value):
+        text = _string(item, _join(path, i), ctx)
+        if text in out:
+            _fail(_join(path, i), f"duplicate entry {text!r}")
+        out.append(text)
+    return tuple(out)
+
+
+def _endpoint(value: object, path: str, ctx: _Context) -> str:
+    """A Twisted server endpoint string; parsed for real by ``serverFromString`` at startup."""
+    if not isinstance(value, str) or not value.strip() or ":" not in value:
+        _fail(path, f"expected a Twisted endpoint string such as tcp:5000, got {_describe(value)}")
+    return value.strip()
+
+
+def _path(value: object, path: str, ctx: _Context) -> str:
+    return os.path.normpath(os.path.join(ctx.base_dir, _string(value, path, ctx)))
+
+
+def _size(value: object, path: str, ctx: _Context) -> int:
+    try:
+        size = parse_size(value)
+    except ValueError:
+        _fail(path, f"expected a size such as 200GiB, 500MB or 1024 (bytes), got {_describe(value)}")
+    if size <= 0:
+        _fail(path, "must be greater than 0")
+    return size
+
+
+def _duration(minimum: float, strict: bool) -> Convert:
+    def convert(value: object, path: str, ctx: _Context) -> float:
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            _fail(path, f"expected a duration such as 5m, 30s, 1h30m or a number of seconds, got {_describe(value)}")
+        if seconds < minimum or (strict and seconds == minimum):
+            _fail(path, f"must be {'greater than' if strict else 'at least'} {minimum:g} seconds")
+        return seconds
+    return convert
+
+
+def _url(value: object, path: str, ctx: _Context) -> str:
+    """``http(s)://host[:port]``: a path would be silently dropped by the /v2/ client, so refuse it."""
+    text = _string(value, path, ctx)
+    if "@" in text:
+        _fail(path, "credentials in the URL are not accepted; use username and password_file")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        _fail(path, f"not a valid URL: {text!r}")
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        _fail(path, f"expected an http:// or https:// URL such as https://ghcr.io, got {text!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        _fail(path, f"expected scheme://host[:port] with no path or query, got {text!r}")
+    return f"{scheme}://{parts.netloc}"
+
+
+def _secret_file(value: object, path: str, ctx: _Context) -> str:
+    """Read a secret at load time, so a missing file stops startup rather than the first pull."""
+    file_path = _path(value, path, ctx)
+    try:
+        with open(file_path, encoding="utf-8") as f:
+            secret = f.read().rstrip("\r\n")
+    except OSError as e:
+        _fail(path, f"cannot read {file_path}: {e.strerror or e}")
+    except UnicodeDecodeError:
+        _fail(path, f"{file_path} is not UTF-8 text")
+    if not secret:
+        _fail(path, f"{file_path} is empty")
+    return secret
+
+
+def _password_hash(value: object, path: str, ctx: _Context) -> str:
+    # The value is secret: never echo it back.
+    if not isinstance(value, str) or not value.startswith("scrypt$") or len(value) <= len("scrypt$"):
+        _fail(path, "expected a hash starting with 'scrypt$', as printed by `metahub hash-password`")
+    return value  # type: ignore[return-value]
+
+
+# --- names -------------------------------------------------------------------------------------
+
+# One path component of an OCI repository name (distribution's reference grammar).
+_REPO_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+# Logins are ACCOUNT-TYPE split at the first "-", and HTTP Basic splits at ":", so neither may appear.
+_LOGIN_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*")
+
+
+def _upstream_name(name: str) -> str | None:
+    if _REPO_COMPONENT.fullmatch(name):
+        return None
+    return (
+        "an upstream name is a repository path component: lowercase letters and digits, "
+        "separated by '.', '_' or '-' (e.g. docker.io, ghcr.io, private)"
+    )
+
+
+def _login_part(kind: str) -> Callable[[str], str | None]:
+    def rule(name: str) -> str | None:
+        if "-" in name:
+            return f"{kind} names must not contain '-': the login ACCOUNT-TYPE is split at the first '-'"
+        if not _LOGIN_PART.fullmatch(name):
+            return f"{kind} names are letters, digits, '_' and '.', starting with a letter or digit"
+        return None
+    return rule
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+_STORAGE = {
+    "path": _Key(_path, required=True),
+    "index": _Key(_path, required=True),
+    "max_size": _Key(_size),
+}
+
+
+def _storage(value: object, path: str, ctx: _Context) -> StorageConfig:
+    values = _fields(value, path, _STORAGE, ctx)
+    store, index = os.path.realpath(values["path"]), os.path.realpath(values["index"])
+    if os.path.commonpath([store, index]) == store:
+        _fail(
+            _join(path, "index"),
+            "must not be storage.path or inside it: the LMDB index is per node and belongs on local "
+            "disk, the store may be shared",
+        )
+    return StorageConfig(**values)
+
+
+_UPSTREAM = {
+    "url": _Key(_url, required=True),
+    "username": _Key(_string),
+    "password_file": _Key(_secret_file),
+    "password": _Key(_string, refuse="inline passwords are not accepted; put it in a file and use password_file"),
+    "connect_timeout": _Key(_duration(0, strict=True)),
+    "read_timeout": _Key(_duration(0, strict=True)),
+}
+
+
+def _upstream(name: str, value: object, path: str, ctx: _Context) -> UpstreamConfig:
+    values = _fields(value, path, _UPSTREAM, ctx)
+    if ("username" in values) != ("password_file" in values):
+        missing = "password_file" if "username" in values else "username"
+        other = "username" if missing == "password_file" else "password_file"
+        _fail(_join(path, missing), f"required with {other}: they go together")
+    return UpstreamConfig(
+        name=name,
+        url=values["url"],
+        username=values.get("username"),
+        password=values.get("password_file"),
+        connect_timeout=values.get("connect_timeout", UpstreamConfig.connect_timeout),
+        read_timeout=values.get("read_timeout", UpstreamConfig.read_timeout),
+    )
+
+
+def _upstreams(value: object, path: str, ctx: _Context) -> dict[str, UpstreamConfig]:
+    upstreams = _named(value, path, ctx, _upstream_name, _upstream)
+    if not upstreams:
+        _fail(path, "at least one upstream is required")
+    return upstreams
+
+
+_CACHE = {"tag_ttl": _Key(_duration(0, strict=False))}
+
+
+def _cache(value: object, path: str, ctx: _Context) -> dict[str, Any]:
+    return _fields(value, path, _CACHE, ctx)
+
+
+_PLATFORM = {
+    "os": _Key(_string, required=True),
+    "architecture": _Key(_string, required=True),
+    "variant": _Key(_string),
+}
+_MACHINE_TYPE = {
+    "platform": _Key(lambda v, p, c: _fields(v, p, _PLATFORM, c), required=True),
+    "features": _Key(_strings),
+    "match": _Key(_choice("subset", "exact")),
+}
+
+
+def _machine_type(name: str, value: object, path: str, ctx: _Context) -> MachineType:
+    values = _fields(value, path, _MACHINE_TYPE, ctx)
+    platform = values["platform"]
+    return MachineType(
+        name=name,
+        os=platform["os"],
+        architecture=platform["architecture"],
+        variant=platform.get("variant"),
+        features=values.get("features", ()),
+        match=values.get("match", MachineType.match),
+    )
+
+
+_ACCOUNT = {
+    "password_hash": _Key(_password_hash, required=True),
+    "password": _Key(
+        _string,
+        refuse="plain passwords are not accepted; put the output of `metahub hash-password` in password_hash",
+    ),
+    "machine_types": _Key(_strings),
+    "repositories": _Key(_strings),
+}
+
+
+def _account(name: str, value: object, path: str, ctx: _Context) -> Account:
+    values = _fields(value, path, _ACCOUNT, ctx)
+    return Account(
+        name=name,
+        password_hash=values["password_hash"],
+        machine_types=values.get("machine_types", ()),
+        repositories=values.get("repositories"),
+    )
+
+
+_TOP = {
+    "listen": _Key(_endpoint),
+    "storage": _Key(_storage, required=True),
+    "upstreams": _Key(_upstreams, required=True),
+    "default_upstream": _Key(_string),
+    "cache": _Key(_cache),
+    "anonymous": _Key(_choice("allow", "deny")),
+    "machine_types": _Key(lambda v, p, c: _named(v, p, c, _login_part("machine type"), _machine_type)),
+    "accounts": _Key(lambda v, p, c: _named(v, p, c, _login_part("account"), _account)),
+}

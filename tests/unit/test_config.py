@@ -1,0 +1,477 @@
+"""The configuration contract: what parses into what, and the one-line error for each kind of mistake."""
+from __future__ import annotations
+
+import copy
+import shutil
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metahub.config import (
+    Account,
+    Config,
+    ConfigError,
+    MachineType,
+    StorageConfig,
+    UpstreamConfig,
+    config_summary,
+    format_duration,
+    format_size,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+HASH = "scrypt$16384$8$1$c2FsdA$aGFzaGhhc2hoYXNo"
+PASSWORD = "s3cret-upstream-pw"
+
+FULL = """\
+listen: tcp:5000:interface=127.0.0.1
+storage:
+  path: store
+  index: /var/lib/metahub/index
+  max_size: 200GiB
+upstreams:
+  docker.io:
+    url: https://registry-1.docker.io
+  ghcr.io:
+    url: https://ghcr.io/
+    connect_timeout: 5s
+    read_timeout: 2m
+  private:
+    url: http://registry.example.com:5000
+    username: robot
+    password_file: registry.pw
+default_upstream: ghcr.io
+cache:
+  tag_ttl: 1h30m
+anonymous: allow
+machine_types:
+  type1:
+    platform: {os: linux, architecture: amd64}
+    features: [cpu:broadwell]
+  type2:
+    platform: {os: linux, architecture: arm64, variant: v8}
+    features: [cpu:neoverse, nvcap:5.2]
+    match: exact
+accounts:
+  qnib:
+    password_hash: "%s"
+    machine_types: [type1, type2]
+  ci:
+    password_hash: "%s"
+    repositories: ["ghcr.io/org/*"]
+""" % (HASH, HASH)
+
+
+def minimal(tmp_path: Path) -> dict[str, Any]:
+    """The smallest valid config, as parsed YAML, for tests to break one key of."""
+    return {
+        "storage": {"path": str(tmp_path / "store"), "index": str(tmp_path / "index")},
+        "upstreams": {"docker.io": {"url": "https://registry-1.docker.io"}},
+    }
+
+
+def error(data: object, base_dir: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, str(base_dir))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def write(tmp_path: Path, text: str, name: str = "metahub.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+# --- valid configs ---------------------------------------------------------------------------
+
+
+def test_full_example_parses_into_the_right_values(tmp_path: Path) -> None:
+    (tmp_path / "registry.pw").write_text(PASSWORD + "\n")
+    config = load_config(write(tmp_path, FULL))
+
+    assert config.listen == "tcp:5000:interface=127.0.0.1"
+    assert config.storage == StorageConfig(
+        path=str(tmp_path / "store"), index="/var/lib/metahub/index", max_size=200 * 2**30
+    )
+    assert list(config.upstreams) == ["docker.io", "ghcr.io", "private"]
+    assert config.upstreams["docker.io"] == UpstreamConfig("docker.io", "https://registry-1.docker.io")
+    ghcr = config.upstreams["ghcr.io"]
+    assert (ghcr.url, ghcr.connect_timeout, ghcr.read_timeout) == ("https://ghcr.io", 5.0, 120.0)
+    private = config.upstreams["private"]
+    assert (private.url, private.host) == ("http://registry.example.com:5000", "registry.example.com:5000")
+    assert (private.username, private.password) == ("robot", PASSWORD)
+    assert config.default_upstream == "ghcr.io"
+    assert config.tag_ttl == 5400.0
+    assert config.anonymous == "allow"
+    assert config.machine_types == {
+        "type1": MachineType("type1", "linux", "amd64", None, ("cpu:broadwell",), "subset"),
+        "type2": MachineType("type2", "linux", "arm64", "v8", ("cpu:neoverse", "nvcap:5.2"), "exact"),
+    }
+    assert config.accounts == {
+        "qnib": Account("qnib", HASH, ("type1", "type2"), None),
+        "ci": Account("ci", HASH, (), ("ghcr.io/org/*",)),
+    }
+    assert config.source == str(tmp_path / "metahub.yaml")
+
+
+def test_minimal_config_gets_the_defaults(tmp_path: Path) -> None:
+    config = parse_config(minimal(tmp_path), str(tmp_path))
+    assert config.listen == "tcp:5000"
+    assert config.default_upstream == "docker.io"  # the only upstream
+    assert config.tag_ttl == 300.0
+    assert config.anonymous == "deny"
+    assert config.storage.max_size is None
+    assert config.machine_types == {} and config.accounts == {}
+    assert config.upstreams["docker.io"].connect_timeout == 10.0
+    assert config.upstreams["docker.io"].read_timeout == 60.0
+
+
+def test_empty_sections_count_as_absent(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {"machine_types": None, "accounts": None, "cache": None}
+    config = parse_config(data, str(tmp_path))
+    assert config.accounts == {} and config.tag_ttl == 300.0
+
+
+def test_example_file_parses(tmp_path: Path) -> None:
+    shutil.copy(REPO / "examples" / "metahub.yaml", tmp_path / "metahub.yaml")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "registry.password").write_text("pw\n")
+    config = load_config(str(tmp_path / "metahub.yaml"))
+    assert config.default_upstream in config.upstreams
+    assert config.accounts and config.machine_types
+
+
+def test_every_documented_key_is_in_the_docs() -> None:
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    for key in (
+        "listen", "storage.path", "storage.index", "storage.max_size", "url", "username",
+        "password_file", "connect_timeout", "read_timeout", "default_upstream", "cache.tag_ttl",
+        "anonymous", "platform", "features", "match", "password_hash", "repositories",
+    ):
+        assert f"`{key}`" in docs, key
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("200GiB", 200 * 2**30), ("500MB", 500 * 10**6), (1024, 1024), ("1024", 1024), ("1.5KiB", 1536),
+     ("10 gb", 10**10), ("3TiB", 3 * 2**40), ("7B", 7)],
+)
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("5m", 300), ("30s", 30), ("1h", 3600), ("1h30m", 5400), (90, 90), (0, 0), ("2.5s", 2.5),
+     ("250ms", 0.25), ("1d", 86400), ("45", 45)],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_formatting_helpers_round_trip() -> None:
+    assert format_size(200 * 2**30) == "200GiB"
+    assert format_duration(5400) == "1h30m"
+    assert parse_duration(format_duration(5400)) == 5400
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_unknown_key_at_depth_names_its_path(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {
+        "machine_types": {"type1": {"platform": {"os": "linux", "architecture": "amd64"}, "featurs": []}}
+    }
+    assert error(data, tmp_path).startswith("machine_types.type1.featurs: unknown key")
+    assert error(minimal(tmp_path) | {"virtual_images": {}}, tmp_path).startswith("virtual_images: unknown key")
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"]["urll"] = "x"
+    assert error(data, tmp_path).startswith("upstreams.docker.io.urll: unknown key")
+
+
+@pytest.mark.parametrize("value", ["lots", "200G", "-5MB", "1.5B", True, [1], 0])
+def test_bad_size(tmp_path: Path, value: object) -> None:
+    data = minimal(tmp_path)
+    data["storage"]["max_size"] = value
+    message = error(data, tmp_path)
+    assert message.startswith("storage.max_size: ")
+    if value == "lots":
+        assert message == "storage.max_size: expected a size such as 200GiB, 500MB or 1024 (bytes), got 'lots'"
+
+
+@pytest.mark.parametrize("value", ["soon", "5 minutes", "-1s", -3, "1x", True])
+def test_bad_duration(tmp_path: Path, value: object) -> None:
+    message = error(minimal(tmp_path) | {"cache": {"tag_ttl": value}}, tmp_path)
+    assert message.startswith("cache.tag_ttl: ")
+
+
+def test_timeouts_must_be_positive(tmp_path: Path) -> None:
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"]["read_timeout"] = 0
+    assert error(data, tmp_path).startswith("upstreams.docker.io.read_timeout: must be greater than 0")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://example.com", "registry.example.com", "https://", "https://example.com/v2",
+     "https://example.com?x=1", "https://example.com:99999", 5000],
+)
+def test_bad_url(tmp_path: Path, url: object) -> None:
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"]["url"] = url
+    assert error(data, tmp_path).startswith("upstreams.docker.io.url: ")
+
+
+def test_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path) -> None:
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"]["url"] = f"https://robot:{PASSWORD}@example.com"
+    message = error(data, tmp_path)
+    assert message.startswith("upstreams.docker.io.url: ") and PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    "drop, path",
+    [(("storage",), "storage"), (("upstreams",), "upstreams"), (("storage", "index"), "storage.index"),
+     (("upstreams", "docker.io", "url"), "upstreams.docker.io.url")],
+)
+def test_missing_required_key(tmp_path: Path, drop: tuple[str, ...], path: str) -> None:
+    data = copy.deepcopy(minimal(tmp_path))
+    parent = data
+    for key in drop[:-1]:
+        parent = parent[key]
+    del parent[drop[-1]]
+    assert error(data, tmp_path) == f"{path}: required key is missing"
+
+
+def test_required_key_without_value(tmp_path: Path) -> None:
+    assert error(minimal(tmp_path) | {"storage": None}, tmp_path) == "storage: required, but has no value"
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {"machine_types": {"t": {"platform": {"os": "linux", "arch": "amd64"}}}}
+    assert error(data, tmp_path) == "machine_types.t.platform.arch: unknown key (did you mean 'architecture'?)"
+
+
+def test_missing_platform_keys(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {"machine_types": {"t": {"platform": {"os": "linux"}}}}
+    assert error(data, tmp_path) == "machine_types.t.platform.architecture: required key is missing"
+
+
+def test_wrong_types(tmp_path: Path) -> None:
+    assert error(minimal(tmp_path) | {"storage": "/srv"}, tmp_path) == "storage: expected a mapping, got '/srv'"
+    assert error(minimal(tmp_path) | {"listen": 5000}, tmp_path).startswith("listen: expected a Twisted endpoint")
+    assert error(minimal(tmp_path) | {"anonymous": "yes"}, tmp_path) == (
+        "anonymous: expected one of allow, deny, got 'yes'"
+    )
+    assert error(["storage"], tmp_path) == "(top level): expected a mapping, got a list"
+
+
+def test_default_upstream_must_name_an_upstream(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {"default_upstream": "quay.io"}
+    assert error(data, tmp_path) == "default_upstream: 'quay.io' is not an upstream (defined: docker.io)"
+
+
+def test_default_upstream_required_with_several_upstreams(tmp_path: Path) -> None:
+    data = minimal(tmp_path)
+    data["upstreams"]["ghcr.io"] = {"url": "https://ghcr.io"}
+    assert error(data, tmp_path).startswith("default_upstream: required when there is more than one")
+
+
+def test_no_upstreams(tmp_path: Path) -> None:
+    assert error(minimal(tmp_path) | {"upstreams": {}}, tmp_path) == "upstreams: at least one upstream is required"
+
+
+@pytest.mark.parametrize("name", ["Docker.io", "my registry", "-x", "a..b", "127.0.0.1:5000"])
+def test_bad_upstream_name(tmp_path: Path, name: str) -> None:
+    data = minimal(tmp_path)
+    data["upstreams"] = {name: {"url": "https://example.com"}}
+    assert error(data, tmp_path).startswith(f"upstreams.{name}: an upstream name is a repository path component")
+
+
+def test_account_name_with_dash(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {"accounts": {"q-nib": {"password_hash": HASH}}}
+    assert error(data, tmp_path).startswith("accounts.q-nib: account names must not contain '-'")
+
+
+def test_machine_type_name_with_dash(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {"machine_types": {"type-1": {"platform": {"os": "linux", "architecture": "amd64"}}}}
+    assert error(data, tmp_path).startswith("machine_types.type-1: machine type names must not contain '-'")
+
+
+def test_account_referencing_unknown_machine_type(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {
+        "machine_types": {"type1": {"platform": {"os": "linux", "architecture": "amd64"}}},
+        "accounts": {"qnib": {"password_hash": HASH, "machine_types": ["type1", "type3"]}},
+    }
+    assert error(data, tmp_path) == "accounts.qnib.machine_types[1]: unknown machine type 'type3' (defined: type1)"
+
+
+def test_duplicate_and_empty_features(tmp_path: Path) -> None:
+    platform = {"os": "linux", "architecture": "amd64"}
+    data = minimal(tmp_path) | {"machine_types": {"t": {"platform": platform, "features": ["a", "a"]}}}
+    assert error(data, tmp_path) == "machine_types.t.features[1]: duplicate entry 'a'"
+    data = minimal(tmp_path) | {"machine_types": {"t": {"platform": platform, "features": [""]}}}
+    assert error(data, tmp_path).startswith("machine_types.t.features[0]: expected a non-empty string")
+
+
+def test_inline_upstream_password_is_refused_without_echo(tmp_path: Path) -> None:
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"] |= {"username": "robot", "password": PASSWORD}
+    message = error(data, tmp_path)
+    assert message.startswith("upstreams.docker.io.password: ") and "password_file" in message
+    assert PASSWORD not in message
+
+
+def test_inline_account_password_is_refused_without_echo(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {"accounts": {"qnib": {"password": PASSWORD}}}
+    message = error(data, tmp_path)
+    assert message.startswith("accounts.qnib.password: ") and "hash-password" in message
+    assert PASSWORD not in message
+
+
+def test_password_hash_must_be_scrypt_and_is_not_echoed(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {"accounts": {"qnib": {"password_hash": PASSWORD}}}
+    message = error(data, tmp_path)
+    assert message.startswith("accounts.qnib.password_hash: ") and PASSWORD not in message
+
+
+def test_password_file_is_read_and_stripped(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text(PASSWORD + "\r\n")
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"] |= {"username": "robot", "password_file": "pw"}  # relative to base_dir
+    assert parse_config(data, str(tmp_path)).upstreams["docker.io"].password == PASSWORD
+
+
+def test_password_file_missing(tmp_path: Path) -> None:
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"] |= {"username": "robot", "password_file": "nope"}
+    assert error(data, tmp_path) == (
+        f"upstreams.docker.io.password_file: cannot read {tmp_path / 'nope'}: No such file or directory"
+    )
+
+
+def test_password_file_empty(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("\n")
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"] |= {"username": "robot", "password_file": "pw"}
+    assert error(data, tmp_path) == f"upstreams.docker.io.password_file: {tmp_path / 'pw'} is empty"
+
+
+def test_username_and_password_file_go_together(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("x")
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"]["username"] = "robot"
+    assert error(data, tmp_path).startswith("upstreams.docker.io.password_file: required with username")
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"]["password_file"] = "pw"
+    assert error(data, tmp_path).startswith("upstreams.docker.io.username: required with password_file")
+
+
+@pytest.mark.parametrize("index", ["store", "store/index", "./store/../store/lmdb"])
+def test_index_inside_store_path(tmp_path: Path, index: str) -> None:
+    data = minimal(tmp_path)
+    data["storage"] = {"path": "store", "index": index}
+    assert error(data, tmp_path).startswith("storage.index: must not be storage.path or inside it")
+
+
+def test_index_beside_store_path_is_fine(tmp_path: Path) -> None:
+    data = minimal(tmp_path)
+    data["storage"] = {"path": "store", "index": "store-index"}  # a common prefix is not "inside"
+    assert parse_config(data, str(tmp_path)).storage.index == str(tmp_path / "store-index")
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: cannot read config file: No such file or directory"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        listen: tcp:5000
+        storage:
+          path: store
+            index: index
+        """)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:4:") and "YAML syntax error" in message
+    assert "\n" not in message and info.value.__suppress_context__
+
+
+def test_control_character_names_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen: tcp:5000\nanonymous: \x01\n")
+    with pytest.raises(ConfigError, match=r":2: YAML syntax error: character U\+0001 is not allowed"):
+        load_config(path)
+
+
+def test_duplicate_key_is_an_error_with_its_line(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        storage: {path: a, index: b}
+        upstreams: {docker.io: {url: "https://registry-1.docker.io"}}
+        storage: {path: c, index: d}
+        """)
+    with pytest.raises(ConfigError, match=r":3:1: YAML syntax error: duplicate key 'storage'"):
+        load_config(path)
+
+
+def test_empty_file_names_the_required_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "# nothing yet\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: the file is empty; required keys: storage, upstreams"
+
+
+def test_relative_paths_resolve_against_the_config_directory(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    path = write(tmp_path / "conf", """\
+        storage: {path: ../store, index: index}
+        upstreams: {docker.io: {url: "https://registry-1.docker.io"}}
+        """)
+    config = load_config(path)
+    assert config.storage.path == str(tmp_path / "store")
+    assert config.storage.index == str(tmp_path / "conf" / "index")
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+
+def test_no_secret_in_repr_str_or_summary(tmp_path: Path) -> None:
+    (tmp_path / "registry.pw").write_text(PASSWORD + "\n")
+    config = load_config(write(tmp_path, FULL))
+    summary = config_summary(config)
+    for text in (repr(config), str(config), summary, repr(config.upstreams["private"]),
+                 repr(config.accounts["qnib"])):
+        assert PASSWORD not in text
+        assert HASH not in text and "scrypt$" not in text
+
+
+def test_summary_says_what_is_live(tmp_path: Path) -> None:
+    (tmp_path / "registry.pw").write_text(PASSWORD + "\n")
+    summary = config_summary(load_config(write(tmp_path, FULL)))
+    assert "tcp:5000:interface=127.0.0.1" in summary
+    assert str(tmp_path / "store") in summary and "/var/lib/metahub/index" in summary
+    assert "private=http://registry.example.com:5000" in summary and "ghcr.io=https://ghcr.io (default)" in summary
+    assert "machine types: 2" in summary and "accounts: 2" in summary
+    assert len(summary.splitlines()) <= 8
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = parse_config(minimal(tmp_path), str(tmp_path))
+    assert isinstance(config, Config)
+    with pytest.raises(AttributeError):
+        config.listen = "tcp:1"  # type: ignore[misc]
