@@ -11,6 +11,7 @@ setup(
     version="0.1.0",
     description="Pull-through caching proxy for container registries with per-machine-type images",
     python_requires=">=3.11",
+    package_dir={"": "."},
     packages=["storage", "metahub", "twisted.plugins"],
     package_data={"twisted.plugins": ["metahub_plugin.py"]},
     install_requires=[

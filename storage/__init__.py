@@ -28,7 +28,7 @@ The server needs exactly this API::
     # The index (store.index): per blob size, media type, created, last access and linked
     # repositories; per (upstream, repository, tag) the digest and when it was last confirmed.
     store.index.put_blob(digest, size, now, media_type=None, repository=None)
-    store.index.link(digest, repo); store.index.is_linked(digest, repo)
+    store.index.link([digest, ...], repo); store.index.is_linked(digest, repo)
     store.index.record_access(digest, now); store.index.flush_access()   # batched last-access
     store.index.set_tag(upstream, repo, tag, digest, checked=now); store.index.get_tag(...)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -138,10 +138,16 @@ class Index:
 
     # -- repository links ----------------------------------------------------------------------
 
-    def link(self, digest: str, repository: str) -> None:
-        """Remember that ``repository`` references or served ``digest``."""
-        key = _key(digest)
-        self._write(lambda txn: txn.put(key, repository.encode(), db=self._links, dupdata=True))
+    def link(self, digests: Iterable[str], repository: str) -> None:
+        """Remember that ``repository`` references or served these digests (one transaction)."""
+        keys = [_key(digest) for digest in digests]
+        value = repository.encode()
+
+        def work(txn: lmdb.Transaction) -> None:
+            for key in keys:
+                txn.put(key, value, db=self._links, dupdata=True)
+
+        self._write(work)
 
     def is_linked(self, digest: str, repository: str) -> bool:
         with self.env.begin() as txn:

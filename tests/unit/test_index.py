@@ -32,13 +32,14 @@ def test_blob_records(index: Index) -> None:
 
 def test_repository_links(index: Index) -> None:
     index.put_blob(D1, 3, now=1.0, repository="docker.io/library/alpine")
-    index.link(D1, "ghcr.io/org/app")
-    index.link(D1, "ghcr.io/org/app")  # idempotent
+    index.link([D1, D2], "ghcr.io/org/app")
+    index.link([D1], "ghcr.io/org/app")  # idempotent
     assert index.is_linked(D1, "docker.io/library/alpine")
     assert not index.is_linked(D1, "docker.io/library/busybox")
-    assert not index.is_linked(D2, "ghcr.io/org/app")
+    assert not index.is_linked(D2, "docker.io/library/alpine")
     assert sorted(index.repositories(D1)) == ["docker.io/library/alpine", "ghcr.io/org/app"]
-    assert index.repositories(D2) == []
+    assert index.repositories(D2) == ["ghcr.io/org/app"]
+    assert index.repositories(sha256_digest(b"other")) == []
 
 
 def test_tags(index: Index) -> None:

@@ -1,0 +1,143 @@
+"""Blob requests: from the store when cached, else through the single-flight download.
+
+A cached blob is served for repository R only if R is linked to it (R's manifest referenced it, or it
+was fetched through R) or upstream confirms R has it: a digest alone must not let one repository's
+private layers be read through another name.
+"""
+from __future__ import annotations
+
+import os
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request
+
+from storage import BlobFollower, BlobNotFound, BlobRecord, BlobStore, Storage
+
+from . import errors
+from .downloads import Download, Downloads, ThreadRunner
+from .metrics import Metrics
+from .names import Route
+from .ranges import content_range, parse_range
+from .streaming import send
+from .upstream import UpstreamClient
+
+
+def _follow(blobs: BlobStore, download: Download) -> BlobFollower | None:
+    """Follow this download's own temporary file (or the blob, if it has committed already)."""
+    try:
+        fd = os.open(download.writer.temp_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return blobs.follow(download.digest)
+    return BlobFollower(blobs, download.digest, fd, download.writer.temp_path)
+
+
+class Blobs:
+    def __init__(
+        self,
+        storage: Storage,
+        clients: dict[str, UpstreamClient],
+        downloads: Downloads,
+        clock: IReactorTime,
+        in_thread: ThreadRunner,
+        metrics: Metrics,
+    ) -> None:
+        self.storage = storage
+        self.clients = clients
+        self.downloads = downloads
+        self.clock = clock
+        self.in_thread = in_thread
+        self.metrics = metrics
+
+    async def find(self, digest: str) -> BlobRecord | None:
+        """The index's record, or a stat of the file (in a thread: the store may be on NFS)."""
+        record = self.storage.index.get_blob(digest)
+        if record is not None:
+            return record
+        found = await self.in_thread(self.storage.blobs.stat, digest)
+        if found is None:
+            return None
+        return self.storage.index.put_blob(digest, found.size, self.clock.seconds())
+
+    async def confirm(self, route: Route, digest: str) -> None:
+        """Make sure ``route``'s repository may see ``digest``; link it if upstream says so."""
+        if self.storage.index.is_linked(digest, route.key):
+            return
+        self.metrics.upstream_fetches.labels(route.upstream.name, "head").inc()
+        await self.clients[route.upstream.name].head_blob(route.repository, digest)
+        self.storage.index.link([digest], route.key)
+
+    def _headers(self, request: Request, digest: str, status: int, length: int | None) -> None:
+        request.setResponseCode(status)
+        request.setHeader("Content-Type", "application/octet-stream")
+        request.setHeader("Docker-Content-Digest", digest)
+        request.setHeader("Accept-Ranges", "bytes")
+        if length is not None:
+            request.setHeader("Content-Length", str(length))
+
+    async def serve(self, request: Request, route: Route, digest: str, head: bool) -> None:
+        record = await self.find(digest)
+        if record is not None:
+            await self.confirm(route, digest)
+            if await self._serve_cached(request, digest, head):
+                return
+        self.metrics.cache.labels("blob", "miss").inc()
+        if head:
+            size = await self.clients[route.upstream.name].head_blob(route.repository, digest)
+            self._headers(request, digest, 200, size)
+            request.finish()
+            return
+        active = self.downloads.active(digest)
+        if active is not None and active.route.key != route.key:
+            await self.confirm(route, digest)
+        download = await self.downloads.join(route, digest)
+        wanted = parse_range(_range_header(request), download.size) if download.size is not None else None
+        if wanted is not None and wanted != (0, download.size):
+            # A partial range of a blob still downloading: serve it once verified.
+            if not await download.finished:
+                raise errors.bad_gateway(f"upstream {route.upstream.name} failed to deliver {digest}")
+            if not await self._serve_cached(request, digest, head):
+                raise errors.blob_unknown(digest)
+            return
+        follower = await self.in_thread(_follow, self.storage.blobs, download)
+        if follower is None:
+            raise errors.bad_gateway(f"upstream {route.upstream.name} failed to deliver {digest}")
+        self._headers(request, digest, 200, download.size)
+        source = "upstream"
+        await send(
+            request, follower, self.in_thread,
+            lambda n: self.metrics.bytes_served.labels(source).inc(n), download.changed,
+        )
+
+    async def _serve_cached(self, request: Request, digest: str, head: bool) -> bool:
+        """Serve from the store; False if the file turned out to be gone (evicted elsewhere)."""
+        try:
+            reader = await self.in_thread(self.storage.blobs.open, digest)
+        except BlobNotFound:
+            self.storage.forget(digest)
+            return False
+        self.metrics.cache.labels("blob", "hit").inc()
+        self.storage.index.record_access(digest, self.clock.seconds())
+        size = reader.size
+        try:
+            wanted = parse_range(_range_header(request), size)
+        except errors.RegistryError:
+            reader.close()
+            raise
+        if wanted is None:
+            self._headers(request, digest, 200, size)
+        else:
+            reader.close()
+            reader = await self.in_thread(self.storage.blobs.open, digest, *wanted)
+            self._headers(request, digest, 206, wanted[1] - wanted[0])
+            request.setHeader("Content-Range", content_range(wanted[0], wanted[1], size))
+        if head:
+            reader.close()
+            request.finish()
+            return True
+        await send(request, reader, self.in_thread, lambda n: self.metrics.bytes_served.labels("cache").inc(n))
+        return True
+
+
+def _range_header(request: Request) -> str | None:
+    value = request.getHeader("range")
+    return value if isinstance(value, str) else None

@@ -1,0 +1,149 @@
+"""Manifests through the cache: by digest forever, by tag for ``tag_ttl`` and then revalidated.
+
+Manifests are blobs in the store (verified by digest like any blob) with their media type in the
+index. A tag maps to a digest in the index with the time upstream last confirmed it. When that is
+older than ``tag_ttl`` a HEAD upstream revalidates it; when upstream cannot answer (down, 5xx, rate
+limited) the last known digest is served and a warning logged, which is what keeps pulls working
+through an upstream outage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from storage import BlobNotFound, Storage, sha256_digest
+
+from . import errors, media
+from .downloads import ThreadRunner
+from .metrics import Metrics
+from .names import Route
+from .upstream import UpstreamClient
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class ManifestBody:
+    body: bytes
+    media_type: str
+    digest: str
+
+
+def _read_blob(storage: Storage, digest: str) -> bytes | None:
+    try:
+        with storage.blobs.open(digest) as reader:
+            if reader.size > media.MAX_MANIFEST_SIZE:
+                return None
+            return reader.read(reader.size)
+    except BlobNotFound:
+        return None
+
+
+def _write_blob(storage: Storage, digest: str, body: bytes) -> None:
+    with storage.blobs.writer(digest, len(body)) as writer:
+        writer.write(body)
+        writer.commit()
+
+
+def _upstream_unavailable(error: errors.RegistryError) -> bool:
+    """Upstream could not answer (as opposed to answering "no"): serve what we know instead."""
+    return error.status >= 500 or error.status == 429
+
+
+class Manifests:
+    def __init__(
+        self,
+        storage: Storage,
+        clients: dict[str, UpstreamClient],
+        clock: IReactorTime,
+        in_thread: ThreadRunner,
+        metrics: Metrics,
+        tag_ttl: float,
+    ) -> None:
+        self.storage = storage
+        self.clients = clients
+        self.clock = clock
+        self.in_thread = in_thread
+        self.metrics = metrics
+        self.tag_ttl = tag_ttl
+
+    async def get(self, route: Route, reference: str) -> ManifestBody:
+        if reference.startswith("sha256:"):
+            return await self.by_digest(route, reference)
+        return await self.by_tag(route, reference)
+
+    async def _cached(self, route: Route, digest: str) -> ManifestBody | None:
+        """The stored manifest, if this repository is known to have it."""
+        if not self.storage.index.is_linked(digest, route.key):
+            return None
+        body = await self.in_thread(_read_blob, self.storage, digest)
+        if body is None:
+            self.storage.forget(digest)
+            return None
+        record = self.storage.index.get_blob(digest)
+        media_type = record.media_type if record and record.media_type else media.sniff_media_type(body)
+        self.storage.index.record_access(digest, self.clock.seconds())
+        return ManifestBody(body, media_type, digest)
+
+    async def _store(self, route: Route, body: bytes, media_type: str) -> ManifestBody:
+        digest = sha256_digest(body)
+        await self.in_thread(_write_blob, self.storage, digest, body)
+        now = self.clock.seconds()
+        self.storage.index.put_blob(digest, len(body), now, media_type=media_type, repository=route.key)
+        self.storage.index.link(media.references(body), route.key)
+        return ManifestBody(body, media_type, digest)
+
+    async def _fetch(self, route: Route, reference: str) -> ManifestBody:
+        upstream = route.upstream.name
+        self.metrics.upstream_fetches.labels(upstream, "manifest").inc()
+        try:
+            fetched = await self.clients[upstream].get_manifest(route.repository, reference, media.UPSTREAM_ACCEPT)
+        except errors.RegistryError as error:
+            if error.status >= 500:
+                self.metrics.upstream_failures.labels(upstream).inc()
+            raise
+        if len(fetched.body) > media.MAX_MANIFEST_SIZE:
+            raise errors.bad_gateway(f"upstream {upstream} sent a manifest over {media.MAX_MANIFEST_SIZE} bytes")
+        return await self._store(route, fetched.body, fetched.media_type or media.sniff_media_type(fetched.body))
+
+    async def by_digest(self, route: Route, digest: str) -> ManifestBody:
+        cached = await self._cached(route, digest)
+        self.metrics.cache.labels("manifest", "hit" if cached else "miss").inc()
+        if cached is not None:
+            return cached
+        return await self._fetch(route, digest)  # the client verifies the body against the digest
+
+    async def by_tag(self, route: Route, tag: str) -> ManifestBody:
+        upstream = route.upstream.name
+        known = self.storage.index.get_tag(upstream, route.repository, tag)
+        now = self.clock.seconds()
+        if known is not None:
+            cached = await self._cached(route, known.digest)
+            if cached is not None and now - known.checked < self.tag_ttl:
+                self.metrics.cache.labels("tag", "hit").inc()
+                return cached
+            self.metrics.cache.labels("tag", "revalidate").inc()
+            try:
+                self.metrics.upstream_fetches.labels(upstream, "head").inc()
+                head = await self.clients[upstream].head_manifest(route.repository, tag, media.UPSTREAM_ACCEPT)
+            except errors.RegistryError as error:
+                if cached is None or not _upstream_unavailable(error):
+                    raise
+                self.metrics.upstream_failures.labels(upstream).inc()
+                log.warn(
+                    "upstream {upstream} unavailable ({status} {code}); serving {repo}:{tag} from cache as {digest}",
+                    upstream=upstream, status=error.status, code=error.code, repo=route.repository, tag=tag,
+                    digest=known.digest,
+                )
+                return cached
+            if cached is not None and head.digest == known.digest:
+                self.storage.index.set_tag(upstream, route.repository, tag, known.digest, now)
+                return cached
+            manifest = await self.by_digest(route, head.digest) if head.digest else await self._fetch(route, tag)
+        else:
+            self.metrics.cache.labels("tag", "miss").inc()
+            manifest = await self._fetch(route, tag)
+        self.storage.index.set_tag(upstream, route.repository, tag, manifest.digest, now)
+        return manifest

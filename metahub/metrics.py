@@ -1,0 +1,42 @@
+"""Prometheus metrics, in a registry per server so tests (and several servers in one process) don't mix."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "metahub_requests", "HTTP requests by route and status", ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.cache = Counter(
+            "metahub_cache_lookups", "Cache lookups by kind (blob, manifest, tag) and result (hit, miss)",
+            ["kind", "result"], registry=self.registry,
+        )
+        self.bytes_served = Counter(
+            "metahub_bytes_served", "Blob bytes sent to clients, by source (cache, upstream)", ["source"],
+            registry=self.registry,
+        )
+        self.upstream_bytes = Counter(
+            "metahub_upstream_bytes", "Blob bytes received from upstreams", ["upstream"], registry=self.registry,
+        )
+        self.upstream_fetches = Counter(
+            "metahub_upstream_fetches", "Upstream requests by upstream and kind (blob, manifest, head, tags)",
+            ["upstream", "kind"], registry=self.registry,
+        )
+        self.upstream_failures = Counter(
+            "metahub_upstream_failures", "Upstream requests that failed, by upstream", ["upstream"],
+            registry=self.registry,
+        )
+        self.digest_mismatches = Counter(
+            "metahub_digest_mismatches", "Upstream blobs whose bytes did not match their digest", ["upstream"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "metahub_downloads_in_flight", "Upstream blob downloads under way on this node", registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,101 @@
+"""The running server as a Twisted service: storage opened in ``startService``, never before.
+
+twistd may fork to daemonize after ``makeService``; an LMDB environment must not cross a fork, so
+nothing that opens files or connections happens until the service starts.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from storage import Storage
+
+from .api import Registry, RegistryResource
+from .blobs import Blobs
+from .config import Config, config_summary
+from .downloads import Downloads
+from .manifests import Manifests
+from .site import registry_site
+from .metrics import Metrics
+from .upstream import UpstreamClient, make_http_client
+
+log = Logger()
+
+#: How often batched last-access times are written to the index.
+ACCESS_FLUSH_INTERVAL = 30.0
+
+
+class MetahubService(Service):
+    def __init__(self, config: Config, listen: str, reactor: object | None = None) -> None:
+        self.config = config
+        self.listen = listen
+        self._reactor = reactor
+        self.storage: Storage | None = None
+        self.port: IListeningPort | None = None
+        self._flush: LoopingCall | None = None
+
+    @property
+    def reactor(self):  # imported late: twistd installs the reactor it was asked for first
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    def build_site(self) -> Site:
+        reactor = self.reactor
+        config = self.config
+        self.storage = Storage(config.storage.path, config.storage.index, clock=reactor.seconds)
+        in_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
+        http = make_http_client(reactor, list(config.upstreams.values()))
+        clients = {name: UpstreamClient(upstream, http, reactor) for name, upstream in config.upstreams.items()}
+        metrics = Metrics()
+        downloads = Downloads(self.storage, clients, reactor, in_thread, metrics)
+        registry = Registry(
+            config=config,
+            clients=clients,
+            manifests=Manifests(self.storage, clients, reactor, in_thread, metrics, config.tag_ttl),
+            blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics),
+            metrics=metrics,
+        )
+        return registry_site(RegistryResource(registry))
+
+    def startService(self) -> Deferred[None]:
+        super().startService()
+        for line in config_summary(self.config).splitlines():
+            log.info("{line}", line=line)
+        site = self.build_site()
+        self._flush = LoopingCall(self.storage.index.flush_access)
+        self._flush.clock = self.reactor
+        self._flush.start(ACCESS_FLUSH_INTERVAL, now=False)
+        endpoint = endpoints.serverFromString(self.reactor, self.listen)
+        listening = endpoint.listen(site)
+
+        def listening_on(port: IListeningPort) -> None:
+            self.port = port
+            address = port.getHost()
+            log.info("metahub serving the registry API on {host}:{port}", host=address.host, port=address.port)
+
+        def cannot_listen(failure):
+            log.failure("metahub cannot listen on {listen}", failure, listen=self.listen)
+            self.reactor.stop()
+
+        return listening.addCallbacks(listening_on, cannot_listen)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._flush is not None and self._flush.running:
+            self._flush.stop()
+        stopped = self.port.stopListening() if self.port is not None else None
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = None
+        return stopped

@@ -1,0 +1,112 @@
+"""Send blob bytes to a client with backpressure, never holding more than a chunk or two in memory.
+
+Reads happen in a thread (the store may be on a shared filesystem that stalls), in large chunks so
+the thread hop is paid rarely. The transport pauses us when the client is slow; while paused we read
+nothing. For a blob still being downloaded the last chunk is held back until the write has committed:
+a client must never receive a complete response whose bytes did not verify. If they did not, the
+connection is aborted instead.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from storage import BlobFollower, FollowState
+
+from .downloads import ThreadRunner
+
+log = Logger()
+
+CHUNK = 1 << 20
+
+
+class Readable(TypingProtocol):
+    def read(self, n: int) -> bytes: ...
+    def close(self) -> None: ...
+
+
+@implementer(IPushProducer)
+class _Gate:
+    """Tracks the transport's pause/resume/stop calls as something an async loop can await."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self._paused: Deferred[None] | None = None
+
+    def pauseProducing(self) -> None:
+        if self._paused is None:
+            self._paused = Deferred()
+
+    def resumeProducing(self) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.resumeProducing()
+
+    def ready(self) -> Deferred[None]:
+        return self._paused if self._paused is not None else succeed(None)
+
+
+async def send(
+    request: Request,
+    source: Readable,
+    in_thread: ThreadRunner,
+    on_bytes: Callable[[int], None],
+    wait_for_more: Callable[[], Deferred[None]] | None = None,
+) -> bool:
+    """Write everything ``source`` yields to ``request`` and finish it; True if the client got it all.
+
+    ``source`` is a :class:`storage.BlobReader` (committed bytes: sent as read) or a
+    :class:`storage.BlobFollower` (a growing file: ``wait_for_more`` is awaited when no new bytes have
+    landed, and the response completes only if the write committed).
+    """
+    gate = _Gate()
+    request.registerProducer(gate, True)
+    request.notifyFinish().addErrback(lambda _: gate.stopProducing())
+    following = isinstance(source, BlobFollower)
+    held = b""
+    try:
+        while not gate.stopped:
+            await gate.ready()
+            if gate.stopped:
+                break
+            data = await in_thread(source.read, CHUNK)
+            if data:
+                if following:
+                    data, held = held, data
+                if data:
+                    request.write(data)
+                    on_bytes(len(data))
+                continue
+            if following:
+                assert isinstance(source, BlobFollower)
+                if source.state is FollowState.WRITING:
+                    if wait_for_more is None:
+                        raise RuntimeError("a blob being written needs a wait_for_more")
+                    await wait_for_more()
+                    continue
+                if source.state is FollowState.FAILED:
+                    log.warn("aborting a response: the blob being downloaded did not verify")
+                    request.unregisterProducer()
+                    request.transport.abortConnection()
+                    return False
+                if held:
+                    request.write(held)
+                    on_bytes(len(held))
+            break
+    finally:
+        source.close()
+    if gate.stopped:
+        return False
+    request.unregisterProducer()
+    request.finish()
+    return True

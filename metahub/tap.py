@@ -1,0 +1,33 @@
+"""``twistd metahub``: command-line options and the service they build."""
+from __future__ import annotations
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from .config import ConfigError, load_config
+from .service import MetahubService
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE [--listen ENDPOINT]"
+    longdesc = "Run metahub, a pull-through caching proxy for container registries."
+    optParameters = [
+        ["config", "c", None, "Path of the YAML configuration file (required)."],
+        ["listen", "l", None, "Twisted endpoint to serve on, e.g. tcp:5000:interface=127.0.0.1 (default: config's listen)."],
+    ]
+
+    def postOptions(self) -> None:
+        # Loading here makes a bad config a one-line usage error from twistd, not a traceback.
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required")
+        try:
+            self.loaded = load_config(self["config"])
+        except ConfigError as error:
+            raise usage.UsageError(str(error)) from None
+
+
+def makeService(options: Options) -> IService:
+    config = options.loaded
+    top = MultiService()
+    MetahubService(config, options["listen"] or config.listen).setServiceParent(top)
+    return top
