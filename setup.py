@@ -22,6 +22,7 @@ setup(
         "service-identity>=24.1",
         "prometheus-client>=0.20",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
+    # wheel: the install test builds metahub without build isolation, as an offline user would.
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "wheel", "bcrypt", "cryptography"]},
     entry_points={"console_scripts": ["metahub = metahub.cli:main"]},
 )

@@ -233,3 +233,38 @@ def test_authenticated_upstreams(tmp_path, auth: str) -> None:
         with Metahub(tmp_path / "hub", upstreams) as hub:
             skopeo.copy_to_dir(f"{hub.host}/team/private:v1", tmp_path / "out")
             assert upstream.password not in hub.log()
+
+
+def test_a_cached_blob_does_not_leak_to_another_repository(tmp_path, upstream, proxy) -> None:
+    secret = make_image(tmp_path / "a", "v1", layers=[os.urandom(5000)])
+    skopeo.push(tmp_path / "a", "v1", f"{upstream.host}/team/private:v1")
+    make_image(tmp_path / "b", "v1", layers=[b"public"])
+    skopeo.push(tmp_path / "b", "v1", f"{upstream.host}/team/public:v1")
+    layer = secret.layers[0].digest
+    assert request(proxy.host, "GET", f"/v2/team/private/blobs/{layer}")[0] == 200  # now cached
+    for method in ("GET", "HEAD"):
+        status, _, body = request(proxy.host, method, f"/v2/team/public/blobs/{layer}")
+        assert status == 404, (method, body)
+    # A repository that does hold the same layer upstream gets it (confirmed, then linked).
+    skopeo.push(tmp_path / "a", "v1", f"{upstream.host}/team/fork:v1")
+    status, _, body = request(proxy.host, "GET", f"/v2/team/fork/blobs/{layer}")
+    assert status == 200 and sha256_digest(body) == layer
+
+
+def test_metrics_count_hits_misses_and_upstream_fetches(tmp_path, upstream, proxy) -> None:
+    image = make_image(tmp_path / "m", "v1", layers=[os.urandom(10_000)])
+    skopeo.push(tmp_path / "m", "v1", f"{upstream.host}/team/m:v1")
+    for _ in range(3):
+        assert request(proxy.host, "GET", f"/v2/team/m/blobs/{image.layers[0].digest}")[0] == 200
+    status, headers, body = request(proxy.host, "GET", "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    lines = body.decode().splitlines()
+
+    def value(prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+    assert value('metahub_upstream_fetches_total{kind="blob",upstream="local"}') == 1
+    assert value('metahub_cache_lookups_total{kind="blob",result="hit"}') == 2
+    assert value('metahub_bytes_served_total{source="cache"}') == 2 * image.layers[0].size
+    assert value('metahub_bytes_served_total{source="upstream"}') == image.layers[0].size
+    assert value('metahub_requests_total{method="GET",route="blobs",status="200"}') == 3

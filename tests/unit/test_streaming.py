@@ -1,0 +1,137 @@
+"""Sending blob bytes: a paused client stops the reading; unverified bytes never complete a response."""
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+
+from metahub.streaming import CHUNK, send
+from storage import BlobStore, sha256_digest
+
+
+def inline(function, *args):
+    return succeed(function(*args))
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class FakeRequest:
+    """Enough of twisted.web's Request: it pauses its producer when ``limit`` bytes are unsent."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.written: list[bytes] = []
+        self.unsent = 0
+        self.producer = None
+        self.finished = False
+        self.transport = FakeTransport()
+        self._finish = Deferred()
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def notifyFinish(self) -> Deferred:
+        return self._finish
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        self.unsent += len(data)
+        if self.limit is not None and self.unsent >= self.limit:
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        self.unsent = 0
+        self.producer.resumeProducing()
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+class CountingSource:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.reads = 0
+        self.closed = False
+
+    def read(self, n: int) -> bytes:
+        self.reads += 1
+        chunk, self.data = self.data[:n], self.data[n:]
+        return chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_paused_client_stops_the_reading() -> None:
+    source = CountingSource(b"x" * (10 * CHUNK))
+    request = FakeRequest(limit=CHUNK)
+    counted: list[int] = []
+    done = ensureDeferred(send(request, source, inline, counted.append))
+    assert source.reads == 1 and len(request.written) == 1  # paused after one chunk: nothing more read
+    assert not done.called
+    for expected in range(2, 11):
+        request.drain()
+        assert source.reads == expected
+    request.drain()
+    assert done.result is True and request.finished and source.closed
+    assert sum(counted) == 10 * CHUNK
+
+
+def test_a_client_that_goes_away_stops_the_send() -> None:
+    source = CountingSource(b"x" * (4 * CHUNK))
+    request = FakeRequest(limit=CHUNK)
+    done = ensureDeferred(send(request, source, inline, lambda n: None))
+    request.producer.stopProducing()
+    assert done.result is False and not request.finished and source.closed and source.reads == 1
+
+
+def test_follower_holds_the_last_chunk_until_the_write_commits(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    data = b"a" * 1000
+    writer = store.writer(sha256_digest(data), len(data))
+    follower = store.follow(writer.digest)
+    request = FakeRequest()
+    wakeups: list[Deferred] = []
+
+    def wait_for_more() -> Deferred:
+        wakeups.append(Deferred())
+        return wakeups[-1]
+
+    done = ensureDeferred(send(request, follower, inline, lambda n: None, wait_for_more))
+    writer.write(data)
+    wakeups[-1].callback(None)
+    assert b"".join(request.written) == b""  # all bytes landed, none verified yet: held back
+    writer.commit()
+    wakeups[-1].callback(None)
+    assert b"".join(request.written) == data and request.finished and done.result is True
+
+
+def test_follower_of_a_corrupt_download_aborts_the_response(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    writer = store.writer(sha256_digest(b"good" * 100))
+    follower = store.follow(writer.digest)
+    request = FakeRequest()
+    wakeups: list[Deferred] = []
+
+    def wait_for_more() -> Deferred:
+        wakeups.append(Deferred())
+        return wakeups[-1]
+
+    done = ensureDeferred(send(request, follower, inline, lambda n: None, wait_for_more))
+    writer.write(b"evil" * 100)
+    wakeups[-1].callback(None)
+    try:
+        writer.commit()
+    except Exception:
+        pass
+    wakeups[-1].callback(None)
+    assert done.result is False
+    assert request.transport.aborted and not request.finished
