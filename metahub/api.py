@@ -19,11 +19,16 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from . import errors, media
 from .blobs import Blobs
-from .config import Config
-from .manifests import Manifests
+from . import inspect, login
+from .grammar import split_reference
+from .auth import Authenticator
+from .config import Config, MachineType
+from .downloads import ThreadRunner
+from .manifests import ManifestBody, Manifests
 from .metrics import Metrics
-from .names import Route, check_digest, check_name, check_reference, route
+from .names import Route, check_digest, check_name, check_reference, is_tag, route
 from .upstream import UpstreamClient
+from .virtual import VirtualImage, VirtualImages, build_index
 
 log = Logger()
 
@@ -43,6 +48,9 @@ class Registry:
     manifests: Manifests
     blobs: Blobs
     metrics: Metrics
+    auth: Authenticator
+    in_thread: ThreadRunner
+    virtual: VirtualImages
 
 
 def _query(request: Request) -> dict[str, str]:
@@ -53,7 +61,8 @@ def _query(request: Request) -> dict[str, str]:
 def _route_label(kind: str | None, path: str) -> str:
     if kind:
         return kind
-    return {"/v2/": "ping", "/v2": "ping", "/metrics": "metrics"}.get(path, "other")
+    known = {"/v2/": "ping", "/v2": "ping", "/metrics": "metrics", "/token": "token", "/_metahub/v1/resolve": "resolve"}
+    return known.get(path, "other")
 
 
 class RegistryResource(Resource):
@@ -78,9 +87,16 @@ class RegistryResource(Resource):
                 _route_label(kind, path), request.method.decode("latin-1"), str(request.code)
             ).inc()
         )
+        registry = self.registry
+        if path == "/token":
+            return self._json(request, 200, await login.token(request, registry.auth, registry.in_thread))
         if path in ("/v2/", "/v2"):
             self._require_read(request)
+            await login.identify(request, registry.auth, registry.in_thread)
             return self._json(request, 200, b"{}")
+        if path == "/_metahub/v1/resolve":
+            self._require_read(request)
+            return await self._resolve_query(request)
         if path == "/metrics" and request.method == b"GET":
             request.setHeader("Content-Type", "text/plain; version=0.0.4")
             request.write(self.registry.metrics.render())
@@ -91,15 +107,19 @@ class RegistryResource(Resource):
                 raise errors.unsupported(request.method.decode("latin-1"))
             raise errors.RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": path[:200]})
         self._require_read(request)
+        identity = await login.identify(request, registry.auth, registry.in_thread)
         name = check_name(match.group("name"))
+        registry.auth.check_repository(identity, name)
         rest = match.group("rest")
         query = _query(request)
-        target = route(self.registry.config, name, query.get("ns"))
+        target = route(registry.config, name, query.get("ns"))
         head = request.method == b"HEAD"
         if kind == "manifests":
-            await self._manifest(request, target, check_reference(rest), head)
+            machine_type = registry.auth.machine_type(identity)
+            await self._manifest(request, name, target, check_reference(rest), machine_type, head)
         elif kind == "blobs":
-            await self.registry.blobs.serve(request, target, check_digest(rest), head)
+            digest = check_digest(rest)
+            await self.registry.blobs.serve(request, await self._source(target, digest), digest, head)
         elif rest == "list":
             await self._tags(request, name, target, query)
         else:
@@ -109,8 +129,16 @@ class RegistryResource(Resource):
         if request.method not in _READ_METHODS:
             raise errors.unsupported(request.method.decode("latin-1"))
 
-    async def _manifest(self, request: Request, target: Route, reference: str, head: bool) -> None:
-        manifest = await self.registry.manifests.get(target, reference)
+    async def _manifest(
+        self, request: Request, name: str, target: Route, reference: str, machine_type: MachineType | None, head: bool
+    ) -> None:
+        if self.registry.virtual.is_virtual(target):
+            manifest = await self._virtual_manifest(target, reference)
+        else:
+            manifest = await self.registry.manifests.get(target, reference)
+        if machine_type is not None and is_tag(reference) and manifest.media_type in media.INDEX_TYPES:
+            # The login's machine type picks one build; a pull by digest is never rewritten.
+            manifest = await self.registry.manifests.for_machine_type(target, manifest, machine_type, f"{name}:{reference}")
         accepted = media.parse_accept([v.decode("latin-1") for v in request.requestHeaders.getRawHeaders(b"accept", [])])
         if not media.acceptable(manifest.media_type, accepted):
             raise errors.manifest_unknown(
@@ -125,6 +153,54 @@ class RegistryResource(Resource):
         if not head:
             request.write(manifest.body)
         request.finish()
+
+    async def _resolve_query(self, request: Request) -> None:
+        """``?image=NAME[:TAG]``: the builds it offers and what each machine type gets, as JSON."""
+        registry = self.registry
+        identity = await login.identify(request, registry.auth, registry.in_thread)
+        if identity.anonymous and registry.auth.enabled:
+            raise errors.unauthorized("log in to query resolutions", login.challenge(request))
+        image = _query(request).get("image", "")
+        try:
+            name, reference = split_reference(image)
+        except ValueError as error:
+            raise errors.name_invalid(image[:200], str(error)) from None
+        registry.auth.check_repository(identity, name)
+        target = route(registry.config, name)
+        if registry.virtual.is_virtual(target):
+            manifest = await self._virtual_manifest(target, reference)
+        else:
+            manifest = await registry.manifests.get(target, reference)
+        result = inspect.report(image, manifest.body, manifest.media_type, manifest.digest, registry.config)
+        self._json(request, 200, json.dumps(result).encode())
+
+    async def _build_virtual(self, target: Route, image: VirtualImage) -> ManifestBody:
+        registry = self.registry
+        body, sources = await build_index(registry.config, image, registry.manifests.get)
+        registry.virtual.remember(target, sources)
+        registry.manifests.storage.index.link(sources.keys(), target.key)
+        index = await registry.manifests.store(target, body, media.OCI_INDEX)
+        registry.virtual.remember(target, {index.digest: target})
+        return index
+
+    async def _virtual_manifest(self, target: Route, reference: str) -> ManifestBody:
+        if is_tag(reference):
+            image = self.registry.virtual.find(target, reference)
+            if image is None:
+                raise errors.manifest_unknown(reference)
+            return await self._build_virtual(target, image)
+        source = await self._source(target, reference)
+        return await self.registry.manifests.by_digest(source, reference)
+
+    async def _source(self, target: Route, digest: str) -> Route:
+        """Under a virtual name, the repository a digest really comes from (else ``target``)."""
+        virtual = self.registry.virtual
+        if not virtual.is_virtual(target):
+            return target
+        if virtual.source(target, digest) is None:
+            for image in virtual.images_of(target):  # after a restart the map is empty: rebuild it
+                await self._build_virtual(target, image)
+        return virtual.source(target, digest) or target
 
     async def _tags(self, request: Request, name: str, target: Route, query: dict[str, str]) -> None:
         n_text, last = query.get("n"), query.get("last")

@@ -2,11 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
 import sys
 
-from storage import Storage
+from storage import Storage, sha256_digest
 
+from . import errors, inspect, media
+
+from .auth import hash_password
 from .config import Config, ConfigError, config_summary, load_config
+from .grammar import split_reference
+from .manifests import ManifestBody
+from .names import Route, route
+from .upstream import UpstreamClient, make_http_client
+from .virtual import VirtualImages, build_index
 
 
 def _load(path: str) -> Config:
@@ -34,6 +44,72 @@ def cache_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
+def hash_password_command(args: argparse.Namespace) -> int:
+    """Print a ``password_hash`` for the config; the password comes from stdin or a prompt."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise SystemExit("metahub: the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise SystemExit("metahub: refusing an empty password")
+    print(hash_password(password))
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    """Fetch IMAGE's index from its upstream (no cache involved) and show what each machine type gets."""
+    from twisted.internet import task
+
+    config = _load(args.config)
+    try:
+        name, reference = split_reference(args.image)
+    except ValueError as error:
+        raise SystemExit(f"metahub: {error}") from None
+
+    failed: list[str] = []
+
+    async def run(reactor) -> None:
+        try:
+            await report_on(reactor)
+        except errors.RegistryError as error:  # upstream said no, or is down: one line, no traceback
+            failed.append(f"metahub: {args.image}: {error.status} {error.code}: {error.message}")
+
+    async def report_on(reactor) -> None:
+        http = make_http_client(reactor, list(config.upstreams.values()))
+        clients = {n: UpstreamClient(u, http, reactor) for n, u in config.upstreams.items()}
+
+        async def fetch(target: Route, ref: str) -> ManifestBody:
+            got = await clients[target.upstream.name].get_manifest(target.repository, ref, media.UPSTREAM_ACCEPT)
+            return ManifestBody(got.body, got.media_type or media.sniff_media_type(got.body), got.digest)
+
+        target = route(config, name)
+        virtual = VirtualImages(config).find(target, reference)
+        if virtual is not None:
+            body, _ = await build_index(config, virtual, fetch)
+            manifest = ManifestBody(body, media.OCI_INDEX, sha256_digest(body))
+        else:
+            manifest = await fetch(target, reference)
+        result = inspect.report(args.image, manifest.body, manifest.media_type, manifest.digest, config)
+        print(json.dumps(result, indent=2) if args.json else inspect.render(result))
+
+    def main(reactor):
+        from twisted.internet.defer import ensureDeferred
+
+        return ensureDeferred(run(reactor))
+
+    try:
+        task.react(main)
+    except SystemExit as exit_:  # react always exits; keep our own status
+        if exit_.code:
+            return int(exit_.code)
+    if failed:
+        print(failed[0], file=sys.stderr)
+        return 1
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="metahub", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -41,6 +117,15 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a configuration file and summarise it")
     check.add_argument("--config", "-c", required=True)
     check.set_defaults(run=check_config)
+
+    inspecting = commands.add_parser("inspect", help="show the builds an image offers and what each machine type gets")
+    inspecting.add_argument("--config", "-c", required=True)
+    inspecting.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspecting.add_argument("image", help="NAME[:TAG], routed like a client's name (e.g. ghcr.io/org/app:1.0)")
+    inspecting.set_defaults(run=inspect_command)
+
+    hashing = commands.add_parser("hash-password", help="print a password_hash (scrypt) for an account")
+    hashing.set_defaults(run=hash_password_command)
 
     cache = commands.add_parser("cache", help="maintain the blob store and this node's index")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)

@@ -8,6 +8,7 @@ through an upstream outage.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
@@ -17,8 +18,10 @@ from storage import BlobNotFound, Storage, sha256_digest
 
 from . import errors, media
 from .downloads import ThreadRunner
+from .config import MachineType
 from .metrics import Metrics
 from .names import Route
+from .resolve import resolve
 from .upstream import UpstreamClient
 
 log = Logger()
@@ -52,6 +55,10 @@ def _upstream_unavailable(error: errors.RegistryError) -> bool:
     return error.status >= 500 or error.status == 429
 
 
+#: Resolutions remembered per (index digest, machine type): a hot tag costs no re-parse.
+_RESOLUTION_CACHE_SIZE = 4096
+
+
 class Manifests:
     def __init__(
         self,
@@ -68,6 +75,7 @@ class Manifests:
         self.in_thread = in_thread
         self.metrics = metrics
         self.tag_ttl = tag_ttl
+        self._resolutions: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     async def get(self, route: Route, reference: str) -> ManifestBody:
         if reference.startswith("sha256:"):
@@ -87,7 +95,8 @@ class Manifests:
         self.storage.index.record_access(digest, self.clock.seconds())
         return ManifestBody(body, media_type, digest)
 
-    async def _store(self, route: Route, body: bytes, media_type: str) -> ManifestBody:
+    async def store(self, route: Route, body: bytes, media_type: str) -> ManifestBody:
+        """Keep a manifest (verified by construction: its digest is computed here) and link what it references."""
         digest = sha256_digest(body)
         await self.in_thread(_write_blob, self.storage, digest, body)
         now = self.clock.seconds()
@@ -106,7 +115,7 @@ class Manifests:
             raise
         if len(fetched.body) > media.MAX_MANIFEST_SIZE:
             raise errors.bad_gateway(f"upstream {upstream} sent a manifest over {media.MAX_MANIFEST_SIZE} bytes")
-        return await self._store(route, fetched.body, fetched.media_type or media.sniff_media_type(fetched.body))
+        return await self.store(route, fetched.body, fetched.media_type or media.sniff_media_type(fetched.body))
 
     async def by_digest(self, route: Route, digest: str) -> ManifestBody:
         cached = await self._cached(route, digest)
@@ -147,3 +156,16 @@ class Manifests:
             manifest = await self._fetch(route, tag)
         self.storage.index.set_tag(upstream, route.repository, tag, manifest.digest, now)
         return manifest
+
+    async def for_machine_type(
+        self, route: Route, index: ManifestBody, machine_type: MachineType, reference: str
+    ) -> ManifestBody:
+        """The manifest of ``index`` that fits ``machine_type``, byte for byte as upstream has it."""
+        key = (index.digest, machine_type.name)
+        digest = self._resolutions.get(key)
+        if digest is None:
+            digest = resolve(index.body, machine_type, reference).digest
+            self._resolutions[key] = digest
+            if len(self._resolutions) > _RESOLUTION_CACHE_SIZE:
+                self._resolutions.popitem(last=False)
+        return await self.by_digest(route, digest)

@@ -19,6 +19,7 @@ from twisted.web.server import Site
 from storage import Storage
 
 from .api import Registry, RegistryResource
+from .auth import Authenticator, load_token_key
 from .blobs import Blobs
 from .config import Config, config_summary
 from .downloads import Downloads
@@ -26,6 +27,7 @@ from .manifests import Manifests
 from .site import registry_site
 from .metrics import Metrics
 from .upstream import UpstreamClient, make_http_client
+from .virtual import VirtualImages
 
 log = Logger()
 
@@ -65,6 +67,9 @@ class MetahubService(Service):
             manifests=Manifests(self.storage, clients, reactor, in_thread, metrics, config.tag_ttl),
             blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics),
             metrics=metrics,
+            auth=Authenticator(config, load_token_key(config.storage.path), reactor.seconds),
+            in_thread=in_thread,
+            virtual=VirtualImages(config),
         )
         return registry_site(RegistryResource(registry))
 

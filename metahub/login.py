@@ -1,0 +1,96 @@
+"""Logins over HTTP: the ``/v2/`` challenge, the ``/token`` endpoint, and the Authorization header.
+
+The challenge is always the registry token flow (``Bearer realm=".../token",service="metahub"``):
+docker, podman, skopeo and containerd all follow it, with credentials when they hold a login and
+without when they don't, so one flow serves named logins and anonymous pulls alike.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from urllib.parse import parse_qs
+
+from twisted.web.server import Request
+
+from . import errors
+from .auth import ANONYMOUS, SERVICE, Authenticator, Identity
+from .downloads import ThreadRunner
+
+
+def challenge(request: Request) -> str:
+    scheme = "https" if request.isSecure() else "http"
+    host = (request.getHeader("host") or "localhost").replace('"', "")
+    return f'Bearer realm="{scheme}://{host}/token",service="{SERVICE}"'
+
+
+def _basic_credentials(value: str) -> tuple[str, str]:
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise errors.unauthorized("malformed Basic credentials") from None
+    username, sep, password = decoded.partition(":")
+    if not sep or not username:
+        raise errors.unauthorized("malformed Basic credentials")
+    return username, password
+
+
+async def identify(request: Request, auth: Authenticator, in_thread: ThreadRunner) -> Identity:
+    """Who sent ``request``; a 401 with the challenge when it must log in (or logged in wrongly)."""
+    header = request.getHeader("authorization")
+    try:
+        if header:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() == "bearer":
+                return auth.verify(value.strip())
+            if scheme.lower() == "basic":
+                username, password = _basic_credentials(value)
+                known = auth.cached(username, password)
+                if known is not None:
+                    return known
+                # The KDF runs in a thread: it is slow on purpose and must not stall the reactor.
+                return auth.remember(username, password, await in_thread(auth.login, username, password))
+            raise errors.unauthorized(f"unsupported authorization scheme {scheme[:20]!r}")
+        if auth.enabled and (not auth.anonymous_allowed or request.path in (b"/v2/", b"/v2")):
+            # Clients send the login they hold only after a challenge to their /v2/ ping.
+            raise errors.unauthorized("authentication required")
+        if not auth.anonymous_allowed:
+            raise errors.unauthorized("authentication required")
+        return ANONYMOUS
+    except errors.RegistryError as error:
+        error.headers.setdefault("WWW-Authenticate", challenge(request))
+        raise
+
+
+def _form(request: Request) -> dict[str, str]:
+    body = request.content.read(65536) if request.content is not None else b""
+    fields = parse_qs(body.decode("latin-1"), keep_blank_values=True)
+    return {key: values[-1] for key, values in fields.items()}
+
+
+async def token(request: Request, auth: Authenticator, in_thread: ThreadRunner) -> bytes:
+    """Serve ``/token``: GET with optional Basic (docker, podman, skopeo), or an OAuth2 password grant
+    POST (containerd). Wrong credentials are a 401; none at all get an anonymous token if allowed."""
+    identity: Identity | None = None
+    if request.method == b"POST":
+        form = _form(request)
+        if form.get("grant_type") == "password":
+            identity = await in_thread(auth.login, form.get("username", ""), form.get("password", ""))
+        elif form.get("grant_type") not in (None, ""):
+            raise errors.RegistryError(400, "UNSUPPORTED", "only the password grant is supported")
+    elif request.method != b"GET":
+        raise errors.unsupported(request.method.decode("latin-1"))
+    header = request.getHeader("authorization")
+    if identity is None and header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "basic":
+            raise errors.unauthorized("the token endpoint takes Basic credentials")
+        identity = await in_thread(auth.login, *_basic_credentials(value))
+    if identity is None:
+        if not auth.anonymous_allowed:
+            error = errors.unauthorized("authentication required")
+            error.headers["WWW-Authenticate"] = f'Basic realm="{SERVICE}"'
+            raise error
+        identity = ANONYMOUS
+    signed, lifetime = auth.issue(identity)
+    return json.dumps({"token": signed, "access_token": signed, "expires_in": lifetime}).encode()

@@ -1,0 +1,125 @@
+"""Accounts, logins, tokens and repository patterns (no HTTP)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from metahub import errors
+from metahub.auth import ANONYMOUS, Authenticator, Identity, check_password, hash_password, load_token_key, repository_pattern
+from metahub.config import Account, Config, MachineType, StorageConfig, UpstreamConfig
+
+HASH = hash_password("pw")
+
+
+def make_config(anonymous: str = "deny") -> Config:
+    return Config(
+        storage=StorageConfig("/s", "/i"),
+        upstreams={"hub": UpstreamConfig("hub", "https://registry-1.docker.io")},
+        default_upstream="hub",
+        anonymous=anonymous,
+        machine_types={
+            "type1": MachineType("type1", "linux", "amd64", features=("cpu:broadwell",)),
+            "type2": MachineType("type2", "linux", "amd64", features=("cpu:skylake",)),
+        },
+        accounts={
+            "qnib": Account("qnib", HASH, ("type1", "type2")),
+            "ci": Account("ci", HASH, ("type1",), ("library/*", "myorg/**")),
+        },
+    )
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def auth(clock: Clock) -> Authenticator:
+    return Authenticator(make_config(), b"k" * 32, clock)
+
+
+def test_password_hashes_are_salted_scrypt() -> None:
+    assert HASH.startswith("scrypt$16384$8$1$")
+    assert hash_password("pw") != HASH  # fresh salt each time
+    assert check_password("pw", HASH)
+    assert not check_password("pW", HASH)
+    assert not check_password("pw", "scrypt$garbage")
+    assert "pw" not in HASH.split("$")
+
+
+def test_logins(auth: Authenticator) -> None:
+    assert auth.login("qnib-type1", "pw") == Identity("qnib", "type1")
+    assert auth.login("qnib", "pw") == Identity("qnib", None)
+    assert auth.machine_type(Identity("qnib", "type2")).features == ("cpu:skylake",)
+    for username, password, why in [
+        ("qnib-type1", "nope", "incorrect"),
+        ("ghost-type1", "pw", "incorrect"),
+        ("qnib-type9", "pw", "unknown machine type"),
+        ("ci-type2", "pw", "may not use machine type"),
+    ]:
+        with pytest.raises(errors.RegistryError) as err:
+            auth.login(username, password)
+        assert (err.value.status, err.value.code) == (401, "UNAUTHORIZED")
+        assert why in err.value.message and "pw" not in err.value.message.split()
+
+
+def test_tokens_round_trip_expire_and_resist_tampering(auth: Authenticator, clock: Clock) -> None:
+    token, lifetime = auth.issue(Identity("qnib", "type1"))
+    assert auth.verify(token) == Identity("qnib", "type1")
+    payload, signature = token.split(".")
+    forged = auth.issue(Identity("qnib", "type2"))[0].split(".")[0] + "." + signature
+    for bad in [forged, token + "x", "garbage", "a.b.c"]:
+        with pytest.raises(errors.RegistryError):
+            auth.verify(bad)
+    other = Authenticator(make_config(), b"j" * 32, clock)
+    with pytest.raises(errors.RegistryError):
+        other.verify(token)  # another key
+    clock.now += lifetime
+    with pytest.raises(errors.RegistryError) as err:
+        auth.verify(token)
+    assert "expired" in err.value.message
+
+
+def test_anonymous_tokens_only_when_allowed(clock: Clock) -> None:
+    allowing = Authenticator(make_config("allow"), b"k" * 32, clock)
+    token, _ = allowing.issue(ANONYMOUS)
+    assert allowing.verify(token) == ANONYMOUS
+    denying = Authenticator(make_config("deny"), b"k" * 32, clock)
+    with pytest.raises(errors.RegistryError):
+        denying.verify(token)
+
+
+def test_basic_cache_is_bounded_in_time(auth: Authenticator, clock: Clock) -> None:
+    assert auth.cached("qnib-type1", "pw") is None
+    auth.remember("qnib-type1", "pw", Identity("qnib", "type1"))
+    assert auth.cached("qnib-type1", "pw") == Identity("qnib", "type1")
+    assert auth.cached("qnib-type1", "other") is None
+    clock.now += 301
+    assert auth.cached("qnib-type1", "pw") is None
+
+
+def test_repository_patterns(auth: Authenticator) -> None:
+    assert repository_pattern("library/*").fullmatch("library/alpine")
+    assert not repository_pattern("library/*").fullmatch("library/a/b")
+    assert repository_pattern("myorg/**").fullmatch("myorg/a/b/c")
+    assert repository_pattern("a.b/c?").fullmatch("a.b/cd") and not repository_pattern("a.b/c?").fullmatch("axb/cd")
+    auth.check_repository(Identity("ci", None), "library/alpine")
+    auth.check_repository(Identity("qnib", None), "anything/at/all")  # no patterns: everything
+    with pytest.raises(errors.RegistryError) as err:
+        auth.check_repository(Identity("ci", None), "otherorg/app")
+    assert (err.value.status, err.value.code) == (403, "DENIED")
+
+
+def test_token_key_is_made_once_and_kept(tmp_path) -> None:
+    key = load_token_key(str(tmp_path))
+    assert len(key) == 32 and load_token_key(str(tmp_path)) == key
+    assert oct(os.stat(tmp_path / "token.key").st_mode & 0o777) == "0o600"
