@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .grammar import split_reference
+
 __all__ = [
     "Account",
     "Config",
@@ -85,6 +87,26 @@ class Account:
 
 
 @dataclass(frozen=True)
+class VirtualEntry:
+    """One build of a virtual image: a source image and the platform it is listed under."""
+
+    image: str  # NAME[:TAG|@DIGEST] as a client would write it (routed like a client's name)
+    os: str
+    architecture: str
+    variant: str | None = None
+    features: tuple[str, ...] = ()
+    os_features: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VirtualImage:
+    """A manifest list nobody pushed: manifest-tool's ``image:``/``manifests:`` spec."""
+
+    image: str  # NAME[:TAG] clients pull (tag defaults to latest)
+    manifests: tuple[VirtualEntry, ...]
+
+
+@dataclass(frozen=True)
 class Config:
     storage: StorageConfig
     upstreams: dict[str, UpstreamConfig]
@@ -94,6 +116,7 @@ class Config:
     anonymous: str = "deny"  # or "allow"
     machine_types: dict[str, MachineType] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
+    virtual_images: tuple[VirtualImage, ...] = ()
     source: str | None = None  # the file it was loaded from, for logs and `check-config`
 
 
@@ -262,6 +285,7 @@ def parse_config(data: object, base_dir: str) -> Config:
         anonymous=values.get("anonymous", Config.anonymous),
         machine_types=machine_types,
         accounts=accounts,
+        virtual_images=values.get("virtual_images", ()),
     )
 
 
@@ -635,6 +659,60 @@ def _account(name: str, value: object, path: str, ctx: _Context) -> Account:
     )
 
 
+def _image_reference(digests: bool) -> Convert:
+    def convert(value: object, path: str, ctx: _Context) -> str:
+        text = _string(value, path, ctx)
+        try:
+            _, reference = split_reference(text)
+        except ValueError as error:
+            _fail(path, str(error))
+        if reference.startswith("sha256:") and not digests:
+            _fail(path, "a virtual image is named by NAME[:TAG], not a digest")
+        return text
+    return convert
+
+
+_VIRTUAL_PLATFORM = {
+    "os": _Key(_string, required=True),
+    "architecture": _Key(_string, required=True),
+    "variant": _Key(_string),
+    "features": _Key(_strings),
+    "osfeatures": _Key(_strings),
+}
+_VIRTUAL_ENTRY = {
+    "image": _Key(_image_reference(digests=True), required=True),
+    "platform": _Key(lambda v, p, c: _fields(v, p, _VIRTUAL_PLATFORM, c), required=True),
+}
+_VIRTUAL_IMAGE = {
+    "image": _Key(_image_reference(digests=False), required=True),
+    "manifests": _Key(lambda v, p, c: _list(v, p, c, _virtual_entry), required=True),
+}
+
+
+def _list(value: object, path: str, ctx: _Context, item: Callable[[object, str, _Context], T]) -> tuple[T, ...]:
+    if not isinstance(value, list) or not value:
+        _fail(path, f"expected a non-empty list, got {_describe(value)}")
+    return tuple(item(element, _join(path, i), ctx) for i, element in enumerate(value))
+
+
+def _virtual_entry(value: object, path: str, ctx: _Context) -> VirtualEntry:
+    values = _fields(value, path, _VIRTUAL_ENTRY, ctx)
+    platform = values["platform"]
+    return VirtualEntry(
+        image=values["image"],
+        os=platform["os"],
+        architecture=platform["architecture"],
+        variant=platform.get("variant"),
+        features=platform.get("features", ()),
+        os_features=platform.get("osfeatures", ()),
+    )
+
+
+def _virtual_image(value: object, path: str, ctx: _Context) -> VirtualImage:
+    values = _fields(value, path, _VIRTUAL_IMAGE, ctx)
+    return VirtualImage(image=values["image"], manifests=values["manifests"])
+
+
 _TOP = {
     "listen": _Key(_endpoint),
     "storage": _Key(_storage, required=True),
@@ -644,4 +722,5 @@ _TOP = {
     "anonymous": _Key(_choice("allow", "deny")),
     "machine_types": _Key(lambda v, p, c: _named(v, p, c, _login_part("machine type"), _machine_type)),
     "accounts": _Key(lambda v, p, c: _named(v, p, c, _login_part("account"), _account)),
+    "virtual_images": _Key(lambda v, p, c: _list(v, p, c, _virtual_image)),
 }

@@ -13,12 +13,9 @@ from storage import is_digest
 
 from . import errors
 from .config import Config, UpstreamConfig
+from .grammar import MAX_NAME_LENGTH, NAME, TAG
 
-_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 _ANY_DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
-MAX_NAME_LENGTH = 255
 
 #: Hosts whose one-segment names live under ``library/`` (Docker Hub's official images).
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker.io"})
@@ -27,7 +24,7 @@ DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "index.docker.io", "docker
 def check_name(name: str) -> str:
     if len(name) > MAX_NAME_LENGTH:
         raise errors.name_invalid(name[:MAX_NAME_LENGTH], f"repository name longer than {MAX_NAME_LENGTH} characters")
-    if not _NAME.fullmatch(name):
+    if not NAME.fullmatch(name):
         raise errors.name_invalid(name, "invalid repository name: see the distribution spec's name grammar")
     return name
 
@@ -42,7 +39,7 @@ def check_digest(reference: str) -> str:
 
 
 def is_tag(reference: str) -> bool:
-    return _TAG.fullmatch(reference) is not None
+    return TAG.fullmatch(reference) is not None
 
 
 def check_reference(reference: str) -> str:

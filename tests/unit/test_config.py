@@ -191,7 +191,7 @@ def test_unknown_key_at_depth_names_its_path(tmp_path: Path) -> None:
         "machine_types": {"type1": {"platform": {"os": "linux", "architecture": "amd64"}, "featurs": []}}
     }
     assert error(data, tmp_path).startswith("machine_types.type1.featurs: unknown key")
-    assert error(minimal(tmp_path) | {"virtual_images": {}}, tmp_path).startswith("virtual_images: unknown key")
+    assert error(minimal(tmp_path) | {"virtual_imagez": []}, tmp_path).startswith("virtual_imagez: unknown key")
     data = minimal(tmp_path)
     data["upstreams"]["docker.io"]["urll"] = "x"
     assert error(data, tmp_path).startswith("upstreams.docker.io.urll: unknown key")
@@ -475,3 +475,26 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     assert isinstance(config, Config)
     with pytest.raises(AttributeError):
         config.listen = "tcp:1"  # type: ignore[misc]
+
+
+def test_virtual_images(tmp_path) -> None:
+    spec = [{"image": "qnib/bench", "manifests": [
+        {"image": "qnib/plain:cpu-skylake",
+         "platform": {"os": "linux", "architecture": "amd64", "features": ["cpu:skylake"], "osfeatures": ["x"]}},
+        {"image": "ghcr.io/org/app@sha256:" + "a" * 64, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+    ]}]
+    config = parse_config(minimal(tmp_path) | {"virtual_images": spec}, str(tmp_path))
+    [image] = config.virtual_images
+    assert image.image == "qnib/bench"
+    assert image.manifests[0].features == ("cpu:skylake",) and image.manifests[0].os_features == ("x",)
+    assert image.manifests[1].variant == "v8"
+    cases = {
+        "virtual_images[0].image: 'Qnib/bench'": [{"image": "Qnib/bench", "manifests": spec[0]["manifests"]}],
+        "virtual_images[0].manifests: expected a non-empty list": [{"image": "a/b", "manifests": []}],
+        "virtual_images[0].manifests[0].platform.architecture: required key is missing":
+            [{"image": "a/b", "manifests": [{"image": "x:y", "platform": {"os": "linux"}}]}],
+        "virtual_images[0].image: a virtual image is named by NAME[:TAG]":
+            [{"image": "a/b@sha256:" + "a" * 64, "manifests": spec[0]["manifests"]}],
+    }
+    for expected, value in cases.items():
+        assert error(minimal(tmp_path) | {"virtual_images": value}, tmp_path).startswith(expected)

@@ -1,0 +1,31 @@
+"""The distribution spec's grammar for repository names, tags and image references.
+
+Kept free of other imports so both the config loader and the request path can use one definition.
+"""
+from __future__ import annotations
+
+import re
+
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+MAX_NAME_LENGTH = 255
+
+
+def split_reference(reference: str) -> tuple[str, str]:
+    """``NAME[:TAG|@DIGEST]`` -> (name, tag or digest; ``latest`` when absent); ValueError if malformed."""
+    name, at, digest = reference.partition("@")
+    if at:
+        if not SHA256.fullmatch(digest):
+            raise ValueError(f"{reference!r}: a digest must be sha256: followed by 64 lowercase hex")
+        tag = digest
+    else:
+        slash = name.rfind("/")
+        colon = name.rfind(":")
+        name, tag = (name[:colon], name[colon + 1 :]) if colon > slash else (name, "latest")
+        if not TAG.fullmatch(tag):
+            raise ValueError(f"{reference!r}: {tag!r} is not a valid tag")
+    if len(name) > MAX_NAME_LENGTH or not NAME.fullmatch(name):
+        raise ValueError(f"{reference!r}: {name!r} is not a valid repository name")
+    return name, tag
