@@ -23,7 +23,7 @@ from . import inspect, login
 from .grammar import split_reference
 from .auth import Authenticator
 from .config import Config, MachineType
-from .downloads import ThreadRunner
+from .threads import ThreadRunner
 from .manifests import ManifestBody, Manifests
 from .metrics import Metrics
 from .names import Route, check_digest, check_name, check_reference, is_tag, route

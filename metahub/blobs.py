@@ -14,7 +14,8 @@ from twisted.web.server import Request
 from storage import BlobFollower, BlobNotFound, BlobRecord, BlobStore, Storage
 
 from . import errors
-from .downloads import Download, Downloads, ThreadRunner
+from .downloads import Download, Downloads
+from .threads import ThreadRunner
 from .metrics import Metrics
 from .names import Route
 from .ranges import content_range, parse_range

@@ -8,7 +8,6 @@ commit, the followers see FAILED, and their responses are aborted.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -22,11 +21,10 @@ from storage import BlobWriteError, BlobWriter, DigestMismatch, Storage
 from . import errors
 from .metrics import Metrics
 from .names import Route
+from .threads import ThreadRunner
 from .upstream import UpstreamClient
 
 log = Logger()
-
-ThreadRunner = Callable[..., Deferred]  # deferToThreadPool bound to a reactor and pool
 
 
 class _BodySink(Protocol):
@@ -112,14 +110,12 @@ class Downloads:
         clock: IReactorTime,
         in_thread: ThreadRunner,
         metrics: Metrics,
-        idle_timeout: float = 60.0,
     ) -> None:
         self.storage = storage
         self.clients = clients
         self.clock = clock
         self.in_thread = in_thread
         self.metrics = metrics
-        self.idle_timeout = idle_timeout
         self._active: dict[str, Download] = {}
         self._starting: dict[str, list[Deferred[Download]]] = {}
 
@@ -158,11 +154,16 @@ class Downloads:
             raise
         size = None if response.length is UNKNOWN_LENGTH else int(response.length)
         download = Download(digest, route, size, self.storage.blobs.writer(digest, size))
+        sink = _BodySink(download, self.clock, route.upstream.read_timeout)
         self._active[digest] = download
         self.metrics.in_flight.inc()
-        sink = _BodySink(download, self.clock, self.idle_timeout)
-        response.deliverBody(sink)
+        # From here every outcome, even an exception while starting the body, ends in _finish,
+        # which unregisters the download: a stuck "active" entry would hang every later request.
         sink.done.addCallback(lambda _: ensureDeferred(self._finish(download, sink.reason)))
+        try:
+            response.deliverBody(sink)
+        except Exception:
+            sink.connectionLost(Failure())
         return download
 
     async def _finish(self, download: Download, reason: Failure) -> None:

@@ -15,7 +15,7 @@ from twisted.web.server import Request
 
 from . import errors
 from .auth import ANONYMOUS, SERVICE, Authenticator, Identity
-from .downloads import ThreadRunner
+from .threads import ThreadRunner
 
 
 def challenge(request: Request) -> str:

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from storage import BlobNotFound, Storage, sha256_digest
 
 from . import errors, media
-from .downloads import ThreadRunner
+from .threads import ThreadRunner
 from .config import MachineType
 from .metrics import Metrics
 from .names import Route

@@ -5,14 +5,11 @@ nothing that opens files or connections happens until the service starts.
 """
 from __future__ import annotations
 
-from functools import partial
-
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -25,6 +22,7 @@ from .config import Config, config_summary
 from .downloads import Downloads
 from .manifests import Manifests
 from .site import registry_site
+from .threads import thread_runner
 from .metrics import Metrics
 from .upstream import UpstreamClient, make_http_client
 from .virtual import VirtualImages
@@ -56,7 +54,7 @@ class MetahubService(Service):
         reactor = self.reactor
         config = self.config
         self.storage = Storage(config.storage.path, config.storage.index, clock=reactor.seconds)
-        in_thread = partial(deferToThreadPool, reactor, reactor.getThreadPool())
+        in_thread = thread_runner(reactor)
         http = make_http_client(reactor, list(config.upstreams.values()))
         clients = {name: UpstreamClient(upstream, http, reactor) for name, upstream in config.upstreams.items()}
         metrics = Metrics()

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from storage import BlobFollower, FollowState
 
-from .downloads import ThreadRunner
+from .threads import ThreadRunner
 
 log = Logger()
 

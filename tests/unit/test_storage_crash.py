@@ -59,6 +59,7 @@ def test_sigkill_while_writing_leaves_a_sound_store(tmp_path, delay: float) -> N
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
     committed = assert_store_sound(store_path)
     # The index opens; every blob it knows is sound; temp files of the dead writer are removed.
     store = Storage(store_path, index_path, temp_grace=0)

@@ -1,0 +1,121 @@
+"""Single flight on a fake clock and a fake upstream: one fetch, verified, never stuck."""
+from __future__ import annotations
+
+import os
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+
+from metahub.config import UpstreamConfig
+from metahub.downloads import Downloads
+from metahub.metrics import Metrics
+from metahub.names import Route
+from storage import Storage, sha256_digest
+
+UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
+ROUTE = Route(UPSTREAM, "team/app")
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.stopped = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class FakeResponse:
+    def __init__(self, length: int, fail_on_deliver: bool = False) -> None:
+        self.length = length
+        self.protocol = None
+        self.transport = FakeTransport()
+        self.fail_on_deliver = fail_on_deliver
+
+    def deliverBody(self, protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+        if self.fail_on_deliver:
+            raise RuntimeError("boom")
+
+
+class FakeClient:
+    def __init__(self, response: FakeResponse) -> None:
+        self.response = response
+        self.calls = 0
+        self.answer: Deferred = Deferred()
+
+    def get_blob(self, repository: str, digest: str) -> Deferred:
+        self.calls += 1
+        return self.answer
+
+
+def make(tmp_path, response: FakeResponse):
+    clock = Clock()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
+    client = FakeClient(response)
+    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics())
+    return downloads, client, clock, storage
+
+
+def test_concurrent_joins_share_one_fetch_and_commit(tmp_path) -> None:
+    data = os.urandom(5000)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    downloads, client, _, storage = make(tmp_path, response)
+    first = ensureDeferred(downloads.join(ROUTE, digest))
+    second = ensureDeferred(downloads.join(ROUTE, digest))
+    assert client.calls == 1 and not first.called
+    client.answer.callback(response)
+    download = first.result
+    assert second.result is download and downloads.active(digest) is download
+    assert ensureDeferred(downloads.join(ROUTE, digest)).result is download and client.calls == 1
+    response.protocol.dataReceived(data[:100])
+    response.protocol.dataReceived(data[100:])
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert download.finished.result is True
+    assert downloads.active(digest) is None
+    assert storage.lookup(digest).size == 5000
+    assert storage.index.is_linked(digest, ROUTE.key)
+
+
+def test_wrong_bytes_are_not_committed(tmp_path) -> None:
+    digest = sha256_digest(b"right")
+    response = FakeResponse(5)
+    downloads, client, _, storage = make(tmp_path, response)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    response.protocol.dataReceived(b"wrong")
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert joined.result.finished.result is False
+    assert storage.lookup(digest) is None and os.listdir(storage.blobs.tmp_dir) == []
+    assert downloads.active(digest) is None
+
+
+def test_a_stalled_upstream_is_cut_off_after_read_timeout(tmp_path) -> None:
+    data = b"x" * 100
+    response = FakeResponse(100)
+    downloads, client, clock, storage = make(tmp_path, response)
+    joined = ensureDeferred(downloads.join(ROUTE, sha256_digest(data)))
+    client.answer.callback(response)
+    response.protocol.dataReceived(data[:10])
+    clock.advance(29)
+    response.protocol.dataReceived(data[10:20])  # data resets the timer
+    clock.advance(29)
+    assert not response.transport.stopped
+    clock.advance(2)
+    assert response.transport.stopped
+    response.protocol.connectionLost(Failure(PotentialDataLoss()))
+    assert joined.result.finished.result is False and downloads.active(sha256_digest(data)) is None
+
+
+def test_an_error_while_starting_the_body_does_not_leave_a_stuck_download(tmp_path) -> None:
+    digest = sha256_digest(b"y")
+    response = FakeResponse(1, fail_on_deliver=True)
+    downloads, client, _, storage = make(tmp_path, response)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    assert joined.result.finished.result is False
+    assert downloads.active(digest) is None and os.listdir(storage.blobs.tmp_dir) == []
