@@ -32,6 +32,37 @@ The server needs exactly this API::
     store.index.record_access(digest, now); store.index.flush_access()   # batched last-access
     store.index.set_tag(upstream, repo, tag, digest, checked=now); store.index.get_tag(...)
 
+Shared by the nodes of a cluster (plain files in the store directory; see each module's docstring
+for the protocol and what holds on NFS)::
+
+    from storage import Leases, SharedTags, AccessStamps, stamp_access, collect, collect_with_lease
+    from storage import verify, stats
+
+    leases = Leases(store.blobs.root, clock=time.time)   # <root>/leases/<name>.lease
+    lease = leases.try_take(name, stale_after=30.0)     # Lease, or None: another live node holds it
+                                  # name: parse_digest(digest) for a fetch, GC_LEASE ("gc") for gc
+    lease.heartbeat()             # refresh; False when it was lost (taken over as stale)
+    lease.release()               # removes it only if still ours
+    leases.holder(name)           # LeaseInfo(name, holder, taken_at, heartbeat) or None
+    leases.iter_leases()          # every lease file, held or stale
+    leases.clean(older_than)      # leftovers of dead nodes (leases, break files, tombs)
+
+    tags = SharedTags(store.blobs.root)                 # <root>/tags/<upstream>/<repo>/_tags/<tag>.json
+    tags.write(upstream, repo, tag, digest, checked=now)   # atomic replace, readable by every node
+    tags.read(upstream, repo, tag)                      # TagRecord(digest, checked) or None
+    tags.remove(upstream, repo, tag)                    # upstream says the tag is gone
+
+    # LRU eviction: a blob file's mtime is its last access, stamped in batches.
+    stamps = AccessStamps(resolution=60.0); stamps.note(digest, now)
+    stamps.flush(store.blobs, now)                     # -> digests whose file was gone
+    stamp_access(store.blobs, digests, now)            # the same, unbuffered
+    collect(store.blobs, max_size, now, grace, pinned, dry_run=False)
+        # -> GcResult(before_bytes, after_bytes, removed, kept_pinned, kept_recent, ...)
+    collect_with_lease(store.blobs, leases, max_size, now, grace, pinned)   # None: gc runs elsewhere
+
+    verify(store.blobs, quarantine=True, progress=cb)  # VerifyResult(checked, corrupt, vanished)
+    stats(store.blobs)            # StoreStats(blob_count, total_bytes, temp_files, leases, quarantined)
+
 Digests are validated (``sha256:`` + 64 lowercase hex, :func:`parse_digest`) before they become a
 path; anything else raises :class:`InvalidDigest` (a ``ValueError``).
 
@@ -51,9 +82,22 @@ from .blobstore import (
 )
 from .digest import InvalidDigest, is_digest, parse_digest, sha256_digest
 from .index import BlobRecord, Index, TagRecord
+from .gc import (
+    DEFAULT_GC_STALE_AFTER,
+    GC_LEASE,
+    AccessStamps,
+    GcResult,
+    collect,
+    collect_with_lease,
+    stamp_access,
+)
+from .lease import InvalidLeaseName, Lease, LeaseInfo, Leases
+from .shared_tags import InvalidTagPath, SharedTags
 from .store import ReindexResult, Storage
+from .verify import StoreStats, VerifyProgress, VerifyResult, quarantine_dir, stats, verify
 
 __all__ = [
+    "AccessStamps",
     "BlobFile",
     "BlobFollower",
     "BlobNotFound",
@@ -62,15 +106,33 @@ __all__ = [
     "BlobStore",
     "BlobWriteError",
     "BlobWriter",
+    "DEFAULT_GC_STALE_AFTER",
     "DigestMismatch",
     "FollowState",
+    "GC_LEASE",
+    "GcResult",
     "Index",
     "InvalidDigest",
+    "InvalidLeaseName",
+    "InvalidTagPath",
+    "Lease",
+    "LeaseInfo",
+    "Leases",
     "ReindexResult",
+    "SharedTags",
     "SizeMismatch",
     "Storage",
+    "StoreStats",
     "TagRecord",
+    "VerifyProgress",
+    "VerifyResult",
+    "collect",
+    "collect_with_lease",
     "is_digest",
     "parse_digest",
+    "quarantine_dir",
     "sha256_digest",
+    "stamp_access",
+    "stats",
+    "verify",
 ]

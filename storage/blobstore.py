@@ -349,6 +349,9 @@ class BlobFollower:
         self._size: int | None = None
         self._switched_at: int | None = None
         self._old_fd: int | None = None
+        #: Seconds a writer may stay silent before it is taken for dead (None: wait forever). A
+        #: writer killed mid-write leaves its file behind; without this, followers would wait on it.
+        self.stall_timeout: float | None = None
         if temp_path is None:
             self._size = os.fstat(fd).st_size
 
@@ -383,15 +386,20 @@ class BlobFollower:
                 if os.path.exists(self._final):
                     return self._check_progress()
                 self._fail()
+            elif self._stalled():
+                self._fail()
             return
         own = os.fstat(self._fd)
         if (own.st_dev, own.st_ino) != (final_st.st_dev, final_st.st_ino):
-            if self.temp_path is not None and os.path.exists(self.temp_path):
+            if self.temp_path is not None and os.path.exists(self.temp_path) and not self._stalled():
                 return  # another writer finished first; ours still writes the same bytes
             self._switch_to_final()
         self._size = final_st.st_size
         if self.position >= self._size:
             self._finish()
+
+    def _stalled(self) -> bool:
+        return self.stall_timeout is not None and self.idle_seconds() > self.stall_timeout
 
     def _switch_to_final(self) -> None:
         try:

@@ -265,3 +265,31 @@ def test_iter_blobs_skips_foreign_files(store: BlobStore) -> None:
     open(os.path.join(store.blob_dir, "ab", "not-a-digest"), "w").close()
     assert [(b.digest, b.size) for b in store.iter_blobs()] == [(digest, len(data))]
     assert hashlib.sha256(data).hexdigest() == digest[7:]
+
+
+def test_a_follower_gives_up_on_a_silent_writer(store: BlobStore) -> None:
+    data = os.urandom(1000)
+    dead = store.writer(digest_of(data))
+    dead.write(data[:300])
+    follower = store.follow(dead.digest)
+    follower.stall_timeout = 30
+    assert follower.read(1000) == data[:300]
+    assert follower.read(1000) == b"" and follower.state is FollowState.WRITING
+    os.utime(dead.temp_path, (0, 0))  # the writer was killed long ago: its file never grows again
+    assert follower.read(1000) == b"" and follower.state is FollowState.FAILED
+
+
+def test_a_follower_of_a_dead_writer_moves_to_a_committed_copy(store: BlobStore) -> None:
+    data = os.urandom(1000)
+    dead = store.writer(digest_of(data))
+    dead.write(data[:300])
+    follower = store.follow(dead.digest)
+    follower.stall_timeout = 30
+    got = follower.read(1000)
+    with store.writer(dead.digest) as other:  # another node took over and committed
+        other.write(data)
+        other.commit()
+    os.utime(dead.temp_path, (0, 0))
+    while chunk := follower.read(400):
+        got += chunk
+    assert follower.state is FollowState.COMMITTED and got == data
