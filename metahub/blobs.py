@@ -14,7 +14,7 @@ from twisted.web.server import Request
 from storage import BlobFollower, BlobNotFound, BlobRecord, BlobStore, Storage
 
 from . import errors
-from .downloads import Download, Downloads
+from .downloads import AlreadyStored, Download, Downloads
 from .threads import ThreadRunner
 from .metrics import Metrics
 from .names import Route
@@ -24,12 +24,15 @@ from .upstream import UpstreamClient
 
 
 def _follow(blobs: BlobStore, download: Download) -> BlobFollower | None:
-    """Follow this download's own temporary file (or the blob, if it has committed already)."""
-    try:
-        fd = os.open(download.writer.temp_path, os.O_RDONLY)
-    except FileNotFoundError:
-        return blobs.follow(download.digest)
-    return BlobFollower(blobs, download.digest, fd, download.writer.temp_path)
+    """Follow the download's temporary file (or whatever is there: the blob, if it has committed)."""
+    if download.temp_path is not None:
+        try:
+            fd = os.open(download.temp_path, os.O_RDONLY)
+        except FileNotFoundError:
+            pass
+        else:
+            return BlobFollower(blobs, download.digest, fd, download.temp_path)
+    return blobs.follow(download.digest)
 
 
 class Blobs:
@@ -90,7 +93,12 @@ class Blobs:
         active = self.downloads.active(digest)
         if active is not None and active.route.key != route.key:
             await self.confirm(route, digest)
-        download = await self.downloads.join(route, digest)
+        try:
+            download = await self.downloads.join(route, digest)
+        except AlreadyStored:  # another node committed it a moment ago
+            if not await self._serve_cached(request, digest, head):
+                raise errors.blob_unknown(digest) from None
+            return
         wanted = parse_range(_range_header(request), download.size) if download.size is not None else None
         if wanted is not None and wanted != (0, download.size):
             # A partial range of a blob still downloading: serve it once verified.
@@ -99,7 +107,7 @@ class Blobs:
             if not await self._serve_cached(request, digest, head):
                 raise errors.blob_unknown(digest)
             return
-        follower = await self.in_thread(_follow, self.storage.blobs, download)
+        follower = await self._follower(download)
         if follower is None:
             raise errors.bad_gateway(f"upstream {route.upstream.name} failed to deliver {digest}")
         self._headers(request, digest, 200, download.size)
@@ -108,6 +116,18 @@ class Blobs:
             request, follower, self.in_thread,
             lambda n: self.metrics.bytes_served.labels(source).inc(n), download.changed,
         )
+
+    async def _follower(self, download: Download) -> BlobFollower | None:
+        """A reader of the download; another node's file may take a moment to appear."""
+        while True:
+            follower = await self.in_thread(_follow, self.storage.blobs, download)
+            if follower is not None:
+                # A writer silent as long as upstream may be is dead (killed mid-download).
+                follower.stall_timeout = download.route.upstream.read_timeout
+                return follower
+            if download.finished.called:
+                return None
+            await download.changed()
 
     async def _serve_cached(self, request: Request, digest: str, head: bool) -> bool:
         """Serve from the store; False if the file turned out to be gone (evicted elsewhere)."""

@@ -66,6 +66,9 @@ class StorageConfig:
     path: str
     index: str
     max_size: int | None = None  # bytes
+    lease_timeout: float = 30.0  # a download lease silent this long belongs to a dead node
+    gc_interval: float = 600.0  # how often a node tries to collect (one node at a time)
+    gc_grace: float = 3600.0  # blobs read this recently are never evicted
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class Config:
     machine_types: dict[str, MachineType] = field(default_factory=dict)
     accounts: dict[str, Account] = field(default_factory=dict)
     virtual_images: tuple[VirtualImage, ...] = ()
+    pin: tuple[str, ...] = ()  # image references whose blobs eviction never removes
     source: str | None = None  # the file it was loaded from, for logs and `check-config`
 
 
@@ -286,6 +290,7 @@ def parse_config(data: object, base_dir: str) -> Config:
         machine_types=machine_types,
         accounts=accounts,
         virtual_images=values.get("virtual_images", ()),
+        pin=values.get("pin", ()),
     )
 
 
@@ -558,6 +563,9 @@ _STORAGE = {
     "path": _Key(_path, required=True),
     "index": _Key(_path, required=True),
     "max_size": _Key(_size),
+    "lease_timeout": _Key(_duration(0, strict=True)),
+    "gc_interval": _Key(_duration(0, strict=True)),
+    "gc_grace": _Key(_duration(0, strict=False)),
 }
 
 
@@ -723,4 +731,5 @@ _TOP = {
     "machine_types": _Key(lambda v, p, c: _named(v, p, c, _login_part("machine type"), _machine_type)),
     "accounts": _Key(lambda v, p, c: _named(v, p, c, _login_part("account"), _account)),
     "virtual_images": _Key(lambda v, p, c: _list(v, p, c, _virtual_image)),
+    "pin": _Key(lambda v, p, c: _list(v, p, c, _image_reference(digests=True))),
 }

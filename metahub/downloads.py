@@ -1,22 +1,29 @@
-"""Single flight: one upstream download per blob per node, followed by every client that wants it.
+"""Single flight: one upstream download per blob per cluster, followed by every client that wants it.
 
 A :class:`Download` streams the upstream body into a :class:`storage.BlobWriter` (hashing as it goes)
 and wakes its followers whenever bytes land. Clients never read from the network stream: they read
 the growing temporary file through a :class:`storage.BlobFollower`, so a slow client costs no memory
 and the first client is served exactly like the twentieth. On a digest mismatch the writer refuses to
 commit, the followers see FAILED, and their responses are aborted.
+
+Across nodes sharing the store, the node that takes the blob's lease (``leases/<hex>.lease``,
+exclusive create, heartbeated) downloads; the others follow its growing temporary file by polling.
+A lease whose holder fell silent for ``lease_timeout`` is taken over by one node, which starts the
+download again. Correctness never rests on the lease: if two nodes did fetch, both verify and the
+store ends with one correct file.
 """
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from storage import BlobWriteError, BlobWriter, DigestMismatch, Storage
+from storage import BlobWriteError, BlobWriter, DigestMismatch, Lease, Leases, Storage
 
 from . import errors
 from .metrics import Metrics
@@ -25,6 +32,13 @@ from .threads import ThreadRunner
 from .upstream import UpstreamClient
 
 log = Logger()
+
+#: How often a node following another node's download looks at the shared directory.
+REMOTE_POLL = 0.05
+
+
+class AlreadyStored(Exception):
+    """The blob was committed (by another node) while this one was about to fetch it."""
 
 
 class _BodySink(Protocol):
@@ -62,31 +76,39 @@ class _BodySink(Protocol):
 
 
 class Download:
-    """One upstream fetch of ``digest`` into the store."""
+    """One fetch of ``digest`` into the store: by this node (``writer`` set) or by another node."""
 
-    def __init__(self, digest: str, route: Route, size: int | None, writer: BlobWriter) -> None:
+    def __init__(self, digest: str, route: Route, size: int | None, writer: BlobWriter | None, clock: IReactorTime) -> None:
         self.digest = digest
         self.route = route
         self.size = size
         self.writer = writer
+        self.clock = clock
+        #: The temporary file followers read; another node's is found once it exists.
+        self.temp_path: str | None = writer.temp_path if writer is not None else None
         self.received_bytes = 0
         self.write_error: Exception | None = None
         self.finished: Deferred[bool] = Deferred()  # True when committed
         self.committed = False
+        self.lease: Lease | None = None
+        self.heartbeat: LoopingCall | None = None
         self._waiters: list[Deferred[None]] = []
 
     def received(self, data: bytes) -> None:
+        assert self.writer is not None
         self.writer.write(data)
         self.received_bytes += len(data)
         self._wake()
 
     def changed(self) -> Deferred[None]:
-        """Fires when more bytes land or the download ends (whichever comes first)."""
-        waiter: Deferred[None] = Deferred()
+        """Fires when more bytes land or the download ends (whichever comes first).
+
+        Once it has ended, followers still catching up are paced instead of spinning.
+        """
         if self.finished.called:
-            waiter.callback(None)
-        else:
-            self._waiters.append(waiter)
+            return deferLater(self.clock, REMOTE_POLL, lambda: None)
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
         return waiter
 
     def _wake(self) -> None:
@@ -110,8 +132,12 @@ class Downloads:
         clock: IReactorTime,
         in_thread: ThreadRunner,
         metrics: Metrics,
+        leases: Leases,
+        lease_timeout: float = 30.0,
     ) -> None:
         self.storage = storage
+        self.leases = leases
+        self.lease_timeout = lease_timeout
         self.clients = clients
         self.clock = clock
         self.in_thread = in_thread
@@ -145,15 +171,29 @@ class Downloads:
                 waiter.callback(result)
 
     async def _start(self, route: Route, digest: str) -> Download:
+        lease = await self.in_thread(self.leases.try_take, digest[7:], self.lease_timeout)
+        if lease is None:
+            return await self._follow_remote(route, digest)
         upstream = route.upstream.name
-        self.metrics.upstream_fetches.labels(upstream, "blob").inc()
         try:
-            response: IResponse = await self.clients[upstream].get_blob(route.repository, digest)
-        except errors.RegistryError:
-            self.metrics.upstream_failures.labels(upstream).inc()
+            if await self.in_thread(self.storage.blobs.stat, digest) is not None:
+                raise AlreadyStored(digest)  # committed elsewhere between our lookup and the lease
+            self.metrics.upstream_fetches.labels(upstream, "blob").inc()
+            try:
+                response: IResponse = await self.clients[upstream].get_blob(route.repository, digest)
+            except errors.RegistryError:
+                self.metrics.upstream_failures.labels(upstream).inc()
+                raise
+            size = None if response.length is UNKNOWN_LENGTH else int(response.length)
+            writer = await self.in_thread(self.storage.blobs.writer, digest, size)
+        except BaseException:
+            await self.in_thread(lease.release)
             raise
-        size = None if response.length is UNKNOWN_LENGTH else int(response.length)
-        download = Download(digest, route, size, self.storage.blobs.writer(digest, size))
+        download = Download(digest, route, size, writer, self.clock)
+        download.lease = lease
+        download.heartbeat = LoopingCall(self.in_thread, lease.heartbeat)
+        download.heartbeat.clock = self.clock
+        download.heartbeat.start(self.lease_timeout / 3, now=False)
         sink = _BodySink(download, self.clock, route.upstream.read_timeout)
         self._active[digest] = download
         self.metrics.in_flight.inc()
@@ -166,7 +206,47 @@ class Downloads:
             sink.connectionLost(Failure())
         return download
 
+    async def _follow_remote(self, route: Route, digest: str) -> Download:
+        """Another node holds the lease: follow its file instead of fetching again."""
+        self.metrics.upstream_fetches.labels(route.upstream.name, "head").inc()
+        # The HEAD confirms this repository may read the blob, and gives its size.
+        size = await self.clients[route.upstream.name].head_blob(route.repository, digest)
+        self.storage.index.link([digest], route.key)
+        download = Download(digest, route, size, None, self.clock)
+        self._active[digest] = download
+        ensureDeferred(self._watch_remote(download))
+        return download
+
+    async def _watch_remote(self, download: Download) -> None:
+        committed = False
+        try:
+            while True:
+                state, temp_path = await self.in_thread(self._remote_state, download.digest)
+                if state != "writing":
+                    committed = state == "committed"
+                    break
+                if download.temp_path is None and temp_path is not None:
+                    download.temp_path = temp_path
+                download._wake()
+                await deferLater(self.clock, REMOTE_POLL, lambda: None)
+        finally:
+            del self._active[download.digest]
+            download._end(committed)
+
+    def _remote_state(self, digest: str) -> tuple[str, str | None]:
+        """("committed" | "writing" | "gone", temp file): runs in a thread, it reads the shared dir."""
+        if self.storage.blobs.stat(digest) is not None:
+            return "committed", None
+        lease = self.leases.holder(digest[7:])
+        temps = self.storage.blobs.in_progress(digest)
+        alive = lease is not None and lease.age(self.leases.clock()) <= self.lease_timeout
+        if alive or (lease is not None and temps and lease.holder is None):
+            return "writing", temps[0] if temps else None
+        # Released or dead. Look at the blob's name once more: release comes right after commit.
+        return ("committed" if self.storage.blobs.stat(digest) is not None else "gone"), None
+
     async def _finish(self, download: Download, reason: Failure) -> None:
+        assert download.writer is not None
         upstream = download.route.upstream.name
         self.metrics.upstream_bytes.labels(upstream).inc(download.received_bytes)
         committed = False
@@ -195,6 +275,10 @@ class Downloads:
             self.metrics.upstream_failures.labels(upstream).inc()
             log.error("download of {digest} not committed: {why}", digest=download.digest, why=str(failure))
         finally:
+            if download.heartbeat is not None and download.heartbeat.running:
+                download.heartbeat.stop()
+            if download.lease is not None:
+                await self.in_thread(download.lease.release)
             del self._active[download.digest]
             self.metrics.in_flight.dec()
             download._end(committed)

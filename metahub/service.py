@@ -13,7 +13,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from storage import Storage
+from storage import Leases, Storage
 
 from .api import Registry, RegistryResource
 from .auth import Authenticator, load_token_key
@@ -58,7 +58,8 @@ class MetahubService(Service):
         http = make_http_client(reactor, list(config.upstreams.values()))
         clients = {name: UpstreamClient(upstream, http, reactor) for name, upstream in config.upstreams.items()}
         metrics = Metrics()
-        downloads = Downloads(self.storage, clients, reactor, in_thread, metrics)
+        leases = Leases(config.storage.path, clock=reactor.seconds)
+        downloads = Downloads(self.storage, clients, reactor, in_thread, metrics, leases, config.storage.lease_timeout)
         registry = Registry(
             config=config,
             clients=clients,

@@ -13,7 +13,7 @@ from metahub.config import UpstreamConfig
 from metahub.downloads import Downloads
 from metahub.metrics import Metrics
 from metahub.names import Route
-from storage import Storage, sha256_digest
+from storage import Leases, Storage, sha256_digest
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -51,12 +51,17 @@ class FakeClient:
         self.calls += 1
         return self.answer
 
+    def head_blob(self, repository: str, digest: str) -> Deferred:
+        self.heads = getattr(self, "heads", 0) + 1
+        return succeed(self.response.length)
 
-def make(tmp_path, response: FakeResponse):
-    clock = Clock()
-    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
+
+def make(tmp_path, response: FakeResponse, node: str = "a", clock: Clock | None = None):
+    clock = clock or Clock()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / f"index-{node}"), clock=clock.seconds)
     client = FakeClient(response)
-    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics())
+    leases = Leases(str(tmp_path / "store"), clock=clock.seconds, node=node)
+    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics(), leases)
     return downloads, client, clock, storage
 
 
@@ -119,3 +124,49 @@ def test_an_error_while_starting_the_body_does_not_leave_a_stuck_download(tmp_pa
     client.answer.callback(response)
     assert joined.result.finished.result is False
     assert downloads.active(digest) is None and os.listdir(storage.blobs.tmp_dir) == []
+
+
+def test_a_second_node_follows_the_lease_holder_instead_of_fetching(tmp_path) -> None:
+    data = os.urandom(3000)
+    digest = sha256_digest(data)
+    clock = Clock()
+    response = FakeResponse(len(data))
+    node_a, client_a, _, storage_a = make(tmp_path, response, "a", clock)
+    node_b, client_b, _, storage_b = make(tmp_path, response, "b", clock)
+    joined_a = ensureDeferred(node_a.join(ROUTE, digest))
+    client_a.answer.callback(response)
+    response.protocol.dataReceived(data[:1000])
+    following = ensureDeferred(node_b.join(ROUTE, digest)).result
+    assert client_b.calls == 0 and client_b.heads == 1  # no second download, only a HEAD
+    assert following.writer is None and following.size == len(data)
+    clock.advance(0.1)
+    assert following.temp_path == joined_a.result.temp_path  # found node A's growing file
+    response.protocol.dataReceived(data[1000:])
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert node_a.leases.holder(digest[7:]) is None  # released after the commit
+    clock.advance(0.1)
+    assert following.finished.result is True and node_b.active(digest) is None
+
+
+def test_a_dead_holders_lease_is_taken_over(tmp_path) -> None:
+    data = os.urandom(2000)
+    digest = sha256_digest(data)
+    clock = Clock()
+    dead_response, response = FakeResponse(len(data)), FakeResponse(len(data))
+    node_a, client_a, _, _ = make(tmp_path, dead_response, "a", clock)
+    node_b, client_b, _, storage_b = make(tmp_path, response, "b", clock)
+    ensureDeferred(node_a.join(ROUTE, digest))
+    client_a.answer.callback(dead_response)
+    dead_response.protocol.dataReceived(data[:500])
+    node_a._active[digest].heartbeat.stop()  # node A dies: no more heartbeats
+    following = ensureDeferred(node_b.join(ROUTE, digest)).result
+    assert following.writer is None
+    clock.advance(31)  # silent past lease_timeout: node B's watcher gives up on it
+    assert following.finished.result is False and node_b.active(digest) is None
+    retried = ensureDeferred(node_b.join(ROUTE, digest))
+    assert client_b.calls == 1  # node B took the stale lease and fetches itself
+    client_b.answer.callback(response)
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert retried.result.finished.result is True
+    assert storage_b.lookup(digest).size == len(data)
