@@ -120,7 +120,10 @@ class Blobs:
     async def _follower(self, download: Download) -> BlobFollower | None:
         """A reader of the download; another node's file may take a moment to appear."""
         while True:
-            follower = await self.in_thread(_follow, self.storage.blobs, download)
+            # Another node's download: wait until its watcher has found the holder's file, rather
+            # than picking any file for this digest (a dead holder's may still be there).
+            remote_pending = download.writer is None and download.temp_path is None and not download.finished.called
+            follower = None if remote_pending else await self.in_thread(_follow, self.storage.blobs, download)
             if follower is not None:
                 # A writer silent as long as upstream may be is dead (killed mid-download).
                 follower.stall_timeout = download.route.upstream.read_timeout
@@ -137,7 +140,7 @@ class Blobs:
             self.storage.forget(digest)
             return False
         self.metrics.cache.labels("blob", "hit").inc()
-        self.storage.index.record_access(digest, self.clock.seconds())
+        self.storage.record_access(digest, self.clock.seconds())
         size = reader.size
         try:
             wanted = parse_range(_range_header(request), size)

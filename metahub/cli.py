@@ -5,13 +5,15 @@ import argparse
 import getpass
 import json
 import sys
+import time
 
-from storage import Storage, sha256_digest
+from storage import Leases, SharedTags, Storage, sha256_digest, stats, verify
 
 from . import errors, inspect, media
 
 from .auth import hash_password
 from .config import Config, ConfigError, config_summary, load_config
+from .eviction import run_collection
 from .grammar import split_reference
 from .manifests import ManifestBody
 from .names import Route, route
@@ -42,6 +44,82 @@ def cache_reindex(args: argparse.Namespace) -> int:
         storage.close()
     print(f"reindexed {result.total} blobs: {result.added} added, {result.removed} removed")
     return 0
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def cache_stats(args: argparse.Namespace) -> int:
+    """Size and counts of the (shared) store, and what this node's index knows."""
+    config = _load(args.config)
+    storage = Storage(config.storage.path, config.storage.index)
+    try:
+        found = stats(storage.blobs)
+        indexed = storage.index.count_blobs()
+        holders = sorted({lease.holder.rsplit("-", 2)[0] for lease in Leases(config.storage.path).iter_leases() if lease.holder})
+    finally:
+        storage.close()
+    bound = _human(config.storage.max_size) if config.storage.max_size else "unbounded"
+    print(f"store:       {config.storage.path}")
+    print(f"size:        {_human(found.total_bytes)} in {found.blob_count} blobs (max_size: {bound})")
+    print(f"index:       {indexed} blobs known to this node ({config.storage.index})")
+    print(f"in progress: {found.temp_files} temporary files, {found.leases} leases")
+    print(f"quarantined: {found.quarantined}")
+    print(f"nodes now holding leases: {', '.join(holders) or 'none'}")
+    return 0
+
+
+def cache_gc(args: argparse.Namespace) -> int:
+    """Evict least recently used blobs down to storage.max_size (under the cluster's gc lease)."""
+    config = _load(args.config)
+    if config.storage.max_size is None:
+        raise SystemExit("metahub: storage.max_size is not set: nothing to collect toward")
+    storage = Storage(config.storage.path, config.storage.index)
+    try:
+        result = run_collection(
+            config, storage, Leases(config.storage.path), SharedTags(config.storage.path), time.time(), args.dry_run
+        )
+        if result is None:
+            print("another node is collecting right now; try again later")
+            return 1
+        if not args.dry_run:
+            for digest in result.removed:
+                storage.forget(digest)
+    finally:
+        storage.close()
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(result.removed)} blobs ({_human(result.removed_bytes)}): "
+          f"{_human(result.before_bytes)} -> {_human(result.after_bytes)}; "
+          f"kept {len(result.kept_pinned)} pinned, {len(result.kept_recent)} recently used")
+    return 0
+
+
+def cache_verify(args: argparse.Namespace) -> int:
+    """Re-hash every blob; corrupt ones move to <store>/quarantine. Exit 1 if any was corrupt."""
+    config = _load(args.config)
+    storage = Storage(config.storage.path, config.storage.index)
+
+    def progress(step) -> None:
+        if sys.stderr.isatty():
+            print(f"\rverified {step.checked} blobs, {_human(step.bytes_checked)}", end="", file=sys.stderr)
+
+    try:
+        result = verify(storage.blobs, quarantine=True, progress=progress)
+        for digest in result.corrupt:
+            storage.forget(digest)
+    finally:
+        storage.close()
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(f"verified {result.checked} blobs: {len(result.corrupt)} corrupt")
+    for digest in result.corrupt:
+        print(f"  quarantined {digest}")
+    return 1 if result.corrupt else 0
 
 
 def hash_password_command(args: argparse.Namespace) -> int:
@@ -132,6 +210,16 @@ def parser() -> argparse.ArgumentParser:
     reindex = cache_commands.add_parser("reindex", help="rebuild the index from the store's files")
     reindex.add_argument("--config", "-c", required=True)
     reindex.set_defaults(run=cache_reindex)
+    stats_parser = cache_commands.add_parser("stats", help="size, blob count, leases and index of the store")
+    stats_parser.add_argument("--config", "-c", required=True)
+    stats_parser.set_defaults(run=cache_stats)
+    gc = cache_commands.add_parser("gc", help="evict least recently used blobs down to storage.max_size")
+    gc.add_argument("--config", "-c", required=True)
+    gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    gc.set_defaults(run=cache_gc)
+    verifying = cache_commands.add_parser("verify", help="re-hash every blob, quarantine corrupt ones")
+    verifying.add_argument("--config", "-c", required=True)
+    verifying.set_defaults(run=cache_verify)
     return top
 
 

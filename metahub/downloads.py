@@ -14,6 +14,8 @@ store ends with one correct file.
 """
 from __future__ import annotations
 
+import os
+
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -178,6 +180,9 @@ class Downloads:
         try:
             if await self.in_thread(self.storage.blobs.stat, digest) is not None:
                 raise AlreadyStored(digest)  # committed elsewhere between our lookup and the lease
+            # A lease taken over from a dead holder leaves its half-written file: remove it, so no
+            # node follows it instead of ours.
+            await self.in_thread(self._drop_stale_temps, digest)
             self.metrics.upstream_fetches.labels(upstream, "blob").inc()
             try:
                 response: IResponse = await self.clients[upstream].get_blob(route.repository, digest)
@@ -225,13 +230,32 @@ class Downloads:
                 if state != "writing":
                     committed = state == "committed"
                     break
-                if download.temp_path is None and temp_path is not None:
+                if temp_path is not None and temp_path != download.temp_path:
                     download.temp_path = temp_path
                 download._wake()
                 await deferLater(self.clock, REMOTE_POLL, lambda: None)
         finally:
             del self._active[download.digest]
             download._end(committed)
+
+    def _drop_stale_temps(self, digest: str) -> None:
+        now = self.leases.clock()
+        for path in self.storage.blobs.in_progress(digest):
+            try:
+                if now - os.stat(path).st_mtime > self.lease_timeout:
+                    os.unlink(path)
+            except FileNotFoundError:
+                continue
+
+    def _newest(self, paths: list[str]) -> str | None:
+        """The temp file written to most recently: the live holder's, not a dead one's."""
+        dated = []
+        for path in paths:
+            try:
+                dated.append((os.stat(path).st_mtime, path))
+            except FileNotFoundError:
+                continue
+        return max(dated)[1] if dated else None
 
     def _remote_state(self, digest: str) -> tuple[str, str | None]:
         """("committed" | "writing" | "gone", temp file): runs in a thread, it reads the shared dir."""
@@ -241,7 +265,7 @@ class Downloads:
         temps = self.storage.blobs.in_progress(digest)
         alive = lease is not None and lease.age(self.leases.clock()) <= self.lease_timeout
         if alive or (lease is not None and temps and lease.holder is None):
-            return "writing", temps[0] if temps else None
+            return "writing", self._newest(temps)
         # Released or dead. Look at the blob's name once more: release comes right after commit.
         return ("committed" if self.storage.blobs.stat(digest) is not None else "gone"), None
 

@@ -4,7 +4,8 @@ Manifests are blobs in the store (verified by digest like any blob) with their m
 index. A tag maps to a digest in the index with the time upstream last confirmed it. When that is
 older than ``tag_ttl`` a HEAD upstream revalidates it; when upstream cannot answer (down, 5xx, rate
 limited) the last known digest is served and a warning logged, which is what keeps pulls working
-through an upstream outage.
+through an upstream outage. Confirmed tags are also written to the shared store directory, so when
+upstream is unreachable any node can serve a tag that any node resolved.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from storage import BlobNotFound, Storage, sha256_digest
+from storage import BlobNotFound, SharedTags, Storage, sha256_digest
 
 from . import errors, media
 from .threads import ThreadRunner
@@ -68,8 +69,10 @@ class Manifests:
         in_thread: ThreadRunner,
         metrics: Metrics,
         tag_ttl: float,
+        shared_tags: SharedTags,
     ) -> None:
         self.storage = storage
+        self.shared_tags = shared_tags
         self.clients = clients
         self.clock = clock
         self.in_thread = in_thread
@@ -92,7 +95,7 @@ class Manifests:
             return None
         record = self.storage.index.get_blob(digest)
         media_type = record.media_type if record and record.media_type else media.sniff_media_type(body)
-        self.storage.index.record_access(digest, self.clock.seconds())
+        self.storage.record_access(digest, self.clock.seconds())
         return ManifestBody(body, media_type, digest)
 
     async def store(self, route: Route, body: bytes, media_type: str) -> ManifestBody:
@@ -127,6 +130,10 @@ class Manifests:
     async def by_tag(self, route: Route, tag: str) -> ManifestBody:
         upstream = route.upstream.name
         known = self.storage.index.get_tag(upstream, route.repository, tag)
+        if known is None:  # another node may have resolved it
+            known = await self.in_thread(self.shared_tags.read, upstream, route.repository, tag)
+            if known is not None:
+                await self._adopt(route, known.digest)
         now = self.clock.seconds()
         if known is not None:
             cached = await self._cached(route, known.digest)
@@ -148,14 +155,25 @@ class Manifests:
                 )
                 return cached
             if cached is not None and head.digest == known.digest:
-                self.storage.index.set_tag(upstream, route.repository, tag, known.digest, now)
+                await self._confirmed(route, tag, known.digest, now)
                 return cached
             manifest = await self.by_digest(route, head.digest) if head.digest else await self._fetch(route, tag)
         else:
             self.metrics.cache.labels("tag", "miss").inc()
             manifest = await self._fetch(route, tag)
-        self.storage.index.set_tag(upstream, route.repository, tag, manifest.digest, now)
+        await self._confirmed(route, tag, manifest.digest, now)
         return manifest
+
+    async def _adopt(self, route: Route, digest: str) -> None:
+        """A tag another node confirmed for this repository: its manifest and blobs are the repo's."""
+        body = await self.in_thread(_read_blob, self.storage, digest)
+        if body is not None:
+            self.storage.index.link([digest, *media.references(body)], route.key)
+
+    async def _confirmed(self, route: Route, tag: str, digest: str, now: float) -> None:
+        """Upstream confirmed tag -> digest: remember it here and for the other nodes."""
+        self.storage.index.set_tag(route.upstream.name, route.repository, tag, digest, now)
+        await self.in_thread(self.shared_tags.write, route.upstream.name, route.repository, tag, digest, now)
 
     async def for_machine_type(
         self, route: Route, index: ManifestBody, machine_type: MachineType, reference: str

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from storage import Leases, Storage
+from storage import Leases, SharedTags, Storage
 
 from .api import Registry, RegistryResource
 from .auth import Authenticator, load_token_key
 from .blobs import Blobs
 from .config import Config, config_summary
 from .downloads import Downloads
+from .eviction import run_collection
 from .manifests import Manifests
 from .site import registry_site
 from .threads import thread_runner
@@ -41,6 +42,7 @@ class MetahubService(Service):
         self.storage: Storage | None = None
         self.port: IListeningPort | None = None
         self._flush: LoopingCall | None = None
+        self._gc: LoopingCall | None = None
 
     @property
     def reactor(self):  # imported late: twistd installs the reactor it was asked for first
@@ -54,16 +56,19 @@ class MetahubService(Service):
         reactor = self.reactor
         config = self.config
         self.storage = Storage(config.storage.path, config.storage.index, clock=reactor.seconds)
-        in_thread = thread_runner(reactor)
+        in_thread = self.in_thread = thread_runner(reactor)
         http = make_http_client(reactor, list(config.upstreams.values()))
         clients = {name: UpstreamClient(upstream, http, reactor) for name, upstream in config.upstreams.items()}
         metrics = Metrics()
-        leases = Leases(config.storage.path, clock=reactor.seconds)
+        leases = self.leases = Leases(config.storage.path, clock=reactor.seconds)
+        self.shared_tags = SharedTags(config.storage.path)
         downloads = Downloads(self.storage, clients, reactor, in_thread, metrics, leases, config.storage.lease_timeout)
         registry = Registry(
             config=config,
             clients=clients,
-            manifests=Manifests(self.storage, clients, reactor, in_thread, metrics, config.tag_ttl),
+            manifests=Manifests(
+                self.storage, clients, reactor, in_thread, metrics, config.tag_ttl, self.shared_tags
+            ),
             blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics),
             metrics=metrics,
             auth=Authenticator(config, load_token_key(config.storage.path), reactor.seconds),
@@ -77,9 +82,13 @@ class MetahubService(Service):
         for line in config_summary(self.config).splitlines():
             log.info("{line}", line=line)
         site = self.build_site()
-        self._flush = LoopingCall(self.storage.index.flush_access)
+        self._flush = LoopingCall(lambda: ensureDeferred(self.flush_access()))
         self._flush.clock = self.reactor
         self._flush.start(ACCESS_FLUSH_INTERVAL, now=False)
+        if self.config.storage.max_size is not None:
+            self._gc = LoopingCall(lambda: ensureDeferred(self.collect()))
+            self._gc.clock = self.reactor
+            self._gc.start(self.config.storage.gc_interval, now=True)
         endpoint = endpoints.serverFromString(self.reactor, self.listen)
         listening = endpoint.listen(site)
 
@@ -94,10 +103,38 @@ class MetahubService(Service):
 
         return listening.addCallbacks(listening_on, cannot_listen)
 
+    async def flush_access(self) -> None:
+        """Write batched last-access times: the index here, the blob files' mtimes (for the
+        cluster's eviction) in a thread. Files found gone were evicted elsewhere: forget them."""
+        storage = self.storage
+        storage.index.flush_access()
+        for digest in await self.in_thread(storage.stamps.flush, storage.blobs, self.reactor.seconds()):
+            storage.forget(digest)
+
+    async def collect(self) -> None:
+        """One collection attempt; the cluster lease makes it a no-op while another node collects."""
+        try:
+            result = await self.in_thread(
+                run_collection, self.config, self.storage, self.leases, self.shared_tags, self.reactor.seconds()
+            )
+        except Exception:
+            log.failure("collection failed")
+            return
+        if result is None:
+            return
+        for digest in result.removed:
+            self.storage.forget(digest)
+        if result.removed:
+            log.info(
+                "evicted {count} blobs ({size} bytes); store now {after} bytes",
+                count=len(result.removed), size=result.removed_bytes, after=result.after_bytes,
+            )
+
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        if self._flush is not None and self._flush.running:
-            self._flush.stop()
+        for loop in (self._flush, self._gc):
+            if loop is not None and loop.running:
+                loop.stop()
         stopped = self.port.stopListening() if self.port is not None else None
         if self.storage is not None:
             self.storage.close()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .blobstore import BlobStore
+from .gc import AccessStamps
 from .index import BlobRecord, Index
 
 #: Temporary files untouched for this long belong to dead writers (see BlobStore.clean_temp).
@@ -41,6 +42,7 @@ class Storage:
         self.clock = clock
         self.blobs = BlobStore(store_path)
         self.index = Index(index_path)
+        self.stamps = AccessStamps()
         self.blobs.clean_temp(temp_grace, clock())
 
     def close(self) -> None:
@@ -56,6 +58,11 @@ class Storage:
         if found is None:
             return None
         return self.index.put_blob(digest, found.size, self.clock())
+
+    def record_access(self, digest: str, now: float) -> None:
+        """Note a read, for the index's last access and the file's mtime stamp (both batched)."""
+        self.index.record_access(digest, now)
+        self.stamps.note(digest, now)
 
     def forget(self, digest: str) -> None:
         """The index named a blob whose file is gone: drop it so the next lookup sees the truth."""

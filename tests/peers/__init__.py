@@ -6,6 +6,7 @@
 - ``relay``: an HTTP relay that counts requests and bytes per path, to prove "fetched once".
 - ``oci``: OCI image layouts built on disk: images, indexes, the qnib/bench multi-platform shape.
 - ``skopeo``, ``podman``, ``containerd``: the clients (and containerd's daemon) as functions.
+- ``sshfs``: a private sshd and an sshfs mount of a directory, as a second node sees shared storage.
 - ``isolation``: a throwaway HOME and config so skopeo/podman never touch the user's.
 - ``process``: daemons in their own process group with a log file; one-shot commands.
 - ``loopback``: the threaded HTTP server the relay and token server share.

@@ -10,6 +10,7 @@ The Host header is passed through unchanged, so URLs the registry builds from it
 import contextlib
 import http.client
 import threading
+import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterator
@@ -38,6 +39,9 @@ class Relay(LoopbackServer):
         self.counts: Counter[tuple[str, str]] = Counter()
         self.bytes_by_path: Counter[str] = Counter()
         self.requests: list[tuple[str, str, int]] = []
+        #: Bytes per second for response bodies (None: as fast as it goes). Slows a download down
+        #: enough for a test to act in the middle of it, e.g. to kill the node fetching it.
+        self.rate: float | None = None
         self._lock = threading.Lock()
         super().__init__(self._handler_class(), "relay")
 
@@ -130,6 +134,8 @@ class Relay(LoopbackServer):
                 while chunk := response.read(CHUNK):
                     self.wfile.write(chunk)
                     relay._sent(self.path, len(chunk))
+                    if relay.rate:
+                        time.sleep(len(chunk) / relay.rate)
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _relay
 

@@ -1,0 +1,194 @@
+"""Several metahub nodes on one shared store directory, against a real docker-registry upstream."""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from storage import sha256_digest
+from tests.peers import skopeo
+from tests.peers.oci import make_image
+from tests.peers.registry import Registry
+from tests.peers.relay import Relay
+
+from .metahub_process import Metahub
+from .test_proxy import request, upstream_blob_path
+
+METAHUB_CLI = Path(sys.executable).with_name("metahub")
+
+
+def start_nodes(root: Path, shared: Path, relay: Relay, count: int = 3, storage: dict | None = None,
+                **config) -> list[Metahub]:
+    """``count`` nodes on one store: each with its own index and port, all behind one relay."""
+    upstreams = {"local": {"url": relay.url, "read_timeout": "3s"}}
+    common = {"path": str(shared), "lease_timeout": "2s", **(storage or {})}
+    return [Metahub(root / f"node{n}", upstreams, storage={**common, "index": str(root / f"node{n}" / "index")},
+                    **config) for n in range(count)]
+
+
+def assert_store_sound(shared: Path) -> None:
+    """Every file under a blob's name holds exactly the bytes its name promises."""
+    for directory, _, files in os.walk(shared / "blobs" / "sha256"):
+        for name in files:
+            digest = hashlib.sha256((Path(directory) / name).read_bytes()).hexdigest()
+            assert digest == name, f"{name} holds other bytes"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with Registry(tmp_path / "upstream") as upstream, Relay(upstream.url) as relay:
+        nodes = start_nodes(tmp_path, tmp_path / "shared", relay)
+        try:
+            yield upstream, relay, nodes, tmp_path
+        finally:
+            for node in nodes:
+                node.stop()
+
+
+def push_blob(tmp_path: Path, upstream: Registry, name: str, size: int) -> str:
+    image = make_image(tmp_path / name.replace("/", "_"), "v1", layers=[size])
+    skopeo.push(tmp_path / name.replace("/", "_"), "v1", f"{upstream.host}/{name}:v1")
+    return image.layers[0].digest
+
+
+def fetch_all(jobs: list[tuple[str, str]]) -> list[tuple[int, str] | Exception]:
+    results: list[tuple[int, str] | Exception] = [None] * len(jobs)  # type: ignore[list-item]
+
+    def fetch(i: int, host: str, path: str) -> None:
+        try:
+            status, _, body = request(host, "GET", path)
+            results[i] = (status, sha256_digest(body))
+        except (http.client.HTTPException, ConnectionError) as error:
+            results[i] = error
+
+    threads = [threading.Thread(target=fetch, args=(i, *job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    return results
+
+
+def test_thirty_clients_on_three_nodes_cause_one_upstream_fetch(cluster) -> None:
+    upstream, relay, nodes, tmp_path = cluster
+    digest = push_blob(tmp_path, upstream, "team/big", 60 << 20)
+    relay.reset()
+    jobs = [(nodes[i % 3].host, f"/v2/team/big/blobs/{digest}") for i in range(30)]
+    assert fetch_all(jobs) == [(200, digest)] * 30
+    assert relay.blob_gets("team/big", digest) == 1
+    assert relay.bytes_by_path[f"/v2/team/big/blobs/{digest}"] == upstream_blob_path(upstream, digest).stat().st_size
+    # Committed once, served from the shared store by every node afterwards.
+    relay.reset()
+    assert fetch_all([(node.host, f"/v2/team/big/blobs/{digest}") for node in nodes]) == [(200, digest)] * 3
+    assert relay.blob_gets("team/big", digest) == 0
+    assert_store_sound(tmp_path / "shared")
+
+
+def test_killing_the_lease_holder_mid_download(cluster) -> None:
+    upstream, relay, nodes, tmp_path = cluster
+    digest = push_blob(tmp_path, upstream, "team/slow", 30 << 20)
+    relay.reset()
+    relay.rate = 10 << 20  # 3 s for the blob: time to kill the node that fetches it
+    path = f"/v2/team/slow/blobs/{digest}"
+    holder = threading.Thread(target=fetch_all, args=([(nodes[0].host, path)],))
+    holder.start()
+    lease = tmp_path / "shared" / "leases" / f"{digest[7:]}.lease"
+    deadline = time.monotonic() + 10
+    while not lease.exists():
+        assert time.monotonic() < deadline, "node 0 never took the download lease"
+        time.sleep(0.02)
+    followers: list = []
+    watcher = threading.Thread(target=lambda: followers.extend(
+        fetch_all([(nodes[1 + i % 2].host, path) for i in range(6)])))
+    watcher.start()
+    time.sleep(0.8)
+    os.killpg(nodes[0]._daemon.process.pid, signal.SIGKILL)  # no goodbye: lease and temp file stay
+    watcher.join(120)
+    holder.join(30)
+    relay.rate = None
+    # Each client on a surviving node either got verified bytes or a clean failure, never wrong bytes.
+    for result in followers:
+        assert result == (200, digest) or isinstance(result, Exception) or result[0] >= 500, result
+    assert_store_sound(tmp_path / "shared")
+    # A retry succeeds: a surviving node takes the dead holder's lease over and fetches again.
+    assert fetch_all([(nodes[1].host, path), (nodes[2].host, path)]) == [(200, digest)] * 2
+    assert 2 <= relay.blob_gets("team/slow", digest) <= 3
+    assert_store_sound(tmp_path / "shared")
+
+
+def test_a_tag_resolved_by_one_node_is_served_by_another_when_upstream_is_down(cluster) -> None:
+    upstream, relay, nodes, tmp_path = cluster
+    image = make_image(tmp_path / "t", "v1", layers=[b"tagged"])
+    skopeo.push(tmp_path / "t", "v1", f"{upstream.host}/team/tagged:v1")
+    assert skopeo.inspect_raw(f"{nodes[0].host}/team/tagged:v1") == image.manifest
+    skopeo.copy_to_dir(f"{nodes[0].host}/team/tagged:v1", tmp_path / "first")  # node 0 caches it all
+    upstream.stop()
+    assert skopeo.inspect_raw(f"{nodes[1].host}/team/tagged:v1") == image.manifest
+    skopeo.copy_to_dir(f"{nodes[2].host}/team/tagged:v1", tmp_path / "offline")
+    layer = image.layers[0].digest
+    assert sha256_digest((tmp_path / "offline" / layer[7:]).read_bytes()) == layer
+
+
+def test_eviction_keeps_the_bound_pinned_and_recent_blobs(tmp_path) -> None:
+    with Registry(tmp_path / "upstream") as upstream, Relay(upstream.url) as relay:
+        pinned = make_image(tmp_path / "p", "v1", layers=[1 << 20])
+        skopeo.push(tmp_path / "p", "v1", f"{upstream.host}/team/pinned:v1")
+        olds = [push_blob(tmp_path, upstream, f"team/old{i}", 1 << 20) for i in range(4)]
+        nodes = start_nodes(tmp_path, tmp_path / "shared", relay, count=1,
+                            storage={"max_size": "3MiB", "gc_grace": "1h", "gc_interval": "1h"},
+                            pin=["team/pinned:v1"])
+        node = nodes[0]
+        try:
+            assert skopeo.inspect_raw(f"{node.host}/team/pinned:v1") == pinned.manifest
+            reads = [("team/pinned", pinned.layers[0].digest)] + [(f"team/old{i}", d) for i, d in enumerate(olds)]
+            for repo, digest in reads:
+                assert request(node.host, "GET", f"/v2/{repo}/blobs/{digest}")[0] == 200
+            blobs = tmp_path / "shared" / "blobs" / "sha256"
+            ages = {olds[0]: 1000, olds[1]: 2000, olds[2]: 3000, pinned.layers[0].digest: 500}
+            for digest, when in ages.items():  # long ago, in this order; olds[3] was just read
+                os.utime(blobs / digest[7:9] / digest[7:], (when, when))
+            command = [METAHUB_CLI, "cache", "gc", "--config", node.config_path]
+            dry = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, timeout=60)
+            assert dry.returncode == 0 and "would remove" in dry.stdout
+            assert all((blobs / d[7:9] / d[7:]).exists() for d in olds)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            sizes = sum(f.stat().st_size for f in blobs.rglob("*") if f.is_file())
+            assert sizes <= 3 << 20
+            assert not (blobs / olds[0][7:9] / olds[0][7:]).exists()  # the oldest went first
+            assert (blobs / olds[3][7:9] / olds[3][7:]).exists()  # read within the grace period
+            assert (blobs / pinned.layers[0].digest[7:9] / pinned.layers[0].digest[7:]).exists()  # pinned
+            relay.reset()
+            status, _, body = request(node.host, "GET", f"/v2/team/old0/blobs/{olds[0]}")
+            assert status == 200 and sha256_digest(body) == olds[0]  # evicted: simply fetched again
+            assert relay.blob_gets("team/old0", olds[0]) == 1
+            stats = subprocess.run([METAHUB_CLI, "cache", "stats", "--config", node.config_path],
+                                   capture_output=True, text=True, timeout=60)
+            assert stats.returncode == 0 and "blobs" in stats.stdout
+        finally:
+            node.stop()
+
+
+def test_verify_quarantines_a_corrupted_blob(cluster) -> None:
+    upstream, relay, nodes, tmp_path = cluster
+    digest = push_blob(tmp_path, upstream, "team/v", 100_000)
+    assert request(nodes[0].host, "GET", f"/v2/team/v/blobs/{digest}")[0] == 200
+    blob = tmp_path / "shared" / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[10] ^= 1
+    blob.write_bytes(bytes(data))
+    result = subprocess.run([METAHUB_CLI, "cache", "verify", "--config", nodes[0].config_path],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and digest in result.stdout
+    assert not blob.exists() and (tmp_path / "shared" / "quarantine" / digest[7:]).exists()
+    status, _, body = request(nodes[1].host, "GET", f"/v2/team/v/blobs/{digest}")
+    assert status == 200 and sha256_digest(body) == digest  # refetched, verified
