@@ -90,7 +90,9 @@ def load_token_key(directory: str) -> bytes:
     path = os.path.join(directory, "token.key")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    except (FileExistsError, PermissionError):  # sshfs says EPERM when another node won the race
+        if not os.path.exists(path):
+            raise
         with open(path, "rb") as existing:
             key = existing.read()
         if len(key) >= 32:

@@ -127,6 +127,8 @@ class Blobs:
             if follower is not None:
                 # A writer silent as long as upstream may be is dead (killed mid-download).
                 follower.stall_timeout = download.route.upstream.read_timeout
+                # Another node's file over a shared filesystem: trust only bytes that hash right.
+                follower.verify_bytes = download.writer is None
                 return follower
             if download.finished.called:
                 return None

@@ -36,6 +36,7 @@ from enum import Enum
 from .digest import parse_digest
 
 _PART = ".part"
+_PAGE = 4096
 
 
 class BlobNotFound(KeyError):
@@ -336,6 +337,12 @@ class BlobFollower:
     checks the blob's name: if a *different* writer's file is there (ours failed, theirs committed),
     it continues from that file and, at the end, confirms that the bytes already delivered equal the
     committed ones, so a client never gets bytes that did not verify while hearing "committed".
+
+    Set :attr:`verify_bytes` when the file is written by another node over a shared filesystem:
+    NFS and FUSE clients may serve a page cached while it was the file's partial last page (a zero
+    tail), and name inodes per path, so neither the bytes nor the inode check can be trusted there.
+    The follower then hashes what it delivers and reports COMMITTED only if that hash is the digest,
+    and reads a growing file only up to its last whole page.
     """
 
     def __init__(self, store: BlobStore, digest: str, fd: int, temp_path: str | None) -> None:
@@ -352,6 +359,8 @@ class BlobFollower:
         #: Seconds a writer may stay silent before it is taken for dead (None: wait forever). A
         #: writer killed mid-write leaves its file behind; without this, followers would wait on it.
         self.stall_timeout: float | None = None
+        self.verify_bytes = False
+        self._hash = hashlib.sha256()
         if temp_path is None:
             self._size = os.fstat(fd).st_size
 
@@ -363,9 +372,13 @@ class BlobFollower:
         if self.state is not FollowState.WRITING:
             return b""
         limit = n if self._size is None else min(n, self._size - self.position)
+        if self._size is None and self.verify_bytes:
+            limit = min(limit, self._whole_pages() - self.position)
         data = os.pread(self._fd, limit, self.position) if limit > 0 else b""
         if data:
             self.position += len(data)
+            if self.verify_bytes:
+                self._hash.update(data)
             return data
         self._check_progress()
         if self.state is FollowState.WRITING and self._size is not None and self.position < self._size:
@@ -389,14 +402,23 @@ class BlobFollower:
             elif self._stalled():
                 self._fail()
             return
-        own = os.fstat(self._fd)
-        if (own.st_dev, own.st_ino) != (final_st.st_dev, final_st.st_ino):
+        if not self._is_final(final_st):
             if self.temp_path is not None and os.path.exists(self.temp_path) and not self._stalled():
                 return  # another writer finished first; ours still writes the same bytes
             self._switch_to_final()
         self._size = final_st.st_size
         if self.position >= self._size:
             self._finish()
+
+    def _is_final(self, final_st: os.stat_result) -> bool:
+        """Is the file we read the committed blob itself? False when it cannot be told: some FUSE
+        filesystems (sshfs) stat an open file by its name, which a rename took away, and number
+        inodes per name; then the follower switches to the blob and compares what it delivered."""
+        try:
+            own = os.fstat(self._fd)
+        except FileNotFoundError:
+            return False
+        return (own.st_dev, own.st_ino) == (final_st.st_dev, final_st.st_ino)
 
     def _stalled(self) -> bool:
         return self.stall_timeout is not None and self.idle_seconds() > self.stall_timeout
@@ -409,10 +431,21 @@ class BlobFollower:
         self._old_fd, self._fd = self._fd, fd
         self._switched_at = self.position
 
+    def _whole_pages(self) -> int:
+        """The growing file's length rounded down to a page (by name: revalidates NFS/FUSE sizes)."""
+        try:
+            size = os.stat(self.temp_path).st_size if self.temp_path else 0
+        except FileNotFoundError:
+            return self.position
+        return size - size % _PAGE
+
     def _finish(self) -> None:
         if self.position != self._size:
             return self._fail()
-        if self._switched_at and self._old_fd is not None and not self._same_prefix(self._switched_at):
+        if self.verify_bytes:
+            if "sha256:" + self._hash.hexdigest() != self.digest:
+                return self._fail()
+        elif self._switched_at and self._old_fd is not None and not self._same_prefix(self._switched_at):
             return self._fail()
         self.state = FollowState.COMMITTED
         self._close_old()
@@ -438,7 +471,10 @@ class BlobFollower:
 
     def idle_seconds(self, now: float | None = None) -> float:
         """Seconds since the file being followed last grew: a large value means a dead writer."""
-        mtime = os.fstat(self._fd).st_mtime
+        try:
+            mtime = os.fstat(self._fd).st_mtime
+        except FileNotFoundError:
+            return 0.0  # renamed or removed under us (seen on sshfs): something is happening
         return max(0.0, (time.time() if now is None else now) - mtime)
 
     def close(self) -> None:

@@ -165,6 +165,12 @@ def _create(path: str, holder: str, now: float) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         return False
+    except PermissionError:
+        # sshfs reports an exclusive create that lost a race as EPERM (SFTP's generic failure)
+        # rather than EEXIST: if the name exists now, someone else created it first.
+        if os.path.lexists(path):
+            return False
+        raise
     try:
         data = json.dumps({"holder": holder, "taken_at": now}).encode()
         view = memoryview(data)

@@ -18,6 +18,7 @@ from tests.peers import skopeo
 from tests.peers.oci import make_image
 from tests.peers.registry import Registry
 from tests.peers.relay import Relay
+from tests.peers.sshfs import SshfsMount
 
 from .metahub_process import Metahub
 from .test_proxy import request, upstream_blob_path
@@ -192,3 +193,27 @@ def test_verify_quarantines_a_corrupted_blob(cluster) -> None:
     assert not blob.exists() and (tmp_path / "shared" / "quarantine" / digest[7:]).exists()
     status, _, body = request(nodes[1].host, "GET", f"/v2/team/v/blobs/{digest}")
     assert status == 200 and sha256_digest(body) == digest  # refetched, verified
+
+
+def test_three_nodes_over_sshfs_fetch_once(tmp_path) -> None:
+    """The same fan-in with two nodes reaching the store through a real network filesystem."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with Registry(tmp_path / "upstream") as upstream, Relay(upstream.url) as relay, \
+            SshfsMount(shared, tmp_path / "sshfs-1") as mount_1, SshfsMount(shared, tmp_path / "sshfs-2") as mount_2:
+        digest = push_blob(tmp_path, upstream, "team/net", 60 << 20)
+        upstreams = {"local": {"url": relay.url, "read_timeout": "10s"}}
+        nodes = [
+            Metahub(tmp_path / f"node{n}", upstreams,
+                    storage={"path": str(path), "index": str(tmp_path / f"node{n}" / "index"), "lease_timeout": "5s"})
+            for n, path in enumerate([shared, mount_1.path, mount_2.path])
+        ]
+        try:
+            relay.reset()
+            jobs = [(nodes[i % 3].host, f"/v2/team/net/blobs/{digest}") for i in range(30)]
+            assert fetch_all(jobs) == [(200, digest)] * 30
+            assert relay.blob_gets("team/net", digest) == 1
+            assert_store_sound(shared)
+        finally:
+            for node in nodes:
+                node.stop()

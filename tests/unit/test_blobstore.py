@@ -293,3 +293,36 @@ def test_a_follower_of_a_dead_writer_moves_to_a_committed_copy(store: BlobStore)
     while chunk := follower.read(400):
         got += chunk
     assert follower.state is FollowState.COMMITTED and got == data
+
+
+def test_a_verifying_follower_refuses_bytes_that_do_not_hash_to_the_digest(store: BlobStore) -> None:
+    """A shared filesystem's cache may hand a follower wrong bytes; the hash catches it."""
+    data = os.urandom(3 * 4096 + 100)
+    writer = store.writer(digest_of(data))
+    follower = store.follow(writer.digest)
+    follower.verify_bytes = True
+    writer.write(data[:4096 + 10])
+    assert follower.read(1 << 20) == data[:4096]  # only whole pages of a growing file
+    writer.write(data[4096 + 10:])
+    writer.commit()
+    with open(store.path(writer.digest), "r+b") as committed:  # stands in for a stale cached page
+        committed.seek(5000)
+        committed.write(b"\0" * 10)
+    while follower.read(1 << 20):
+        pass
+    assert follower.state is FollowState.FAILED
+
+
+def test_a_verifying_follower_commits_good_bytes(store: BlobStore) -> None:
+    data = os.urandom(10_000)
+    writer = store.writer(digest_of(data))
+    follower = store.follow(writer.digest)
+    follower.verify_bytes = True
+    got = b""
+    for i in range(0, len(data), 3000):
+        writer.write(data[i:i + 3000])
+        got += follower.read(1 << 20)
+    writer.commit()
+    while chunk := follower.read(1 << 20):
+        got += chunk
+    assert follower.state is FollowState.COMMITTED and got == data

@@ -293,3 +293,20 @@ def test_a_heartbeating_process_keeps_its_lease_until_killed(root) -> None:
         assert time.monotonic() - killed < 10 * stale_after, "a dead lease was never taken over"
         time.sleep(0.05)
     assert lease.holder.startswith("other-")
+
+
+def test_an_exclusive_create_refused_with_eperm_counts_as_taken(tmp_path, monkeypatch) -> None:
+    """sshfs answers a lost O_EXCL race with EPERM: the lease is someone else's, not an error."""
+    from storage import Leases
+
+    leases = Leases(str(tmp_path))
+    assert leases.try_take("abc") is not None
+    real_open = os.open
+
+    def sshfs_like_open(path, flags, *args):
+        if flags & os.O_EXCL and os.path.exists(path):
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", sshfs_like_open)
+    assert Leases(str(tmp_path)).try_take("abc") is None
