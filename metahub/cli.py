@@ -8,6 +8,7 @@ import sys
 import time
 
 from storage import Leases, SharedTags, Storage, sha256_digest, stats, verify
+from storage.nodes import NodeRecords
 
 from . import errors, inspect, media
 
@@ -17,6 +18,7 @@ from .eviction import run_collection
 from .grammar import split_reference
 from .manifests import ManifestBody
 from .names import Route, route
+from .prefetch import Progress, prefetch
 from .upstream import UpstreamClient, make_http_client
 from .virtual import VirtualImages, build_index
 
@@ -71,6 +73,14 @@ def cache_stats(args: argparse.Namespace) -> int:
     print(f"in progress: {found.temp_files} temporary files, {found.leases} leases")
     print(f"quarantined: {found.quarantined}")
     print(f"nodes now holding leases: {', '.join(holders) or 'none'}")
+    nodes = NodeRecords(config.storage.path).read_all()
+    hits, misses = sum(n.hits for n in nodes), sum(n.misses for n in nodes)
+    ratio = f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "n/a"
+    print(f"hit ratio:   {ratio} ({hits} hits, {misses} misses, as last reported by each node)")
+    print(f"nodes seen:  {len(nodes)}")
+    for node in nodes:
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(node.last_seen))
+        print(f"  {node.node:<40} last seen {seen}, {node.hits} hits, {node.misses} misses")
     return 0
 
 
@@ -120,6 +130,36 @@ def cache_verify(args: argparse.Namespace) -> int:
     for digest in result.corrupt:
         print(f"  quarantined {digest}")
     return 1 if result.corrupt else 0
+
+
+def prefetch_command(args: argparse.Namespace) -> int:
+    """Fetch an image's blobs into the store (shared: for every node) with a progress bar."""
+    from twisted.internet import task
+    from twisted.internet.defer import ensureDeferred
+
+    config = _load(args.config)
+    failed: list[str] = []
+    summary: list[Progress] = []
+
+    async def run(reactor) -> None:
+        try:
+            summary.append(await prefetch(reactor, config, args.image, args.machine_type))
+        except errors.RegistryError as error:
+            failed.append(f"metahub: {args.image}: {error.status} {error.code}: {error.message}")
+        except ValueError as error:  # a malformed image reference
+            failed.append(f"metahub: {error}")
+
+    try:
+        task.react(lambda reactor: ensureDeferred(run(reactor)))
+    except SystemExit as exit_:
+        if exit_.code:
+            return int(exit_.code)
+    if failed:
+        print(failed[0], file=sys.stderr)
+        return 1
+    done = summary[0]
+    print(f"prefetched {args.image}: {done.blobs} blobs, {_human(done.total_bytes)}")
+    return 0
 
 
 def hash_password_command(args: argparse.Namespace) -> int:
@@ -201,6 +241,12 @@ def parser() -> argparse.ArgumentParser:
     inspecting.add_argument("--json", action="store_true", help="print the report as JSON")
     inspecting.add_argument("image", help="NAME[:TAG], routed like a client's name (e.g. ghcr.io/org/app:1.0)")
     inspecting.set_defaults(run=inspect_command)
+
+    prefetching = commands.add_parser("prefetch", help="warm the store with an image (all builds, or one machine type's)")
+    prefetching.add_argument("--config", "-c", required=True)
+    prefetching.add_argument("--machine-type", "-m", help="fetch only the build this machine type resolves to")
+    prefetching.add_argument("image", help="NAME[:TAG], routed like a client's name")
+    prefetching.set_defaults(run=prefetch_command)
 
     hashing = commands.add_parser("hash-password", help="print a password_hash (scrypt) for an account")
     hashing.set_defaults(run=hash_password_command)

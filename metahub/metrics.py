@@ -38,5 +38,17 @@ class Metrics:
             "metahub_downloads_in_flight", "Upstream blob downloads under way on this node", registry=self.registry,
         )
 
+    def hits_and_misses(self) -> tuple[int, int]:
+        """Cache lookups that were answered from the store, and those that went upstream."""
+        hits = misses = 0
+        for metric in self.cache.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    if sample.labels["result"] == "hit":
+                        hits += int(sample.value)
+                    elif sample.labels["result"] == "miss":
+                        misses += int(sample.value)
+        return hits, misses
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,9 @@ nothing that opens files or connections happens until the service starts.
 """
 from __future__ import annotations
 
+import os
+import socket
+
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -14,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from storage import Leases, SharedTags, Storage
+from storage.nodes import NodeRecord, NodeRecords
 
 from .api import Registry, RegistryResource
 from .auth import Authenticator, load_token_key
@@ -43,6 +47,7 @@ class MetahubService(Service):
         self.port: IListeningPort | None = None
         self._flush: LoopingCall | None = None
         self._gc: LoopingCall | None = None
+        self.node_name = f"{socket.gethostname()}-{os.getpid()}"
 
     @property
     def reactor(self):  # imported late: twistd installs the reactor it was asked for first
@@ -59,7 +64,7 @@ class MetahubService(Service):
         in_thread = self.in_thread = thread_runner(reactor)
         http = make_http_client(reactor, list(config.upstreams.values()))
         clients = {name: UpstreamClient(upstream, http, reactor) for name, upstream in config.upstreams.items()}
-        metrics = Metrics()
+        metrics = self.metrics = Metrics()
         leases = self.leases = Leases(config.storage.path, clock=reactor.seconds)
         self.shared_tags = SharedTags(config.storage.path)
         downloads = Downloads(self.storage, clients, reactor, in_thread, metrics, leases, config.storage.lease_timeout)
@@ -110,6 +115,9 @@ class MetahubService(Service):
         storage.index.flush_access()
         for digest in await self.in_thread(storage.stamps.flush, storage.blobs, self.reactor.seconds()):
             storage.forget(digest)
+        hits, misses = self.metrics.hits_and_misses()
+        record = NodeRecord(self.node_name, self.reactor.seconds(), hits, misses)
+        await self.in_thread(NodeRecords(self.config.storage.path).write, record)
 
     async def collect(self) -> None:
         """One collection attempt; the cluster lease makes it a no-op while another node collects."""
@@ -130,13 +138,20 @@ class MetahubService(Service):
                 count=len(result.removed), size=result.removed_bytes, after=result.after_bytes,
             )
 
-    def stopService(self) -> Deferred[None] | None:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         for loop in (self._flush, self._gc):
             if loop is not None and loop.running:
                 loop.stop()
-        stopped = self.port.stopListening() if self.port is not None else None
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self.port is not None:
+            await self.port.stopListening()
         if self.storage is not None:
+            try:  # a clean stop keeps the last access times and this node's record
+                await self.flush_access()
+            except Exception:
+                log.failure("could not write access times at shutdown")
             self.storage.close()
             self.storage = None
-        return stopped

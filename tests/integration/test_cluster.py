@@ -171,9 +171,12 @@ def test_eviction_keeps_the_bound_pinned_and_recent_blobs(tmp_path) -> None:
             status, _, body = request(node.host, "GET", f"/v2/team/old0/blobs/{olds[0]}")
             assert status == 200 and sha256_digest(body) == olds[0]  # evicted: simply fetched again
             assert relay.blob_gets("team/old0", olds[0]) == 1
+            node.stop()  # a clean stop writes this node's record (hits and misses) to the store
             stats = subprocess.run([METAHUB_CLI, "cache", "stats", "--config", node.config_path],
                                    capture_output=True, text=True, timeout=60)
-            assert stats.returncode == 0 and "blobs" in stats.stdout
+            assert stats.returncode == 0, stats.stderr
+            assert "nodes seen:  1" in stats.stdout and "hit ratio:" in stats.stdout
+            assert "n/a" not in stats.stdout
         finally:
             node.stop()
 
@@ -217,3 +220,34 @@ def test_three_nodes_over_sshfs_fetch_once(tmp_path) -> None:
         finally:
             for node in nodes:
                 node.stop()
+
+
+def test_prefetch_warms_the_shared_store_for_one_machine_type(tmp_path) -> None:
+    from tests.peers.oci import make_bench_index
+
+    with Registry(tmp_path / "upstream") as upstream, Relay(upstream.url) as relay:
+        index = make_bench_index(tmp_path / "layout", "1.0", layers=[200_000])
+        skopeo.push(tmp_path / "layout", "1.0", f"{upstream.host}/team/bench:1.0")
+        machine_types = {"type1": {"platform": {"os": "linux", "architecture": "amd64"}, "features": ["cpu:broadwell"]}}
+        [node] = start_nodes(tmp_path, tmp_path / "shared", relay, count=1, machine_types=machine_types)
+        try:
+            relay.reset()
+            result = subprocess.run([METAHUB_CLI, "prefetch", "--config", node.config_path, "--machine-type", "type1",
+                                     "team/bench:1.0"], capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stderr
+            assert "prefetched team/bench:1.0: 3 blobs" in result.stdout and "100.0%" in result.stderr
+            blobs = tmp_path / "shared" / "blobs" / "sha256"
+            broadwell, skylake = index.images[2], index.images[1]
+            for blob in [broadwell.config, *broadwell.layers]:
+                assert (blobs / blob.digest[7:9] / blob.digest[7:]).exists()
+            assert not (blobs / skylake.layers[-1].digest[7:9] / skylake.layers[-1].digest[7:]).exists()
+            relay.reset()  # the node now serves the prefetched build without asking upstream for blobs
+            for blob in broadwell.layers:
+                status, _, body = request(node.host, "GET", f"/v2/team/bench/blobs/{blob.digest}")
+                assert status == 200 and sha256_digest(body) == blob.digest
+                assert relay.blob_gets("team/bench", blob.digest) == 0
+            bad = subprocess.run([METAHUB_CLI, "prefetch", "--config", node.config_path, "team/nothing:1"],
+                                 capture_output=True, text=True, timeout=120)
+            assert bad.returncode == 1 and "MANIFEST_UNKNOWN" in bad.stderr and "Traceback" not in bad.stderr
+        finally:
+            node.stop()

@@ -1,0 +1,50 @@
+"""Which nodes use a shared store, and how their caches do: one small record per node.
+
+Each node rewrites ``<root>/nodes/<node>.json`` now and then (temp file + rename, so readers never
+see half a record): when it was last seen and its hit and miss counts since it started. Operators'
+``metahub cache stats`` reads them all. Records are advisory; nothing depends on them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from dataclasses import asdict, dataclass
+
+_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    node: str
+    last_seen: float
+    hits: int
+    misses: int
+
+
+class NodeRecords:
+    def __init__(self, root: str) -> None:
+        self.dir = os.path.join(os.path.abspath(root), "nodes")
+        os.makedirs(self.dir, exist_ok=True)
+
+    def write(self, record: NodeRecord) -> None:
+        if not _NODE.fullmatch(record.node):
+            raise ValueError(f"invalid node name: {record.node!r:.100}")
+        final = os.path.join(self.dir, record.node + ".json")
+        temp = f"{final}.{secrets.token_hex(4)}.tmp"
+        with open(temp, "w") as out:
+            json.dump(asdict(record), out)
+        os.replace(temp, final)
+
+    def read_all(self) -> list[NodeRecord]:
+        records = []
+        for name in sorted(os.listdir(self.dir)):
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(self.dir, name)) as source:
+                    records.append(NodeRecord(**json.load(source)))
+            except (OSError, ValueError, TypeError):
+                continue  # vanished or foreign: advisory data
+        return records
