@@ -121,6 +121,7 @@ class Config:
     accounts: dict[str, Account] = field(default_factory=dict)
     virtual_images: tuple[VirtualImage, ...] = ()
     pin: tuple[str, ...] = ()  # image references whose blobs eviction never removes
+    access_log: bool = True  # one log line per request (twisted.web's combined log format)
     source: str | None = None  # the file it was loaded from, for logs and `check-config`
 
 
@@ -291,6 +292,7 @@ def parse_config(data: object, base_dir: str) -> Config:
         accounts=accounts,
         virtual_images=values.get("virtual_images", ()),
         pin=values.get("pin", ()),
+        access_log=values.get("access_log", Config.access_log),
     )
 
 
@@ -667,6 +669,12 @@ def _account(name: str, value: object, path: str, ctx: _Context) -> Account:
     )
 
 
+def _boolean(value: object, path: str, ctx: _Context) -> bool:
+    if not isinstance(value, bool):
+        _fail(path, f"expected true or false, got {_describe(value)}")
+    return value
+
+
 def _image_reference(digests: bool) -> Convert:
     def convert(value: object, path: str, ctx: _Context) -> str:
         text = _string(value, path, ctx)
@@ -732,4 +740,5 @@ _TOP = {
     "accounts": _Key(lambda v, p, c: _named(v, p, c, _login_part("account"), _account)),
     "virtual_images": _Key(lambda v, p, c: _list(v, p, c, _virtual_image)),
     "pin": _Key(lambda v, p, c: _list(v, p, c, _image_reference(digests=True))),
+    "access_log": _Key(_boolean),
 }

@@ -80,7 +80,7 @@ class MetahubService(Service):
             in_thread=in_thread,
             virtual=VirtualImages(config),
         )
-        return registry_site(RegistryResource(registry))
+        return registry_site(RegistryResource(registry), config.access_log)
 
     def startService(self) -> Deferred[None]:
         super().startService()

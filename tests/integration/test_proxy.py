@@ -279,3 +279,11 @@ def test_metrics_count_hits_misses_and_upstream_fetches(tmp_path, upstream, prox
     assert value('metahub_bytes_served_total{source="cache"}') == 2 * image.layers[0].size
     assert value('metahub_bytes_served_total{source="upstream"}') == image.layers[0].size
     assert value('metahub_requests_total{method="GET",route="blobs",status="200"}') == 3
+
+
+def test_access_log_can_be_turned_off(tmp_path, relay, bench) -> None:
+    with Metahub(tmp_path / "quiet", {"local": {"url": relay.url}}, access_log=False) as hub:
+        assert request(hub.host, "GET", "/v2/team/bench/manifests/1.0")[0] == 200
+        hub.stop()
+        assert '"GET /v2/team/bench/manifests/1.0' not in hub.log()
+        assert "metahub serving the registry API" in hub.log()

@@ -498,3 +498,9 @@ def test_virtual_images(tmp_path) -> None:
     }
     for expected, value in cases.items():
         assert error(minimal(tmp_path) | {"virtual_images": value}, tmp_path).startswith(expected)
+
+
+def test_access_log_switch(tmp_path) -> None:
+    assert parse_config(minimal(tmp_path), str(tmp_path)).access_log is True
+    assert parse_config(minimal(tmp_path) | {"access_log": False}, str(tmp_path)).access_log is False
+    assert error(minimal(tmp_path) | {"access_log": "no"}, tmp_path).startswith("access_log: expected true or false")
