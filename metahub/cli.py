@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import getpass
+from collections.abc import Awaitable, Callable
+from typing import Any
 import json
 import sys
 import time
@@ -18,7 +20,7 @@ from .eviction import run_collection
 from .grammar import split_reference
 from .manifests import ManifestBody
 from .names import Route, route
-from .prefetch import Progress, prefetch
+from .prefetch import prefetch
 from .upstream import UpstreamClient, make_http_client
 from .virtual import VirtualImages, build_index
 
@@ -134,32 +136,13 @@ def cache_verify(args: argparse.Namespace) -> int:
 
 def prefetch_command(args: argparse.Namespace) -> int:
     """Fetch an image's blobs into the store (shared: for every node) with a progress bar."""
-    from twisted.internet import task
-    from twisted.internet.defer import ensureDeferred
-
     config = _load(args.config)
-    failed: list[str] = []
-    summary: list[Progress] = []
 
-    async def run(reactor) -> None:
-        try:
-            summary.append(await prefetch(reactor, config, args.image, args.machine_type))
-        except errors.RegistryError as error:
-            failed.append(f"metahub: {args.image}: {error.status} {error.code}: {error.message}")
-        except ValueError as error:  # a malformed image reference
-            failed.append(f"metahub: {error}")
+    async def warm(reactor: Any) -> None:
+        done = await prefetch(reactor, config, args.image, args.machine_type)
+        print(f"prefetched {args.image}: {done.blobs} blobs, {_human(done.total_bytes)}")
 
-    try:
-        task.react(lambda reactor: ensureDeferred(run(reactor)))
-    except SystemExit as exit_:
-        if exit_.code:
-            return int(exit_.code)
-    if failed:
-        print(failed[0], file=sys.stderr)
-        return 1
-    done = summary[0]
-    print(f"prefetched {args.image}: {done.blobs} blobs, {_human(done.total_bytes)}")
-    return 0
+    return _react(args.image, warm)
 
 
 def hash_password_command(args: argparse.Namespace) -> int:
@@ -176,25 +159,38 @@ def hash_password_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def inspect_command(args: argparse.Namespace) -> int:
-    """Fetch IMAGE's index from its upstream (no cache involved) and show what each machine type gets."""
+def _react(image: str, work: Callable[[Any], Awaitable[None]]) -> int:
+    """Run ``work(reactor)`` on a reactor; an upstream's refusal or a bad reference is one line."""
     from twisted.internet import task
-
-    config = _load(args.config)
-    try:
-        name, reference = split_reference(args.image)
-    except ValueError as error:
-        raise SystemExit(f"metahub: {error}") from None
+    from twisted.internet.defer import ensureDeferred
 
     failed: list[str] = []
 
-    async def run(reactor) -> None:
+    async def run(reactor: Any) -> None:
         try:
-            await report_on(reactor)
-        except errors.RegistryError as error:  # upstream said no, or is down: one line, no traceback
-            failed.append(f"metahub: {args.image}: {error.status} {error.code}: {error.message}")
+            await work(reactor)
+        except errors.RegistryError as error:
+            failed.append(f"metahub: {image}: {error.status} {error.code}: {error.message}")
+        except ValueError as error:  # a malformed image reference
+            failed.append(f"metahub: {error}")
 
-    async def report_on(reactor) -> None:
+    try:
+        task.react(lambda reactor: ensureDeferred(run(reactor)))
+    except SystemExit as exit_:  # react always exits; keep our own status
+        if exit_.code:
+            return int(exit_.code)
+    if failed:
+        print(failed[0], file=sys.stderr)
+        return 1
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    """Fetch IMAGE's index from its upstream (no cache involved) and show what each machine type gets."""
+    config = _load(args.config)
+
+    async def report_on(reactor: Any) -> None:
+        name, reference = split_reference(args.image)
         http = make_http_client(reactor, list(config.upstreams.values()))
         clients = {n: UpstreamClient(u, http, reactor) for n, u in config.upstreams.items()}
 
@@ -212,20 +208,7 @@ def inspect_command(args: argparse.Namespace) -> int:
         result = inspect.report(args.image, manifest.body, manifest.media_type, manifest.digest, config)
         print(json.dumps(result, indent=2) if args.json else inspect.render(result))
 
-    def main(reactor):
-        from twisted.internet.defer import ensureDeferred
-
-        return ensureDeferred(run(reactor))
-
-    try:
-        task.react(main)
-    except SystemExit as exit_:  # react always exits; keep our own status
-        if exit_.code:
-            return int(exit_.code)
-    if failed:
-        print(failed[0], file=sys.stderr)
-        return 1
-    return 0
+    return _react(args.image, report_on)
 
 
 def parser() -> argparse.ArgumentParser:
