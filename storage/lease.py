@@ -33,8 +33,15 @@ EXCLUSIVE create mode with a verifier makes a retransmitted create idempotent) a
 sshfs (SFTP ``SSH_FXF_EXCL``); rename within one directory is atomic on all of them; ``link`` is the
 classic NFS lock-file primitive (and sshfs's ``hardlink@openssh.com``). Every read of a lease opens the
 file before ``fstat``, so NFS close-to-open consistency revalidates its attributes rather than
-trusting the attribute cache (``actimeo``): do not mount with ``nocto``. Prefer
-``lookupcache=positive`` (or ``none``) so a removed lease is not seen through a stale dentry.
+trusting the attribute cache (``actimeo``): do not mount with ``nocto``. Mount with
+``lookupcache=none`` (or at least ``positive``) so a lease created or removed by another node is not
+hidden by a cached directory entry. sshfs must be mounted with ``dir_cache=no,attr_timeout=0,
+entry_timeout=0,negative_timeout=0``: with its default 20-second directory cache a node sees leases
+that another node removed long ago (and ``link``/``O_EXCL`` fail on them), which was observed in
+testing; with those options, concurrent takers through sshfs and through the local path behaved
+exactly like local ones. sshfs (SFTP v3) keeps whole-second mtimes, so ``stale_after`` must be
+many seconds. A file is recognised by its content (the holder id is unique), size and mtime, not
+only by its inode number, which FUSE filesystems do not preserve.
 
 What is *not* guaranteed (and why that is acceptable)
 ------------------------------------------------------

@@ -17,10 +17,10 @@ the old record or the new one, never a partial file. Concurrent writers of one t
 wins; both records were true when written. A writer that dies leaves at most a temporary file, which
 :meth:`storage.BlobStore.clean_temp` removes with the store's other crash leftovers.
 
-Not guaranteed: a reader on another NFS client may see the previous record for up to the attribute
-cache time (``actimeo``) unless it opens the file afresh, which :meth:`SharedTags.read` does (close-to-
-open consistency revalidates on open). Records carry the writer's clock in ``checked``; nodes'
-clocks should agree (NTP).
+Not guaranteed: a reader on another client may see the previous record for a while if its
+directory entries are cached (NFS ``lookupcache=all``, sshfs's default ``dir_cache``); each read
+opens the file afresh, so NFS close-to-open consistency otherwise gives the latest record. Records
+carry the writer's clock in ``checked``; nodes' clocks should agree (NTP).
 
 Names are validated by the caller (repository names and tags by the distribution spec's grammar);
 this module still refuses anything that could leave its directory: empty, ``.``/``..`` or ``_``-

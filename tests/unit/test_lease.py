@@ -181,6 +181,24 @@ def test_remove_if_unchanged_puts_back_a_newer_lease(root, clock) -> None:
     assert sorted(os.listdir(leases.dir)) == [NAME + ".lease"]
 
 
+@pytest.mark.parametrize("error", [FileExistsError, PermissionError])
+def test_put_back_without_working_link(root, clock, monkeypatch, error) -> None:
+    """A spurious EEXIST (a stale cached dentry) or no hard links: the newer lease is renamed back."""
+    leases = Leases(root, clock)
+    first = leases.try_take(NAME)
+    seen = _read(leases.path(NAME), NAME)
+    first.release()
+    second = leases.try_take(NAME)
+
+    def no_link(src, dst):
+        raise error(dst)
+
+    monkeypatch.setattr(os, "link", no_link)
+    assert leases._remove_if_unchanged(leases.path(NAME), seen) is False
+    assert leases.holder(NAME).holder == second.holder
+    assert sorted(os.listdir(leases.dir)) == [NAME + ".lease"]
+
+
 def test_clean_removes_only_long_dead_leftovers(root, clock) -> None:
     leases = Leases(root, clock)
     leases.try_take("dead")
