@@ -1,0 +1,83 @@
+"""The benchmark harness (bench/) in its quick mode, so it cannot rot between real benchmark runs.
+
+Only the harness is checked here: every scenario ran against both servers and produced a number.
+Whether metahub meets the targets is what a real run on a quiet machine tells (docs/benchmarks.md);
+asserting targets on a loaded CI machine with tiny sizes would only make CI flaky.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.peers.require import require_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+#: The quick run takes 10-20 s; this leaves room for a loaded CI machine, not for a hang.
+QUICK_RUN_LIMIT = 180
+
+EXPECTED_ROWS = (
+    "1 cached ",
+    "2 cold fan-in, 20 clients",
+    "2 cold fan-in, upstream bytes",
+    "3 manifest by tag, 16 conns",
+    "3 manifest by tag, p99 latency",
+    "5 cold single pull 8 MiB, TTFB",
+    "5 cold single pull 8 MiB, total",
+    "4 peak RSS during scenario 1",
+    "4 peak RSS during scenario 2",
+    "4 peak RSS during scenario 3",
+    "4 peak RSS during scenario 5",
+)
+
+
+def _table_rows(output: str) -> dict[str, list[str]]:
+    """The printed table's rows by scenario name: [unit, metahub, distribution, ratio, ...]."""
+    lines = output.splitlines()
+    start = next(number for number, line in enumerate(lines) if line.startswith("scenario "))
+    rows = {}
+    for line in lines[start + 2:]:
+        if " | " not in line:
+            break
+        cells = [cell.strip() for cell in line.split(" | ")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_quick_benchmark_prints_every_figure(tmp_path: Path) -> None:
+    for program in ("docker-registry", "skopeo", "wrk"):
+        require_binary(program)
+    figures = tmp_path / "figures.json"
+    harness = subprocess.Popen(
+        [sys.executable, "-m", "bench.run", "--quick", "--workdir", str(tmp_path / "work"),
+         "--json", str(figures)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        stdout, stderr = harness.communicate(timeout=QUICK_RUN_LIMIT)
+    except subprocess.TimeoutExpired:
+        harness.terminate()  # SIGTERM: the harness stops the servers it started
+        stdout, stderr = harness.communicate(timeout=60)
+        pytest.fail(f"bench.run --quick took over {QUICK_RUN_LIMIT} s:\n{stderr}\n{stdout}")
+    output = stdout + stderr
+    assert harness.returncode == 0, output
+    assert "PROBLEM" not in output
+
+    rows = _table_rows(stdout)
+    for expected in EXPECTED_ROWS:
+        matching = [name for name in rows if name.startswith(expected)]
+        assert matching, f"no table row {expected!r} in:\n{stdout}"
+        unit, metahub, distribution = rows[matching[0]][:3]
+        float(metahub), float(distribution)  # numbers, not "error"
+    assert len(rows) == len(EXPECTED_ROWS), stdout
+    assert "machine: cpu " in stdout
+
+    data = json.loads(figures.read_text())
+    assert len(data["rows"]) == len(EXPECTED_ROWS)
+    for row in data["rows"]:
+        assert isinstance(row["metahub"], float) and isinstance(row["distribution"], float), row
+    # The relay counted what reached the upstream: the fan-in row is a measured multiple of the blob.
+    fan_in = next(row for row in data["rows"] if row["scenario"].startswith("2 cold fan-in, upstream"))
+    assert fan_in["metahub"] >= 1.0 and fan_in["distribution"] >= 1.0
