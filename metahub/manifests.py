@@ -58,6 +58,8 @@ def _upstream_unavailable(error: errors.RegistryError) -> bool:
 
 #: Resolutions remembered per (index digest, machine type): a hot tag costs no re-parse.
 _RESOLUTION_CACHE_SIZE = 4096
+#: Manifest bodies kept in memory by digest (immutable, so never stale): a hot tag costs no file read.
+_BODY_CACHE_BYTES = 16 << 20
 
 
 class Manifests:
@@ -79,16 +81,33 @@ class Manifests:
         self.metrics = metrics
         self.tag_ttl = tag_ttl
         self._resolutions: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._bodies: OrderedDict[str, ManifestBody] = OrderedDict()
+        self._body_bytes = 0
 
     async def get(self, route: Route, reference: str) -> ManifestBody:
         if reference.startswith("sha256:"):
             return await self.by_digest(route, reference)
         return await self.by_tag(route, reference)
 
+    def _remember(self, manifest: ManifestBody) -> None:
+        if manifest.digest in self._bodies:
+            self._bodies.move_to_end(manifest.digest)
+            return
+        self._bodies[manifest.digest] = manifest
+        self._body_bytes += len(manifest.body)
+        while self._body_bytes > _BODY_CACHE_BYTES:
+            _, dropped = self._bodies.popitem(last=False)
+            self._body_bytes -= len(dropped.body)
+
     async def _cached(self, route: Route, digest: str) -> ManifestBody | None:
         """The stored manifest, if this repository is known to have it."""
         if not self.storage.index.is_linked(digest, route.key):
             return None
+        remembered = self._bodies.get(digest)
+        if remembered is not None:
+            self._bodies.move_to_end(digest)
+            self.storage.record_access(digest, self.clock.seconds())
+            return remembered
         body = await self.in_thread(_read_blob, self.storage, digest)
         if body is None:
             self.storage.forget(digest)
@@ -96,7 +115,9 @@ class Manifests:
         record = self.storage.index.get_blob(digest)
         media_type = record.media_type if record and record.media_type else media.sniff_media_type(body)
         self.storage.record_access(digest, self.clock.seconds())
-        return ManifestBody(body, media_type, digest)
+        manifest = ManifestBody(body, media_type, digest)
+        self._remember(manifest)
+        return manifest
 
     async def store(self, route: Route, body: bytes, media_type: str) -> ManifestBody:
         """Keep a manifest (verified by construction: its digest is computed here) and link what it references."""
@@ -105,7 +126,9 @@ class Manifests:
         now = self.clock.seconds()
         self.storage.index.put_blob(digest, len(body), now, media_type=media_type, repository=route.key)
         self.storage.index.link(media.references(body), route.key)
-        return ManifestBody(body, media_type, digest)
+        manifest = ManifestBody(body, media_type, digest)
+        self._remember(manifest)
+        return manifest
 
     async def _fetch(self, route: Route, reference: str) -> ManifestBody:
         upstream = route.upstream.name

@@ -1,0 +1,74 @@
+"""The manifest cache on a fake clock: tags within tag_ttl, revalidation, and bodies from memory."""
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import ensureDeferred, fail, succeed
+from twisted.internet.task import Clock
+
+from metahub import errors, media
+from metahub.config import UpstreamConfig
+from metahub.manifests import Manifests
+from metahub.metrics import Metrics
+from metahub.names import Route
+from metahub.upstream import Manifest, ManifestHead
+from storage import SharedTags, Storage, sha256_digest
+
+BODY = json.dumps({"schemaVersion": 2, "mediaType": media.OCI_MANIFEST, "layers": []}).encode()
+DIGEST = sha256_digest(BODY)
+ROUTE = Route(UpstreamConfig("local", "http://127.0.0.1:1"), "team/app")
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.gets = self.heads = 0
+        self.down = False
+
+    def get_manifest(self, repository, reference, accept):
+        self.gets += 1
+        return succeed(Manifest(BODY, media.OCI_MANIFEST, DIGEST))
+
+    def head_manifest(self, repository, reference, accept):
+        self.heads += 1
+        if self.down:
+            return fail(errors.bad_gateway("upstream local is down"))
+        return succeed(ManifestHead(DIGEST, media.OCI_MANIFEST, len(BODY)))
+
+
+def make(tmp_path):
+    clock = Clock()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
+    upstream = Upstream()
+    reads = []
+
+    def in_thread(function, *args):
+        reads.append(function.__name__)
+        return succeed(function(*args))
+
+    manifests = Manifests(storage, {"local": upstream}, clock, in_thread, Metrics(), 300.0,
+                          SharedTags(str(tmp_path / "store")))
+    return manifests, upstream, clock, reads
+
+
+def test_a_tag_is_trusted_for_tag_ttl_then_revalidated_and_served_when_upstream_is_down(tmp_path) -> None:
+    manifests, upstream, clock, _ = make(tmp_path)
+    assert ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result.body == BODY
+    assert (upstream.gets, upstream.heads) == (1, 0)
+    clock.advance(299)
+    ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result
+    assert (upstream.gets, upstream.heads) == (1, 0)  # within tag_ttl: no upstream request
+    clock.advance(2)
+    ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result
+    assert (upstream.gets, upstream.heads) == (1, 1)  # revalidated with a HEAD, not a GET
+    clock.advance(301)
+    upstream.down = True
+    assert ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result.digest == DIGEST  # last known digest
+
+
+def test_a_hot_manifest_is_served_from_memory(tmp_path) -> None:
+    manifests, _, _, reads = make(tmp_path)
+    ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result
+    reads.clear()
+    for _ in range(3):
+        assert ensureDeferred(manifests.by_digest(ROUTE, DIGEST)).result.body == BODY
+    assert "_read_blob" not in reads
