@@ -114,7 +114,7 @@ class Blobs:
         source = "upstream"
         await send(
             request, follower, self.in_thread,
-            lambda n: self.metrics.bytes_served.labels(source).inc(n), download.changed,
+            lambda n: self.metrics.bytes_served.labels(source).inc(n), lambda: download.changed(follower.position),
         )
 
     async def _follower(self, download: Download) -> BlobFollower | None:

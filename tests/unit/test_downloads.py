@@ -170,3 +170,25 @@ def test_a_dead_holders_lease_is_taken_over(tmp_path) -> None:
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert retried.result.finished.result is True
     assert storage_b.lookup(digest).size == len(data)
+
+
+def test_followers_are_woken_per_megabyte_not_per_network_read(tmp_path) -> None:
+    data = os.urandom((3 << 20) - 100)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    downloads, client, _, _ = make(tmp_path, response)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    download = joined.result
+    woken = download.changed(0)
+    for offset in range(0, (1 << 20) - 65536, 65536):
+        response.protocol.dataReceived(data[offset:offset + 65536])
+    assert not woken.called  # under a megabyte past the reader: let it sleep
+    response.protocol.dataReceived(data[(1 << 20) - 65536:(2 << 20)])
+    assert woken.called
+    assert download.changed(0).called  # already a megabyte ahead of this reader
+    last = download.changed(2 << 20)
+    response.protocol.dataReceived(data[2 << 20:])
+    assert not last.called  # the rest is under a megabyte: the end wakes it
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert last.called and download.finished.result is True
