@@ -27,6 +27,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from storage import create_exclusive
+
 from . import errors
 from .config import Account, Config, MachineType
 
@@ -88,16 +90,13 @@ def repository_pattern(pattern: str) -> re.Pattern[str]:
 def load_token_key(directory: str) -> bytes:
     """The HMAC key shared by every node using this store: created once with exclusive create."""
     path = os.path.join(directory, "token.key")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except (FileExistsError, PermissionError):  # sshfs says EPERM when another node won the race
-        if not os.path.exists(path):
-            raise
+    fd = create_exclusive(path, 0o600)
+    if fd is None:  # made already, by us earlier or by another node
         with open(path, "rb") as existing:
             key = existing.read()
         if len(key) >= 32:
             return key
-        raise RuntimeError(f"{path} is shorter than 32 bytes; remove it to make a new key") from None
+        raise RuntimeError(f"{path} is shorter than 32 bytes; remove it to make a new key")
     key = secrets.token_bytes(32)
     try:
         os.write(fd, key)

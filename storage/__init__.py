@@ -81,6 +81,7 @@ from .blobstore import (
     SizeMismatch,
 )
 from .digest import InvalidDigest, is_digest, parse_digest, sha256_digest
+from .exclusive import create_exclusive
 from .index import BlobRecord, Index, TagRecord
 from .gc import (
     DEFAULT_GC_STALE_AFTER,
@@ -127,6 +128,7 @@ __all__ = [
     "VerifyProgress",
     "VerifyResult",
     "collect",
+    "create_exclusive",
     "collect_with_lease",
     "is_digest",
     "parse_digest",

@@ -91,6 +91,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .blobstore import _fsync_dir
+from .exclusive import create_exclusive
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _LEASE = ".lease"
@@ -168,16 +169,9 @@ def _read(path: str, name: str) -> _Seen | None:
 
 def _create(path: str, holder: str, now: float) -> bool:
     """Exclusively create a lease file naming ``holder``; False if the name exists."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
+    fd = create_exclusive(path)
+    if fd is None:
         return False
-    except PermissionError:
-        # sshfs reports an exclusive create that lost a race as EPERM (SFTP's generic failure)
-        # rather than EEXIST: if the name exists now, someone else created it first.
-        if os.path.lexists(path):
-            return False
-        raise
     try:
         data = json.dumps({"holder": holder, "taken_at": now}).encode()
         view = memoryview(data)
