@@ -67,6 +67,7 @@ class MetahubService(Service):
         metrics = self.metrics = Metrics()
         leases = self.leases = Leases(config.storage.path, clock=reactor.seconds)
         self.shared_tags = SharedTags(config.storage.path)
+        self.node_records = NodeRecords(config.storage.path)
         downloads = Downloads(self.storage, clients, reactor, in_thread, metrics, leases, config.storage.lease_timeout)
         registry = Registry(
             config=config,
@@ -117,7 +118,7 @@ class MetahubService(Service):
             storage.forget(digest)
         hits, misses = self.metrics.hits_and_misses()
         record = NodeRecord(self.node_name, self.reactor.seconds(), hits, misses)
-        await self.in_thread(NodeRecords(self.config.storage.path).write, record)
+        await self.in_thread(self.node_records.write, record)
 
     async def collect(self) -> None:
         """One collection attempt; the cluster lease makes it a no-op while another node collects."""
