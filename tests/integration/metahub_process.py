@@ -9,14 +9,14 @@ from typing import Any
 
 import yaml
 
-from tests.peers.ports import LOOPBACK, free_port
+from tests.peers.ports import LOOPBACK, LoopbackAddress, free_port
 from tests.peers.process import Daemon
 from tests.peers.registry import v2_status
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
-class Metahub:
+class Metahub(LoopbackAddress):
     """A running metahub; ``config`` is merged over a default with a store in ``workdir``."""
 
     def __init__(self, workdir: Path, upstreams: dict[str, dict[str, Any]], **config: Any) -> None:
@@ -44,14 +44,6 @@ class Metahub:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     def log(self) -> str:
         return (self.workdir / "metahub.log").read_text(errors="replace")

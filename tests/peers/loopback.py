@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
 
-from .ports import LOOPBACK
+from .ports import LOOPBACK, LoopbackAddress
 
 
 class _Server(ThreadingHTTPServer):
@@ -23,7 +23,7 @@ class _Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-class LoopbackServer:
+class LoopbackServer(LoopbackAddress):
     """Serves ``handler`` on a free loopback port until ``stop``; also a context manager."""
 
     def __init__(self, handler: type[BaseHTTPRequestHandler], name: str) -> None:
@@ -31,14 +31,6 @@ class LoopbackServer:
         self.port: int = self._http.server_address[1]
         self._thread = threading.Thread(target=self._http.serve_forever, name=name, daemon=True)
         self._thread.start()
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     def stop(self) -> None:
         """Stop listening; safe to call twice."""

@@ -14,3 +14,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
+
+
+class LoopbackAddress:
+    """``host`` and ``url`` of a peer listening on 127.0.0.1:``port`` (the subclass sets ``port``)."""
+
+    port: int
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``, also the registry part of an image reference."""
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"

@@ -12,7 +12,7 @@ from typing import Any, Literal, Self
 
 import yaml
 
-from .ports import LOOPBACK, free_port
+from .ports import LOOPBACK, LoopbackAddress, free_port
 from .process import Daemon, PeerError
 from .require import require_binary
 from .token_auth import TokenServer, TokenSigner
@@ -44,7 +44,7 @@ def v2_status(port: int) -> int | None:
         connection.close()
 
 
-class Registry:
+class Registry(LoopbackAddress):
     """A running docker-registry on 127.0.0.1; a context manager that stops it on exit.
 
     ``username``/``password`` (and ``creds`` as ``user:pass`` for CLIs) are set when ``auth`` is.
@@ -112,15 +112,6 @@ class Registry:
             except PeerError as error:
                 if "address already in use" not in str(error) or attempt + 1 == STARTUP_ATTEMPTS:
                     raise
-
-    @property
-    def host(self) -> str:
-        """``127.0.0.1:PORT``, the registry part of an image reference."""
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
 
     def stop(self) -> None:
         """Kill the registry and its token server; safe to call twice."""
