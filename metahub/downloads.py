@@ -1,7 +1,9 @@
 """Single flight: one upstream download per blob per cluster, followed by every client that wants it.
 
-A :class:`Download` streams the upstream body into a :class:`storage.BlobWriter` (hashing as it goes)
-and wakes its followers whenever bytes land. Clients never read from the network stream: they read
+A :class:`Download` hands the upstream body, in pieces of about a megabyte, to a lane: a thread of
+its own that hashes and writes them into a :class:`storage.BlobWriter`, so neither the hashing nor a
+stalled shared filesystem holds up the reactor. Followers are woken as the bytes land in the file;
+when the lane falls behind, the upstream connection is paused. Clients never read from the network stream: they read
 the growing temporary file through a :class:`storage.BlobFollower`, so a slow client costs no memory
 and the first client is served exactly like the twentieth. On a digest mismatch the writer refuses to
 commit, the followers see FAILED, and their responses are aborted.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -25,9 +27,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from storage import BlobWriteError, BlobWriter, DigestMismatch, Lease, Leases, Storage
+from storage import BlobWriteError, BlobWriter, DigestMismatch, Lease, Leases, SizeMismatch, Storage
 
 from . import errors
+from .lane import Lane, LaneFactory
 from .metrics import Metrics
 from .names import Route
 from .threads import ThreadRunner
@@ -40,6 +43,11 @@ REMOTE_POLL = 0.05
 #: A follower is woken when this much has landed past what it read (or at the end): waking it per
 #: 64 KiB network read cost a thread hop each and most of a cold pull's time (docs/benchmarks.md).
 WAKE_BYTES = 1 << 20
+#: Upstream bytes go to the lane in pieces of about this size: one job and one wake-up per piece.
+WRITE_BYTES = 1 << 20
+#: Bytes handed to the lane but not yet written beyond which the upstream connection is paused
+#: (resumed at half): a disk slower than the network costs this much memory, not the whole blob.
+QUEUED_LIMIT = 8 << 20
 
 
 class AlreadyStored(Exception):
@@ -58,6 +66,7 @@ class _BodySink(Protocol):
         self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
+        self.download.flow = self.transport
         self._timer = self.clock.callLater(self.idle_timeout, self._stalled)
 
     def dataReceived(self, data: bytes) -> None:
@@ -70,10 +79,15 @@ class _BodySink(Protocol):
             self.transport.stopProducing()
 
     def _stalled(self) -> None:
-        self.download.write_error = errors.gateway_timeout("upstream stopped sending the blob")
+        if self.download.paused:
+            why = f"the store took none of the blob's bytes for {self.idle_timeout:g} s"
+        else:
+            why = "upstream stopped sending the blob"
+        self.download.write_error = errors.gateway_timeout(why)
         self.transport.stopProducing()
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:
+        self.download.flow = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self.reason = reason
@@ -83,16 +97,29 @@ class _BodySink(Protocol):
 class Download:
     """One fetch of ``digest`` into the store: by this node (``writer`` set) or by another node."""
 
-    def __init__(self, digest: str, route: Route, size: int | None, writer: BlobWriter | None, clock: IReactorTime) -> None:
+    def __init__(
+        self, digest: str, route: Route, size: int | None, writer: BlobWriter | None, clock: IReactorTime,
+        lane: Lane | None = None,
+    ) -> None:
         self.digest = digest
         self.route = route
         self.size = size
         self.writer = writer
+        self.lane = lane  # where the writer runs; set with it
         self.clock = clock
         #: The temporary file followers read; another node's is found once it exists.
         self.temp_path: str | None = writer.temp_path if writer is not None else None
-        self.received_bytes = 0
+        self.received_bytes = 0  # from upstream
+        self.written_bytes = 0  # in the temporary file: what followers can read
+        #: Every byte was written and hashed right: this node's followers may end before the commit.
+        self.verified = False
         self.write_error: Exception | None = None
+        #: The upstream body's transport while it is open: paused while the lane is behind.
+        self.flow: IPushProducer | None = None
+        self.paused = False
+        self._pieces: list[bytes] = []
+        self._piece_bytes = 0
+        self._queued = 0  # handed to the lane, not yet written
         self.finished: Deferred[bool] = Deferred()  # True when committed
         self.committed = False
         self.lease: Lease | None = None
@@ -100,10 +127,41 @@ class Download:
         self._waiters: list[tuple[int, Deferred[None]]] = []  # (bytes received to wait for, waiter)
 
     def received(self, data: bytes) -> None:
-        assert self.writer is not None
-        self.writer.write(data)
+        if self.size is not None and self.received_bytes + len(data) > self.size:
+            raise SizeMismatch(self.size, self.received_bytes + len(data))
         self.received_bytes += len(data)
+        self._pieces.append(data)
+        self._piece_bytes += len(data)
+        if self._piece_bytes >= WRITE_BYTES:
+            self.flush()
+
+    def flush(self) -> Deferred[None]:
+        """Hand what was received to the lane; fires once it and everything before it is written."""
+        assert self.writer is not None and self.lane is not None
+        pieces, size = self._pieces, self._piece_bytes
+        self._pieces, self._piece_bytes = [], 0
+        self._queued += size
+        written: Deferred[None] = self.lane.run(_write_pieces, self.writer, pieces)
+        written.addCallbacks(self._written, self._write_failed, callbackArgs=(size,))
+        if self._queued > QUEUED_LIMIT and not self.paused and self.flow is not None:
+            self.paused = True
+            self.flow.pauseProducing()
+        return written
+
+    def _written(self, _: None, size: int) -> None:
+        self._queued -= size
+        self.written_bytes += size
         self._wake(everyone=False)
+        if self.paused and self._queued <= QUEUED_LIMIT // 2:
+            self.paused = False
+            if self.flow is not None:
+                self.flow.resumeProducing()
+
+    def _write_failed(self, failure: Failure) -> None:
+        if self.write_error is None:
+            self.write_error = failure.value
+            if self.flow is not None:
+                self.flow.stopProducing()
 
     def changed(self, position: int = 0) -> Deferred[None]:
         """Fires once ``WAKE_BYTES`` have landed past ``position`` (what the caller has read), or
@@ -114,14 +172,14 @@ class Download:
         if self.finished.called:
             return deferLater(self.clock, REMOTE_POLL, lambda: None)
         waiter: Deferred[None] = Deferred()
-        if self.writer is not None and position + WAKE_BYTES <= self.received_bytes:
+        if self.writer is not None and position + WAKE_BYTES <= self.written_bytes:
             waiter.callback(None)
         else:
             self._waiters.append((position + WAKE_BYTES, waiter))
         return waiter
 
     def _wake(self, everyone: bool = True) -> None:
-        ready = [w for w in self._waiters if everyone or w[0] <= self.received_bytes]
+        ready = [w for w in self._waiters if everyone or w[0] <= self.written_bytes]
         if not ready:
             return
         self._waiters = [w for w in self._waiters if w not in ready]
@@ -145,9 +203,11 @@ class Downloads:
         in_thread: ThreadRunner,
         metrics: Metrics,
         leases: Leases,
+        lanes: LaneFactory,
         lease_timeout: float = 30.0,
     ) -> None:
         self.storage = storage
+        self.lanes = lanes
         self.leases = leases
         self.lease_timeout = lease_timeout
         self.clients = clients
@@ -204,7 +264,7 @@ class Downloads:
         except BaseException:
             await self.in_thread(lease.release)
             raise
-        download = Download(digest, route, size, writer, self.clock)
+        download = Download(digest, route, size, writer, self.clock, self.lanes(f"download {digest[7:19]}"))
         download.lease = lease
         download.heartbeat = LoopingCall(self.in_thread, lease.heartbeat)
         download.heartbeat.clock = self.clock
@@ -280,19 +340,23 @@ class Downloads:
         return ("committed" if self.storage.blobs.stat(digest) is not None else "gone"), None
 
     async def _finish(self, download: Download, reason: Failure) -> None:
-        assert download.writer is not None
+        writer, lane = download.writer, download.lane
+        assert writer is not None and lane is not None
         upstream = download.route.upstream.name
         self.metrics.upstream_bytes.labels(upstream).inc(download.received_bytes)
         committed = False
         try:
+            await download.flush()  # the last piece; the lane keeps order, so all are written then
             if download.write_error is None and reason.check(ResponseDone):
-                # fsync and rename off the reactor: a large fsync takes a while.
-                await self.in_thread(download.writer.commit)
+                await lane.run(writer.verify)
+                download.verified = True
+                download._wake()  # this node's followers may send their last byte before the fsync
+                await lane.run(writer.commit)
                 now = self.clock.seconds()
                 self.storage.index.put_blob(download.digest, download.received_bytes, now, repository=download.route.key)
                 committed = True
             else:
-                download.writer.abort()
+                await lane.run(writer.abort)
                 self.metrics.upstream_failures.labels(upstream).inc()
                 log.warn(
                     "download of {digest} from {upstream} failed: {why}",
@@ -309,6 +373,7 @@ class Downloads:
             self.metrics.upstream_failures.labels(upstream).inc()
             log.error("download of {digest} not committed: {why}", digest=download.digest, why=str(failure))
         finally:
+            lane.close()
             if download.heartbeat is not None and download.heartbeat.running:
                 download.heartbeat.stop()
             if download.lease is not None:
@@ -316,3 +381,9 @@ class Downloads:
             del self._active[download.digest]
             self.metrics.in_flight.dec()
             download._end(committed)
+
+
+def _write_pieces(writer: BlobWriter, pieces: list[bytes]) -> None:
+    """In the lane: ``hashlib`` and ``os.write`` let go of the GIL, so this runs beside the reactor."""
+    for piece in pieces:
+        writer.write(piece)

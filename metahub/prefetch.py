@@ -19,6 +19,7 @@ from . import errors, media
 from .config import Config
 from .downloads import AlreadyStored, Downloads
 from .grammar import split_reference
+from .lane import thread_lanes
 from .manifests import ManifestBody, Manifests
 from .metrics import Metrics
 from .names import route
@@ -55,7 +56,7 @@ async def prefetch(reactor, config: Config, image: str, machine_type: str | None
         metrics = Metrics()
         manifests = Manifests(storage, clients, reactor, in_thread, metrics, config.tag_ttl, SharedTags(config.storage.path))
         downloads = Downloads(storage, clients, reactor, in_thread, metrics, Leases(config.storage.path, clock=reactor.seconds),
-                              config.storage.lease_timeout)
+                              thread_lanes(reactor), config.storage.lease_timeout)
         target = route(config, name)
         virtual = VirtualImages(config).find(target, reference)
         if virtual is not None:

@@ -25,6 +25,7 @@ from .blobs import Blobs
 from .config import Config, config_summary
 from .downloads import Downloads
 from .eviction import run_collection
+from .lane import thread_lanes
 from .manifests import Manifests
 from .site import registry_site
 from .threads import thread_runner
@@ -68,7 +69,9 @@ class MetahubService(Service):
         leases = self.leases = Leases(config.storage.path, clock=reactor.seconds)
         self.shared_tags = SharedTags(config.storage.path)
         self.node_records = NodeRecords(config.storage.path)
-        downloads = Downloads(self.storage, clients, reactor, in_thread, metrics, leases, config.storage.lease_timeout)
+        downloads = Downloads(
+            self.storage, clients, reactor, in_thread, metrics, leases, thread_lanes(reactor), config.storage.lease_timeout
+        )
         registry = Registry(
             config=config,
             clients=clients,

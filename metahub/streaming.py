@@ -2,8 +2,8 @@
 
 Reads happen in a thread (the store may be on a shared filesystem that stalls), in large chunks so
 the thread hop is paid rarely. The transport pauses us when the client is slow; while paused we read
-nothing. For a blob still being downloaded the last chunk is held back until the write has committed:
-a client must never receive a complete response whose bytes did not verify. If they did not, the
+nothing. For a blob still being downloaded the final byte is held back until the write has verified:
+a client must never receive a complete response whose bytes did not. If they did not, the
 connection is aborted instead.
 """
 from __future__ import annotations
@@ -62,12 +62,15 @@ async def send(
     in_thread: ThreadRunner,
     on_bytes: Callable[[int], None],
     wait_for_more: Callable[[], Deferred[None]] | None = None,
+    length: int | None = None,
 ) -> bool:
     """Write everything ``source`` yields to ``request`` and finish it; True if the client got it all.
 
     ``source`` is a :class:`storage.BlobReader` (committed bytes: sent as read) or a
     :class:`storage.BlobFollower` (a growing file: ``wait_for_more`` is awaited when no new bytes have
-    landed, and the response completes only if the write committed).
+    landed, and the response completes only if the write committed). For a follower, ``length`` is
+    the blob's size when known: then only its final byte waits for the verdict, else (a chunked
+    upstream body, whose end is known only at the end) the latest chunk does.
     """
     gate = _Gate()
     request.registerProducer(gate, True)
@@ -82,7 +85,11 @@ async def send(
             data = await in_thread(source.read, CHUNK)
             if data:
                 if following:
-                    data, held = held, data
+                    assert isinstance(source, BlobFollower)
+                    if length is None:
+                        data, held = held, data
+                    elif source.position >= length:
+                        data, held = data[:-1], data[-1:]
                 if data:
                     request.write(data)
                     on_bytes(len(data))

@@ -13,6 +13,7 @@ The server needs exactly this API::
     # Writing (one per download): verified, fsynced, atomically renamed; nothing partial is visible.
     with store.blobs.writer(digest, size=None) as w:
         w.write(chunk)            # hashes as it writes; bytes reach the OS at once (followers see them)
+        w.verify()                # optional: check size and digest now, before the fsync
         w.commit()                # raises DigestMismatch / SizeMismatch and leaves nothing behind
 
     # Reading a committed blob, optionally a byte range [start, end):
@@ -24,6 +25,7 @@ The server needs exactly this API::
     data = f.read(n)                  # never waits; b"" means "nothing new yet" or "done"
     f.state                           # FollowState.WRITING / COMMITTED / FAILED
     f.idle_seconds()                  # how long the writer has been silent (dead-writer detection)
+    f.vouch(size)                     # this process's writer verified: done at size, before the rename
 
     # The index (store.index): per blob size, media type, created, last access and linked
     # repositories; per (upstream, repository, tag) the digest and when it was last confirmed.

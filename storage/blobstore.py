@@ -217,24 +217,35 @@ class BlobWriter:
         self._fd: int | None = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._finalizer = weakref.finalize(self, _discard, self._fd, temp_path)
         self.committed = False
+        self._verified = False
 
     def write(self, data: bytes | memoryview) -> None:
         if self._fd is None:
             raise BlobWriteError("write on a closed blob writer")
+        if self._verified:
+            raise BlobWriteError("write after verify")
         if self.expected_size is not None and self.bytes_written + len(data) > self.expected_size:
             self.abort()
             raise SizeMismatch(self.expected_size, self.bytes_written + len(data))
-        _write_all(self._fd, data)
+        try:
+            _write_all(self._fd, data)
+        except OSError as failure:  # a full disk, a lost NFS server: this write cannot succeed
+            self.abort()
+            raise BlobWriteError(f"writing {self.temp_path} failed: {failure}") from failure
         self._hash.update(data)
         self.bytes_written += len(data)
 
-    def commit(self) -> str:
-        """Verify, fsync and rename into place; returns the blob's path.
+    def verify(self) -> None:
+        """Check the size and the digest of everything written so far, before :meth:`commit`.
 
-        On a digest or size mismatch the temporary file is removed and the error raised.
+        The bytes are then known good although not yet durable: a reader of the temporary file in
+        this process may hand them out. On a mismatch the temporary file is removed and the error
+        raised.
         """
         if self._fd is None:
-            raise BlobWriteError("commit on a closed blob writer")
+            raise BlobWriteError("verify on a closed blob writer")
+        if self._verified:
+            return
         actual = "sha256:" + self._hash.hexdigest()
         if self.expected_size is not None and self.bytes_written != self.expected_size:
             self.abort()
@@ -242,6 +253,15 @@ class BlobWriter:
         if actual != self.digest:
             self.abort()
             raise DigestMismatch(self.digest, actual)
+        self._verified = True
+
+    def commit(self) -> str:
+        """Verify, fsync and rename into place; returns the blob's path.
+
+        On a digest or size mismatch the temporary file is removed and the error raised.
+        """
+        self.verify()
+        assert self._fd is not None
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
@@ -384,6 +404,18 @@ class BlobFollower:
         if self.state is FollowState.WRITING and self._size is not None and self.position < self._size:
             return self.read(n)
         return b""
+
+    def vouch(self, size: int) -> None:
+        """The writer of the followed file, in this process, verified its first ``size`` bytes.
+
+        They may be delivered as committed without waiting for the rename, which waits for an
+        fsync. Ignored when the follower cannot tie those bytes to that writer: it switched to
+        another writer's file, or it reads another node's file (:attr:`verify_bytes`).
+        """
+        if self.state is FollowState.WRITING and self._switched_at is None and not self.verify_bytes:
+            self._size = size
+            if self.position >= size:
+                self._finish()
 
     def _check_progress(self) -> None:
         """No new bytes: decide between still writing, committed and failed."""

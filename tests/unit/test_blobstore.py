@@ -1,6 +1,7 @@
 """The blob files: verified writes, ranges, following a write, crash leftovers."""
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import multiprocessing
@@ -11,6 +12,7 @@ import pytest
 from storage import (
     BlobNotFound,
     BlobStore,
+    BlobWriteError,
     DigestMismatch,
     FollowState,
     InvalidDigest,
@@ -326,3 +328,70 @@ def test_a_verifying_follower_commits_good_bytes(store: BlobStore) -> None:
     while chunk := follower.read(1 << 20):
         got += chunk
     assert follower.state is FollowState.COMMITTED and got == data
+
+
+def test_verify_checks_before_the_commit_and_ends_writing(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    data = b"verified" * 100
+    writer = store.writer(sha256_digest(data), len(data))
+    writer.write(data)
+    writer.verify()
+    assert store.stat(writer.digest) is None  # verified is not committed: nothing under the name yet
+    with pytest.raises(BlobWriteError):
+        writer.write(b"more")
+    writer.commit()
+    assert store.stat(writer.digest).size == len(data)
+
+
+def test_verify_of_wrong_bytes_removes_the_temporary_file(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    writer = store.writer(sha256_digest(b"right"), 5)
+    writer.write(b"wrong")
+    with pytest.raises(DigestMismatch):
+        writer.verify()
+    assert os.listdir(store.tmp_dir) == [] and store.stat(writer.digest) is None
+
+
+def test_a_failing_disk_write_is_a_blob_write_error_and_leaves_nothing(tmp_path, monkeypatch) -> None:
+    store = BlobStore(str(tmp_path))
+    writer = store.writer(sha256_digest(b"data"), 4)
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(BlobWriteError, match="No space left"):
+        writer.write(b"data")
+    monkeypatch.undo()
+    assert os.listdir(store.tmp_dir) == []
+    with pytest.raises(BlobWriteError):
+        writer.commit()
+
+
+def test_a_vouched_follower_ends_committed_before_the_rename(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    data = os.urandom(10000)
+    writer = store.writer(sha256_digest(data), len(data))
+    follower = store.follow(writer.digest)
+    writer.write(data)
+    writer.verify()
+    assert follower.read(1 << 20) == data and follower.state is FollowState.WRITING
+    follower.vouch(len(data))
+    assert follower.state is FollowState.COMMITTED and follower.read(10) == b""
+    writer.commit()
+
+
+def test_vouching_is_ignored_for_another_nodes_file(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    data = os.urandom(10000)
+    writer = store.writer(sha256_digest(data), len(data))
+    follower = store.follow(writer.digest)
+    follower.verify_bytes = True  # its bytes are trusted only once they hash right after the rename
+    writer.write(data)
+    follower.read(1 << 20)
+    follower.vouch(len(data))
+    assert follower.state is FollowState.WRITING
+    writer.commit()
+    while follower.read(1 << 20):
+        pass
+    assert follower.state is FollowState.COMMITTED

@@ -11,6 +11,7 @@ from twisted.web.http import PotentialDataLoss
 
 from metahub.config import UpstreamConfig
 from metahub.downloads import Downloads
+from metahub.lane import InlineLane
 from metahub.metrics import Metrics
 from metahub.names import Route
 from storage import Leases, Storage, sha256_digest
@@ -61,7 +62,8 @@ def make(tmp_path, response: FakeResponse, node: str = "a", clock: Clock | None 
     storage = Storage(str(tmp_path / "store"), str(tmp_path / f"index-{node}"), clock=clock.seconds)
     client = FakeClient(response)
     leases = Leases(str(tmp_path / "store"), clock=clock.seconds, node=node)
-    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics(), leases)
+    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics(), leases,
+                          lambda name: InlineLane())
     return downloads, client, clock, storage
 
 
@@ -192,3 +194,110 @@ def test_followers_are_woken_per_megabyte_not_per_network_read(tmp_path) -> None
     assert not last.called  # the rest is under a megabyte: the end wakes it
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert last.called and download.finished.result is True
+
+
+class ManualLane:
+    """Holds the jobs until the test lets them run: a disk slower than the network."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple] = []
+        self.closed = False
+
+    def run(self, job, *args) -> Deferred:
+        done: Deferred = Deferred()
+        self.jobs.append((job, args, done))
+        return done
+
+    def run_all(self) -> None:
+        while self.jobs:
+            job, args, done = self.jobs.pop(0)
+            try:
+                result = job(*args)
+            except Exception:
+                done.errback(Failure())
+            else:
+                done.callback(result)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class PausableTransport(FakeTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+
+def make_with_lane(tmp_path, response: FakeResponse):
+    lane = ManualLane()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=Clock().seconds)
+    client = FakeClient(response)
+    downloads = Downloads(storage, {"local": client}, Clock(), lambda f, *a: succeed(f(*a)), Metrics(),
+                          Leases(str(tmp_path / "store"), clock=Clock().seconds), lambda name: lane)
+    return downloads, client, lane, storage
+
+
+def test_upstream_is_paused_while_the_lane_is_behind_and_resumed_when_it_catches_up(tmp_path) -> None:
+    data = os.urandom(12 << 20)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    response.transport = PausableTransport()
+    downloads, client, lane, storage = make_with_lane(tmp_path, response)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    download = joined.result
+    for offset in range(0, 9 << 20, 1 << 20):
+        response.protocol.dataReceived(data[offset:offset + (1 << 20)])
+    assert response.transport.paused  # 9 MiB queued, none written: stop reading upstream
+    assert download.written_bytes == 0 and not download.changed(0).called
+    lane.run_all()
+    assert not response.transport.paused and download.written_bytes == 9 << 20
+    response.protocol.dataReceived(data[9 << 20:])
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    lane.run_all()
+    assert download.finished.result is True and storage.lookup(digest).size == len(data)
+    assert lane.closed
+
+
+def test_followers_may_finish_once_verified_before_the_commit_lands(tmp_path) -> None:
+    data = os.urandom(3000)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    downloads, client, lane, storage = make_with_lane(tmp_path, response)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    download = joined.result
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    woken = download.changed(len(data))
+    for _ in range(2):  # the last write, then the verify; the commit stays queued
+        job, args, done = lane.jobs.pop(0)
+        done.callback(job(*args))
+    assert download.verified and woken.called
+    assert not download.finished.called and storage.blobs.stat(digest) is None
+    lane.run_all()
+    assert download.finished.result is True and storage.blobs.stat(digest) is not None
+
+
+def test_a_failed_write_stops_the_upstream_and_commits_nothing(tmp_path) -> None:
+    data = os.urandom(2 << 20)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    downloads, client, lane, storage = make_with_lane(tmp_path, response)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    download = joined.result
+    download.writer.abort()  # what a failing disk write leaves: a closed writer
+    response.protocol.dataReceived(data[:1 << 20])
+    lane.run_all()
+    assert response.transport.stopped and isinstance(download.write_error, Exception)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    lane.run_all()
+    assert download.finished.result is False and storage.lookup(digest) is None
+    assert downloads.active(digest) is None

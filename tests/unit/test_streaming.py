@@ -135,3 +135,49 @@ def test_follower_of_a_corrupt_download_aborts_the_response(tmp_path) -> None:
     wakeups[-1].callback(None)
     assert done.result is False
     assert request.transport.aborted and not request.finished
+
+
+def test_follower_of_a_known_size_holds_back_only_the_final_byte(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    data = bytes(range(256)) * (CHUNK // 256 + 10)  # a chunk and a bit
+    writer = store.writer(sha256_digest(data), len(data))
+    follower = store.follow(writer.digest)
+    request = FakeRequest()
+    wakeups: list[Deferred] = []
+
+    def wait_for_more() -> Deferred:
+        wakeups.append(Deferred())
+        return wakeups[-1]
+
+    done = ensureDeferred(send(request, follower, inline, lambda n: None, wait_for_more, len(data)))
+    writer.write(data)
+    wakeups[-1].callback(None)
+    assert b"".join(request.written) == data[:-1]  # everything but the verdict's byte
+    assert not request.finished
+    writer.commit()
+    wakeups[-1].callback(None)
+    assert b"".join(request.written) == data and request.finished and done.result is True
+
+
+def test_follower_of_a_known_size_that_fails_never_gets_its_final_byte(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    good, evil = b"good" * 100, b"evil" * 100
+    writer = store.writer(sha256_digest(good), len(good))
+    follower = store.follow(writer.digest)
+    request = FakeRequest()
+    wakeups: list[Deferred] = []
+
+    def wait_for_more() -> Deferred:
+        wakeups.append(Deferred())
+        return wakeups[-1]
+
+    done = ensureDeferred(send(request, follower, inline, lambda n: None, wait_for_more, len(good)))
+    writer.write(evil)
+    wakeups[-1].callback(None)
+    assert len(b"".join(request.written)) == len(evil) - 1
+    try:
+        writer.commit()
+    except Exception:
+        pass
+    wakeups[-1].callback(None)
+    assert done.result is False and request.transport.aborted and not request.finished
