@@ -20,7 +20,7 @@ from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -31,7 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from metahub.config import UpstreamConfig
 from metahub.errors import RegistryError
-from metahub.upstream import Manifest, ManifestHead, UpstreamClient, make_http_client
+from metahub.upstream import READ_SIZE, Manifest, ManifestHead, UpstreamClient, make_http_client
 
 T = TypeVar("T")
 
@@ -813,3 +813,13 @@ class MakeHTTPClientTests(SynchronousTestCase):
         self.assertEqual(timeouts, [(8443, 3), (5000, 7), (443, 7)])
         tls = [type(factory._wrappedFactory).__name__ for _, _, factory, _, _ in reactor.tcpClients]
         self.assertEqual(tls, ["TLSMemoryBIOFactory", "_HTTP11ClientFactory", "TLSMemoryBIOFactory"])
+
+    def test_upstream_connections_read_a_megabyte_per_recv(self) -> None:
+        reactor = MemoryReactorClock()
+        client = make_http_client(reactor, [UpstreamConfig("plain", "http://127.0.0.2:5000")])
+        client.get("http://127.0.0.2:5000/v2/", reactor=reactor)
+        transport = StringTransport()
+        self.assertNotEqual(getattr(transport, "bufferSize", None), READ_SIZE)
+        reactor.tcpClients[0][2].buildProtocol(None).makeConnection(transport)
+        reactor.advance(0)
+        self.assertEqual(transport.bufferSize, READ_SIZE)
