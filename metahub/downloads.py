@@ -47,7 +47,7 @@ WAKE_BYTES = 1 << 20
 WRITE_BYTES = 1 << 20
 #: Bytes handed to the lane but not yet written beyond which the upstream connection is paused
 #: (resumed at half): a disk slower than the network costs this much memory, not the whole blob.
-QUEUED_LIMIT = 8 << 20
+QUEUED_LIMIT = 4 << 20
 
 
 class AlreadyStored(Exception):

@@ -13,9 +13,10 @@ from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 _TLS_HANDSHAKE_RECORD = b"\x16"
-#: Twisted sends at most 128 KiB per send() and pauses producers past 64 KiB of buffer; blobs are
-#: large, and 1 MiB for both roughly doubled cached throughput in bench/ (docs/benchmarks.md).
-_LARGE_WRITES = 1 << 20
+#: Twisted sends at most 128 KiB per send(); blobs are large, and 1 MiB sends roughly doubled
+#: cached throughput in bench/ (docs/benchmarks.md). The pause threshold (``bufferSize``) stays at
+#: Twisted's 64 KiB: any chunk written pauses the sender until it has drained (streaming.py).
+_SEND_LIMIT = 1 << 20
 _PLAIN_HTTP_ONLY = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
 
 
@@ -25,8 +26,7 @@ class RegistryChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         if getattr(self.transport, "SEND_LIMIT", None) is not None:  # plain TCP (not a TLS wrapper)
-            self.transport.SEND_LIMIT = _LARGE_WRITES
-            self.transport.bufferSize = _LARGE_WRITES
+            self.transport.SEND_LIMIT = _SEND_LIMIT
 
     def dataReceived(self, data: bytes) -> None:
         if not self._first_bytes_seen:

@@ -1,8 +1,10 @@
 """Send blob bytes to a client with backpressure, never holding more than a chunk or two in memory.
 
 Reads happen in a thread (the store may be on a shared filesystem that stalls), in large chunks so
-the thread hop is paid rarely. The transport pauses us when the client is slow; while paused we read
-nothing. For a blob still being downloaded the final byte is held back until the write has verified:
+the thread hop is paid rarely. The transport pauses us as soon as a chunk is buffered (past
+Twisted's 64 KiB ``bufferSize``) and resumes us when it has drained. For a committed blob the next chunk is read while
+the last one drains, so reading and sending overlap with two chunks in memory; a follower of a
+download reads only after the drain, so the twenty clients of a fan-in hold one chunk each. For a blob still being downloaded the final byte is held back until the write has verified:
 a client must never receive a complete response whose bytes did not. If they did not, the
 connection is aborted instead.
 """
@@ -23,7 +25,11 @@ from .threads import ThreadRunner
 
 log = Logger()
 
+#: Bytes per read of a committed blob: two chunks (one draining, one read ahead) per response.
 CHUNK = 1 << 20
+#: Bytes per read of a download in progress: the twenty clients of a fan-in each hold one, and a
+#: smaller piece costs only more thread hops, which are cheap beside the upstream transfer.
+FOLLOW_CHUNK = 256 << 10
 
 
 class Readable(TypingProtocol):
@@ -77,12 +83,16 @@ async def send(
     request.notifyFinish().addErrback(lambda _: gate.stopProducing())
     following = isinstance(source, BlobFollower)
     held = b""
+    ahead: Deferred[bytes] | None = None  # the next chunk of a committed blob, being read
     try:
         while not gate.stopped:
             await gate.ready()
             if gate.stopped:
                 break
-            data = await in_thread(source.read, CHUNK)
+            reading, ahead = ahead or in_thread(source.read, FOLLOW_CHUNK if following else CHUNK), None
+            data = await reading
+            if data and not following:
+                ahead = in_thread(source.read, CHUNK)
             if data:
                 if following:
                     assert isinstance(source, BlobFollower)
@@ -111,6 +121,8 @@ async def send(
                     on_bytes(len(held))
             break
     finally:
+        if ahead is not None:  # let the read in its thread end before its file is closed
+            await ahead
         source.close()
     if gate.stopped:
         return False

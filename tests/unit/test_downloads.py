@@ -10,7 +10,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from metahub.config import UpstreamConfig
-from metahub.downloads import Downloads
+from metahub.downloads import QUEUED_LIMIT, Downloads
 from metahub.lane import InlineLane
 from metahub.metrics import Metrics
 from metahub.names import Route
@@ -252,13 +252,15 @@ def test_upstream_is_paused_while_the_lane_is_behind_and_resumed_when_it_catches
     joined = ensureDeferred(downloads.join(ROUTE, digest))
     client.answer.callback(response)
     download = joined.result
-    for offset in range(0, 9 << 20, 1 << 20):
-        response.protocol.dataReceived(data[offset:offset + (1 << 20)])
-    assert response.transport.paused  # 9 MiB queued, none written: stop reading upstream
+    queued = 0
+    while not response.transport.paused:
+        response.protocol.dataReceived(data[queued:queued + (1 << 20)])
+        queued += 1 << 20
+    assert queued == QUEUED_LIMIT + (1 << 20)  # none written: stop reading upstream past the limit
     assert download.written_bytes == 0 and not download.changed(0).called
     lane.run_all()
-    assert not response.transport.paused and download.written_bytes == 9 << 20
-    response.protocol.dataReceived(data[9 << 20:])
+    assert not response.transport.paused and download.written_bytes == queued
+    response.protocol.dataReceived(data[queued:])
     response.protocol.connectionLost(Failure(ResponseDone()))
     lane.run_all()
     assert download.finished.result is True and storage.lookup(digest).size == len(data)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 
-from metahub.streaming import CHUNK, send
+from metahub.streaming import CHUNK, FOLLOW_CHUNK, send
 from storage import BlobStore, sha256_digest
 
 
@@ -70,19 +70,42 @@ class CountingSource:
         self.closed = True
 
 
-def test_a_paused_client_stops_the_reading() -> None:
+def test_a_paused_client_stops_the_reading_after_one_chunk_read_ahead() -> None:
     source = CountingSource(b"x" * (10 * CHUNK))
     request = FakeRequest(limit=CHUNK)
     counted: list[int] = []
     done = ensureDeferred(send(request, source, inline, counted.append))
-    assert source.reads == 1 and len(request.written) == 1  # paused after one chunk: nothing more read
+    # Paused after one chunk; the next was read while it drains, and nothing beyond.
+    assert len(request.written) == 1 and source.reads == 2
     assert not done.called
     for expected in range(2, 11):
         request.drain()
-        assert source.reads == expected
+        assert len(request.written) == expected and source.reads == expected + 1
     request.drain()
     assert done.result is True and request.finished and source.closed
     assert sum(counted) == 10 * CHUNK
+
+
+def test_a_follower_reads_nothing_ahead_while_paused(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    data = b"f" * (3 * FOLLOW_CHUNK)
+    with store.writer(sha256_digest(data), len(data)) as writer:
+        writer.write(data)
+        writer.commit()
+    follower = store.follow(writer.digest)
+    reads: list[int] = []
+
+    def counting(function, *args):
+        reads.append(args[0])
+        return inline(function, *args)
+
+    request = FakeRequest(limit=FOLLOW_CHUNK)
+    done = ensureDeferred(send(request, follower, counting, lambda n: None, lambda: succeed(None), len(data)))
+    assert len(request.written) == 1 and reads == [FOLLOW_CHUNK]  # one small piece in memory per follower
+    request.drain()
+    assert len(request.written) == 2 and len(reads) == 2
+    request.drain()  # the last piece fits under the limit with its final byte held: no pause
+    assert b"".join(request.written) == data and done.result is True
 
 
 def test_a_client_that_goes_away_stops_the_send() -> None:
@@ -90,7 +113,7 @@ def test_a_client_that_goes_away_stops_the_send() -> None:
     request = FakeRequest(limit=CHUNK)
     done = ensureDeferred(send(request, source, inline, lambda n: None))
     request.producer.stopProducing()
-    assert done.result is False and not request.finished and source.closed and source.reads == 1
+    assert done.result is False and not request.finished and source.closed and source.reads == 2
 
 
 def test_follower_holds_the_last_chunk_until_the_write_commits(tmp_path) -> None:
