@@ -17,6 +17,7 @@ from storage import BlobFollower, BlobNotFound, BlobRecord, BlobStore, FollowSta
 from . import errors
 from .downloads import AlreadyStored, Download, Downloads
 from .threads import ThreadRunner
+from .memory import Releaser
 from .metrics import Metrics
 from .names import Route
 from .ranges import content_range, parse_range
@@ -45,8 +46,10 @@ class Blobs:
         clock: IReactorTime,
         in_thread: ThreadRunner,
         metrics: Metrics,
+        releaser: Releaser | None = None,
     ) -> None:
         self.storage = storage
+        self.releaser = releaser
         self.clients = clients
         self.downloads = downloads
         self.clock = clock
@@ -80,6 +83,15 @@ class Blobs:
             request.setHeader("Content-Length", str(length))
 
     async def serve(self, request: Request, route: Route, digest: str, head: bool) -> None:
+        if self.releaser is None:
+            return await self._serve(request, route, digest, head)
+        self.releaser.started()
+        try:
+            await self._serve(request, route, digest, head)
+        finally:
+            self.releaser.ended()
+
+    async def _serve(self, request: Request, route: Route, digest: str, head: bool) -> None:
         record = await self.find(digest)
         if record is not None:
             await self.confirm(route, digest)

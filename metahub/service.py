@@ -27,6 +27,7 @@ from .downloads import Downloads
 from .eviction import run_collection
 from .lane import thread_lanes
 from .manifests import Manifests
+from .memory import Releaser
 from .site import registry_site
 from .threads import thread_runner
 from .metrics import Metrics
@@ -78,7 +79,7 @@ class MetahubService(Service):
             manifests=Manifests(
                 self.storage, clients, reactor, in_thread, metrics, config.tag_ttl, self.shared_tags
             ),
-            blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics),
+            blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics, Releaser(reactor)),
             metrics=metrics,
             auth=Authenticator(config, load_token_key(config.storage.path), reactor.seconds),
             in_thread=in_thread,

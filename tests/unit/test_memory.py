@@ -4,9 +4,57 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from twisted.internet.task import Clock
+
+from metahub.memory import QUIET, Releaser, malloc_trim
+
 
 def test_glibc_accepts_the_arena_limit() -> None:
     # In a child: the cap is process-wide, and this test process keeps its defaults.
     code = "from metahub.memory import limit_malloc_arenas; print(limit_malloc_arenas())"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "True\n"
 
+
+
+def test_memory_is_trimmed_once_blob_traffic_has_been_quiet() -> None:
+    clock = Clock()
+    trims: list[float] = []
+    releaser = Releaser(clock, lambda: trims.append(clock.seconds()))
+    releaser.started()
+    releaser.started()
+    releaser.ended()
+    clock.advance(QUIET * 5)
+    assert trims == []  # one request still going
+    releaser.ended()
+    clock.advance(QUIET / 2)
+    releaser.started()  # traffic again before the quiet period is over: no trim
+    clock.advance(QUIET)
+    assert trims == []
+    releaser.ended()
+    clock.advance(QUIET)
+    assert trims == [clock.seconds()]
+    clock.advance(QUIET * 5)
+    assert len(trims) == 1
+
+
+_FREED_BUT_KEPT = """
+from metahub.memory import malloc_trim
+
+def anon_kib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1])
+
+base = anon_kib()
+blocks = [bytes(64 << 10) for _ in range(1000)]  # 64 MiB in blocks glibc takes from its heap
+pin = bytes(64 << 10)  # keeps the heap's top in use, so freeing the blocks cannot shrink it
+del blocks
+kept = anon_kib() - base
+malloc_trim()
+print(kept, anon_kib() - base)
+"""
+
+
+def test_trimming_hands_freed_heap_memory_back() -> None:
+    result = subprocess.run([sys.executable, "-c", _FREED_BUT_KEPT], capture_output=True, text=True, check=True)
+    kept, after = map(int, result.stdout.split())
+    assert kept > 30_000  # glibc kept most of the freed 64 MiB resident
+    assert after < 10_000  # and gave it back on the trim
