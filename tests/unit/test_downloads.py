@@ -303,3 +303,28 @@ def test_a_failed_write_stops_the_upstream_and_commits_nothing(tmp_path) -> None
     lane.run_all()
     assert download.finished.result is False and storage.lookup(digest) is None
     assert downloads.active(digest) is None
+
+
+def test_a_store_that_takes_nothing_fails_the_download_with_its_own_message(tmp_path) -> None:
+    data = os.urandom(8 << 20)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    response.transport = PausableTransport()
+    lane = ManualLane()
+    clock = Clock()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
+    client = FakeClient(response)
+    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics(),
+                          Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: lane)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    download = joined.result
+    offset = 0
+    while not response.transport.paused:
+        response.protocol.dataReceived(data[offset:offset + (1 << 20)])
+        offset += 1 << 20
+    clock.advance(UPSTREAM.read_timeout + 1)  # the store (a stalled NFS mount) never takes the bytes
+    assert response.transport.stopped and "store took none" in str(download.write_error)
+    response.protocol.connectionLost(Failure(PotentialDataLoss()))
+    lane.run_all()
+    assert download.finished.result is False and storage.lookup(digest) is None
