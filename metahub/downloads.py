@@ -2,11 +2,12 @@
 
 A :class:`Download` hands the upstream body, in pieces of about a megabyte, to a lane: a thread of
 its own that hashes and writes them into a :class:`storage.BlobWriter`, so neither the hashing nor a
-stalled shared filesystem holds up the reactor. Followers are woken as the bytes land in the file;
-when the lane falls behind, the upstream connection is paused. Clients never read from the network stream: they read
-the growing temporary file through a :class:`storage.BlobFollower`, so a slow client costs no memory
-and the first client is served exactly like the twentieth. On a digest mismatch the writer refuses to
-commit, the followers see FAILED, and their responses are aborted.
+stalled shared filesystem holds up the reactor. When the lane falls behind, the upstream connection
+is paused. Clients never read from the network stream: they read the growing temporary file through
+a :class:`storage.BlobFollower`, woken as bytes land, so a slow client costs no memory and the first
+client is served exactly like the twentieth. Once every byte has verified, this node's followers may
+end before the commit's fsync; on a digest mismatch the writer refuses to commit, the followers see
+FAILED, and their responses are aborted.
 
 Across nodes sharing the store, the node that takes the blob's lease (``leases/<hex>.lease``,
 exclusive create, heartbeated) downloads; the others follow its growing temporary file by polling.
