@@ -5,7 +5,7 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from .config import ConfigError, load_config
-from .memory import limit_malloc_arenas
+from .memory import tune_malloc
 from .service import MetahubService
 
 
@@ -29,7 +29,7 @@ class Options(usage.Options):
 
 def makeService(options: Options) -> IService:
     config = options.loaded
-    limit_malloc_arenas()  # before the reactor's thread pool starts (memory.py says why)
+    tune_malloc()  # before the reactor's thread pool starts (memory.py says why)
     top = MultiService()
     MetahubService(config, options["listen"] or config.listen).setServiceParent(top)
     return top

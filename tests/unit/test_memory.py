@@ -11,7 +11,7 @@ from metahub.memory import QUIET, Releaser, malloc_trim
 
 def test_glibc_accepts_the_arena_limit() -> None:
     # In a child: the cap is process-wide, and this test process keeps its defaults.
-    code = "from metahub.memory import limit_malloc_arenas; print(limit_malloc_arenas())"
+    code = "from metahub.memory import tune_malloc; print(tune_malloc())"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "True\n"
 
 
@@ -58,3 +58,33 @@ def test_trimming_hands_freed_heap_memory_back() -> None:
     kept, after = map(int, result.stdout.split())
     assert kept > 30_000  # glibc kept most of the freed 64 MiB resident
     assert after < 10_000  # and gave it back on the trim
+
+
+_LOGINS = """
+import sys, threading
+from metahub.auth import check_password, hash_password
+from metahub.memory import tune_malloc
+
+if sys.argv[1] == "tuned":
+    assert tune_malloc()
+
+def anon_kib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1])
+
+stored = hash_password("secret")
+base = anon_kib()
+for _ in range(4):  # each login on a thread of its own, as in the reactor's pool
+    thread = threading.Thread(target=check_password, args=("secret", stored))
+    thread.start()
+    thread.join()
+print(anon_kib() - base)
+"""
+
+
+def test_logins_do_not_leave_their_scrypt_memory_resident() -> None:
+    def growth(mode: str) -> int:
+        result = subprocess.run([sys.executable, "-c", _LOGINS, mode], capture_output=True, text=True, check=True)
+        return int(result.stdout)
+
+    assert growth("default") > 12_000  # glibc's own thresholds keep scrypt's 16 MiB work area
+    assert growth("tuned") < 4_000
