@@ -7,8 +7,9 @@ private layers be read through another name.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
@@ -16,12 +17,12 @@ from storage import BlobFollower, BlobNotFound, BlobRecord, BlobStore, FollowSta
 
 from . import errors
 from .downloads import AlreadyStored, Download, Downloads
-from .threads import ThreadRunner
 from .memory import Releaser
 from .metrics import Metrics
 from .names import Route
 from .ranges import content_range, parse_range
 from .streaming import send
+from .threads import ThreadRunner
 from .upstream import UpstreamClient
 
 
@@ -115,7 +116,7 @@ class Blobs:
         wanted = parse_range(_range_header(request), download.size) if download.size is not None else None
         if wanted is not None and wanted != (0, download.size):
             # A partial range of a blob still downloading: serve it once verified.
-            if not await download.finished:
+            if not await download.outcome():
                 raise errors.bad_gateway(f"upstream {route.upstream.name} failed to deliver {digest}")
             if not await self._serve_cached(request, digest, head):
                 raise errors.blob_unknown(digest)
@@ -124,15 +125,9 @@ class Blobs:
         if follower is None:
             raise errors.bad_gateway(f"upstream {route.upstream.name} failed to deliver {digest}")
         self._headers(request, digest, 200, download.size)
-
-        async def more() -> None:
-            if not _vouch(follower, download):
-                await download.changed(follower.position)
-                _vouch(follower, download)
-
         await send(
             request, follower, self.in_thread, lambda n: self.metrics.bytes_served.labels("upstream").inc(n),
-            lambda: ensureDeferred(more()), download.size,
+            wait_for_more(follower, download), download.size,
         )
 
     async def _follower(self, download: Download) -> BlobFollower | None:
@@ -180,6 +175,17 @@ class Blobs:
             return True
         await send(request, reader, self.in_thread, lambda n: self.metrics.bytes_served.labels("cache").inc(n))
         return True
+
+
+def wait_for_more(follower: BlobFollower, download: Download) -> Callable[[], Deferred[None]]:
+    """What a follower of ``download`` awaits once it has read everything that has landed."""
+
+    async def more() -> None:
+        if not _vouch(follower, download):
+            await download.changed(follower.position)
+            _vouch(follower, download)
+
+    return lambda: ensureDeferred(more())
 
 
 def _vouch(follower: BlobFollower, download: Download) -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
@@ -56,7 +56,7 @@ class AlreadyStored(Exception):
 
 
 class _BodySink(Protocol):
-    """Writes an upstream body into the blob writer; stalls longer than ``idle_timeout`` abort it."""
+    """Hands an upstream body to its download; stalls longer than ``idle_timeout`` abort it."""
 
     def __init__(self, download: Download, clock: IReactorTime, idle_timeout: float) -> None:
         self.download = download
@@ -81,7 +81,7 @@ class _BodySink(Protocol):
 
     def _stalled(self) -> None:
         if self.download.paused:
-            why = f"the store took none of the blob's bytes for {self.idle_timeout:g} s"
+            why = f"the store fell behind: no upstream bytes could be taken for {self.idle_timeout:g} s"
         else:
             why = "upstream stopped sending the blob"
         self.download.write_error = errors.gateway_timeout(why)
@@ -125,7 +125,7 @@ class Download:
         self.committed = False
         self.lease: Lease | None = None
         self.heartbeat: LoopingCall | None = None
-        self._waiters: list[tuple[int, Deferred[None]]] = []  # (bytes received to wait for, waiter)
+        self._waiters: list[tuple[int, Deferred[None]]] = []  # (bytes written to wait for, waiter)
 
     def received(self, data: bytes) -> None:
         if self.size is not None and self.received_bytes + len(data) > self.size:
@@ -163,6 +163,21 @@ class Download:
             self.write_error = failure.value
             if self.flow is not None:
                 self.flow.stopProducing()
+
+    def outcome(self) -> Deferred[bool]:
+        """True once committed, False if the download failed: a Deferred of the caller's own.
+
+        Never await :attr:`finished` itself: awaiting a Deferred in a coroutine leaves None as its
+        result, so the next caller would read a failure.
+        """
+        waiter: Deferred[bool] = Deferred()
+
+        def pass_on(committed: bool) -> bool:
+            waiter.callback(committed)
+            return committed
+
+        self.finished.addCallback(pass_on)
+        return waiter
 
     def changed(self, position: int = 0) -> Deferred[None]:
         """Fires once ``WAKE_BYTES`` have landed past ``position`` (what the caller has read), or
@@ -220,6 +235,11 @@ class Downloads:
 
     def active(self, digest: str) -> Download | None:
         return self._active.get(digest)
+
+    def committing(self) -> Deferred[list[bool]]:
+        """Fires once every download whose bytes have verified is committed. A clean stop waits
+        for these: their clients already have the whole blob, so it must be in the store."""
+        return gatherResults([d.outcome() for d in self._active.values() if d.verified])
 
     async def join(self, route: Route, digest: str) -> Download:
         """The download of ``digest``: the one under way, or a new one through ``route``.

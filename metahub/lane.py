@@ -13,7 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 
 
@@ -28,7 +29,7 @@ class Lane(Protocol):
 class ThreadLane:
     """A :class:`Lane` on a daemon thread; results reach the reactor through ``callFromThread``."""
 
-    def __init__(self, reactor: Any, name: str) -> None:
+    def __init__(self, reactor: IReactorFromThreads, name: str) -> None:
         self._reactor = reactor
         self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
@@ -53,22 +54,9 @@ class ThreadLane:
                 self._reactor.callFromThread(done.callback, result)
 
 
-class InlineLane:
-    """Runs each job at once in the caller's thread: for unit tests on a fake clock."""
-
-    def run(self, job: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        try:
-            return succeed(job(*args))
-        except BaseException:
-            return fail()
-
-    def close(self) -> None:
-        pass
-
-
 #: Makes the lane of one download, given a name for its thread.
 LaneFactory = Callable[[str], Lane]
 
 
-def thread_lanes(reactor: Any) -> LaneFactory:
+def thread_lanes(reactor: IReactorFromThreads) -> LaneFactory:
     return lambda name: ThreadLane(reactor, name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -36,6 +37,7 @@ TRIM_THRESHOLD = 8 << 20
 QUIET = 1.0
 
 
+@functools.cache  # find_library runs ldconfig: once per process, not on every trim
 def _glibc(function: str) -> Callable[..., int] | None:
     """A glibc malloc tuning function, or None where libc is not glibc (musl has neither)."""
     name = ctypes.util.find_library("c")
@@ -72,8 +74,12 @@ class Releaser:
 
     def ended(self) -> None:
         self.active -= 1
-        if self.active == 0 and self._pending is None:
+        if self.active > 0:
+            return
+        if self._pending is None:
             self._pending = self.clock.callLater(QUIET, self._quiet)
+        else:
+            self._pending.reset(QUIET)
 
     def _quiet(self) -> None:
         self._pending = None

@@ -90,7 +90,7 @@ async def prefetch(reactor, config: Config, image: str, machine_type: str | None
                 while download is not None and not download.finished.called:
                     show(progress.done_bytes + download.received_bytes)  # 0 while another node fetches
                     await deferLater(reactor, 0.2, lambda: None)
-                if download is not None and not await download.finished:
+                if download is not None and not await download.outcome():
                     raise errors.bad_gateway(f"upstream {source.upstream.name} failed to deliver {digest}")
             progress.done_bytes += size
             progress.blobs_done += 1

@@ -38,6 +38,8 @@ log = Logger()
 
 #: How often batched last-access times are written to the index.
 ACCESS_FLUSH_INTERVAL = 30.0
+#: How long a clean stop waits for verified downloads to be committed to the store.
+COMMIT_GRACE = 30.0
 
 
 class MetahubService(Service):
@@ -46,6 +48,7 @@ class MetahubService(Service):
         self.listen = listen
         self._reactor = reactor
         self.storage: Storage | None = None
+        self.downloads: Downloads | None = None
         self.port: IListeningPort | None = None
         self._flush: LoopingCall | None = None
         self._gc: LoopingCall | None = None
@@ -70,7 +73,7 @@ class MetahubService(Service):
         leases = self.leases = Leases(config.storage.path, clock=reactor.seconds)
         self.shared_tags = SharedTags(config.storage.path)
         self.node_records = NodeRecords(config.storage.path)
-        downloads = Downloads(
+        downloads = self.downloads = Downloads(
             self.storage, clients, reactor, in_thread, metrics, leases, thread_lanes(reactor), config.storage.lease_timeout
         )
         registry = Registry(
@@ -153,6 +156,14 @@ class MetahubService(Service):
     async def _stop(self) -> None:
         if self.port is not None:
             await self.port.stopListening()
+        if self.downloads is not None:
+            # Clients of these already have the whole blob: let the fsync and rename land.
+            settled = self.downloads.committing()
+            settled.addTimeout(COMMIT_GRACE, self.reactor)
+            try:
+                await settled
+            except Exception:
+                log.failure("blobs still being committed at shutdown may have to be fetched again")
         if self.storage is not None:
             try:  # a clean stop keeps the last access times and this node's record
                 await self.flush_access()

@@ -2,11 +2,12 @@
 
 Reads happen in a thread (the store may be on a shared filesystem that stalls), in large chunks so
 the thread hop is paid rarely. The transport pauses us as soon as a chunk is buffered (past
-Twisted's 64 KiB ``bufferSize``) and resumes us when it has drained. For a committed blob the next chunk is read while
-the last one drains, so reading and sending overlap with two chunks in memory; a follower of a
-download reads only after the drain, so the twenty clients of a fan-in hold one chunk each. For a blob still being downloaded the final byte is held back until the write has verified:
-a client must never receive a complete response whose bytes did not. If they did not, the
-connection is aborted instead.
+Twisted's 64 KiB ``bufferSize``) and resumes us when it has drained. For a committed blob the next
+chunk is read while the last one drains, so reading and sending overlap with two chunks in memory;
+a follower of a download reads only after the drain, so the twenty clients of a fan-in hold one
+small chunk each. For a blob still being downloaded the final byte (the latest chunk, when the
+size is unknown) is held back until the write has verified: a client must never receive a complete
+response whose bytes did not. If they did not, the connection is aborted instead.
 """
 from __future__ import annotations
 
@@ -98,7 +99,12 @@ async def send(
                     assert isinstance(source, BlobFollower)
                     if length is None:
                         data, held = held, data
-                    elif source.position >= length:
+                    elif source.position > length:  # another node's file outgrew the size HEAD gave
+                        log.warn("aborting a response: the blob being downloaded is longer than its size")
+                        request.unregisterProducer()
+                        request.transport.abortConnection()
+                        return False
+                    elif source.position == length:
                         data, held = data[:-1], data[-1:]
                 if data:
                     request.write(data)
@@ -122,7 +128,10 @@ async def send(
             break
     finally:
         if ahead is not None:  # let the read in its thread end before its file is closed
-            await ahead
+            try:
+                await ahead
+            except Exception:  # whatever ended the loop is the error worth raising
+                pass
         source.close()
     if gate.stopped:
         return False

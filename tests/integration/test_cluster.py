@@ -43,6 +43,17 @@ def assert_store_sound(shared: Path) -> None:
             assert digest == name, f"{name} holds other bytes"
 
 
+def committed(blobs: Path, digest: str, timeout: float = 10.0) -> Path:
+    """The blob's file once it is in place. A client's pull ends as soon as the bytes verified;
+    the fsync and rename into the store follow a moment later."""
+    path = blobs / digest[7:9] / digest[7:]
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{digest} never reached the store"
+        time.sleep(0.02)
+    return path
+
+
 @pytest.fixture
 def cluster(tmp_path):
     with Registry(tmp_path / "upstream") as upstream, Relay(upstream.url) as relay:
@@ -153,6 +164,8 @@ def test_eviction_keeps_the_bound_pinned_and_recent_blobs(tmp_path) -> None:
             for repo, digest in reads:
                 assert request(node.host, "GET", f"/v2/{repo}/blobs/{digest}")[0] == 200
             blobs = tmp_path / "shared" / "blobs" / "sha256"
+            for _, digest in reads:
+                committed(blobs, digest)
             ages = {olds[0]: 1000, olds[1]: 2000, olds[2]: 3000, pinned.layers[0].digest: 500}
             for digest, when in ages.items():  # long ago, in this order; olds[3] was just read
                 os.utime(blobs / digest[7:9] / digest[7:], (when, when))
@@ -185,7 +198,7 @@ def test_verify_quarantines_a_corrupted_blob(cluster) -> None:
     upstream, relay, nodes, tmp_path = cluster
     digest = push_blob(tmp_path, upstream, "team/v", 100_000)
     assert request(nodes[0].host, "GET", f"/v2/team/v/blobs/{digest}")[0] == 200
-    blob = tmp_path / "shared" / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    blob = committed(tmp_path / "shared" / "blobs" / "sha256", digest)
     blob.chmod(0o644)
     data = bytearray(blob.read_bytes())
     data[10] ^= 1

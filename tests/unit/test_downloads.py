@@ -3,18 +3,21 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from metahub.blobs import _follow, wait_for_more
 from metahub.config import UpstreamConfig
 from metahub.downloads import QUEUED_LIMIT, Downloads
-from metahub.lane import InlineLane
 from metahub.metrics import Metrics
 from metahub.names import Route
+from metahub.streaming import send
 from storage import Leases, Storage, sha256_digest
+
+from .test_streaming import FakeRequest
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -55,6 +58,19 @@ class FakeClient:
     def head_blob(self, repository: str, digest: str) -> Deferred:
         self.heads = getattr(self, "heads", 0) + 1
         return succeed(self.response.length)
+
+
+class InlineLane:
+    """Runs each job at once, like the in_thread stand-in: a disk as fast as the network."""
+
+    def run(self, job, *args) -> Deferred:
+        try:
+            return succeed(job(*args))
+        except Exception:
+            return fail()
+
+    def close(self) -> None:
+        pass
 
 
 def make(tmp_path, response: FakeResponse, node: str = "a", clock: Clock | None = None):
@@ -253,7 +269,7 @@ def test_upstream_is_paused_while_the_lane_is_behind_and_resumed_when_it_catches
     client.answer.callback(response)
     download = joined.result
     queued = 0
-    while not response.transport.paused:
+    while not response.transport.paused and queued < len(data):
         response.protocol.dataReceived(data[queued:queued + (1 << 20)])
         queued += 1 << 20
     assert queued == QUEUED_LIMIT + (1 << 20)  # none written: stop reading upstream past the limit
@@ -320,11 +336,76 @@ def test_a_store_that_takes_nothing_fails_the_download_with_its_own_message(tmp_
     client.answer.callback(response)
     download = joined.result
     offset = 0
-    while not response.transport.paused:
+    while not response.transport.paused and offset < len(data):
         response.protocol.dataReceived(data[offset:offset + (1 << 20)])
         offset += 1 << 20
+    assert response.transport.paused
     clock.advance(UPSTREAM.read_timeout + 1)  # the store (a stalled NFS mount) never takes the bytes
-    assert response.transport.stopped and "store took none" in str(download.write_error)
+    assert response.transport.stopped and "store fell behind" in str(download.write_error)
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
     lane.run_all()
     assert download.finished.result is False and storage.lookup(digest) is None
+
+
+def test_every_caller_learns_the_outcome(tmp_path) -> None:
+    data = os.urandom(1000)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    downloads, client, _, _ = make(tmp_path, response)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    download = joined.result
+
+    async def wait() -> bool:
+        return await download.outcome()
+
+    waiting = [ensureDeferred(wait()) for _ in range(3)]  # e.g. three range requests
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert [w.result for w in waiting] == [True, True, True]
+    assert ensureDeferred(wait()).result is True  # and a caller arriving after the end
+
+
+def test_a_clean_stop_can_wait_for_verified_downloads_to_commit(tmp_path) -> None:
+    data = os.urandom(3000)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    downloads, client, lane, storage = make_with_lane(tmp_path, response)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    assert downloads.committing().called  # nothing verified yet: nothing to wait for
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    for _ in range(2):  # the last write, then the verify
+        job, args, done = lane.jobs.pop(0)
+        done.callback(job(*args))
+    settled = downloads.committing()
+    assert not settled.called
+    lane.run_all()  # the commit
+    assert settled.result == [True] and storage.blobs.stat(digest) is not None
+
+
+def test_a_follower_of_this_node_ends_with_every_byte_before_the_commit(tmp_path) -> None:
+    data = os.urandom((1 << 20) + 5000)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    downloads, client, lane, storage = make_with_lane(tmp_path, response)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    download = joined.result
+    follower = _follow(storage.blobs, download)
+    request = FakeRequest()
+    sent = ensureDeferred(send(request, follower, lambda f, *a: succeed(f(*a)), lambda n: None,
+                               wait_for_more(follower, download), download.size))
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    job, args, done = lane.jobs.pop(0)  # the write
+    done.callback(job(*args))
+    assert b"".join(request.written) == data[:-1] and not request.finished  # the verdict's byte waits
+    while not download.verified:  # the rest of the writes, then the verify
+        job, args, done = lane.jobs.pop(0)
+        done.callback(job(*args))
+    assert b"".join(request.written) == data and request.finished and sent.result is True
+    assert storage.blobs.stat(digest) is None  # the fsync and rename are still queued
+    lane.run_all()
+    assert download.finished.result is True and storage.blobs.stat(digest) is not None

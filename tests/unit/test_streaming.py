@@ -1,10 +1,11 @@
 """Sending blob bytes: a paused client stops the reading; unverified bytes never complete a response."""
 from __future__ import annotations
 
+import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 
 from metahub.streaming import CHUNK, FOLLOW_CHUNK, send
-from storage import BlobStore, sha256_digest
+from storage import BlobStore, DigestMismatch, sha256_digest
 
 
 def inline(function, *args):
@@ -198,9 +199,7 @@ def test_follower_of_a_known_size_that_fails_never_gets_its_final_byte(tmp_path)
     writer.write(evil)
     wakeups[-1].callback(None)
     assert len(b"".join(request.written)) == len(evil) - 1
-    try:
+    with pytest.raises(DigestMismatch):
         writer.commit()
-    except Exception:
-        pass
     wakeups[-1].callback(None)
     assert done.result is False and request.transport.aborted and not request.finished
