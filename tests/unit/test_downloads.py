@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
@@ -11,7 +12,7 @@ from twisted.web.http import PotentialDataLoss
 
 from metahub.blobs import _follow, wait_for_more
 from metahub.config import UpstreamConfig
-from metahub.downloads import QUEUED_LIMIT, Downloads
+from metahub.downloads import QUEUED_LIMIT, Download, Downloads
 from metahub.metrics import Metrics
 from metahub.names import Route
 from metahub.streaming import send
@@ -216,23 +217,27 @@ class ManualLane:
     """Holds the jobs until the test lets them run: a disk slower than the network."""
 
     def __init__(self) -> None:
-        self.jobs: list[tuple] = []
+        self.jobs: list[tuple[Callable, tuple, Deferred]] = []
         self.closed = False
 
-    def run(self, job, *args) -> Deferred:
+    def run(self, job: Callable, *args: object) -> Deferred:
         done: Deferred = Deferred()
         self.jobs.append((job, args, done))
         return done
 
+    def step(self) -> None:
+        """Run the oldest job."""
+        job, args, done = self.jobs.pop(0)
+        try:
+            result = job(*args)
+        except Exception:
+            done.errback(Failure())
+        else:
+            done.callback(result)
+
     def run_all(self) -> None:
         while self.jobs:
-            job, args, done = self.jobs.pop(0)
-            try:
-                result = job(*args)
-            except Exception:
-                done.errback(Failure())
-            else:
-                done.callback(result)
+            self.step()
 
     def close(self) -> None:
         self.closed = True
@@ -250,28 +255,41 @@ class PausableTransport(FakeTransport):
         self.paused = False
 
 
-def make_with_lane(tmp_path, response: FakeResponse):
+def make_with_lane(tmp_path, data: bytes, clock: Clock | None = None):
+    """Downloads whose lane the test drives, and an upstream about to answer with ``data``."""
+    clock = clock or Clock()
     lane = ManualLane()
-    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=Clock().seconds)
+    response = FakeResponse(len(data))
+    response.transport = PausableTransport()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = FakeClient(response)
-    downloads = Downloads(storage, {"local": client}, Clock(), lambda f, *a: succeed(f(*a)), Metrics(),
-                          Leases(str(tmp_path / "store"), clock=Clock().seconds), lambda name: lane)
-    return downloads, client, lane, storage
+    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics(),
+                          Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: lane)
+    return downloads, client, response, lane, storage
+
+
+def start(downloads: Downloads, client: FakeClient, response: FakeResponse, data: bytes) -> Download:
+    """The download of ``data``'s digest, once upstream has answered with ``response``."""
+    joined = ensureDeferred(downloads.join(ROUTE, sha256_digest(data)))
+    client.answer.callback(response)
+    return joined.result
+
+
+def feed_until_paused(response: FakeResponse, data: bytes) -> int:
+    """Deliver ``data`` a megabyte at a time until upstream is paused; the bytes delivered."""
+    fed = 0
+    while not response.transport.paused and fed < len(data):
+        response.protocol.dataReceived(data[fed:fed + (1 << 20)])
+        fed += 1 << 20
+    assert response.transport.paused
+    return fed
 
 
 def test_upstream_is_paused_while_the_lane_is_behind_and_resumed_when_it_catches_up(tmp_path) -> None:
     data = os.urandom(12 << 20)
-    digest = sha256_digest(data)
-    response = FakeResponse(len(data))
-    response.transport = PausableTransport()
-    downloads, client, lane, storage = make_with_lane(tmp_path, response)
-    joined = ensureDeferred(downloads.join(ROUTE, digest))
-    client.answer.callback(response)
-    download = joined.result
-    queued = 0
-    while not response.transport.paused and queued < len(data):
-        response.protocol.dataReceived(data[queued:queued + (1 << 20)])
-        queued += 1 << 20
+    downloads, client, response, lane, storage = make_with_lane(tmp_path, data)
+    download = start(downloads, client, response, data)
+    queued = feed_until_paused(response, data)
     assert queued == QUEUED_LIMIT + (1 << 20)  # none written: stop reading upstream past the limit
     assert download.written_bytes == 0 and not download.changed(0).called
     lane.run_all()
@@ -279,82 +297,56 @@ def test_upstream_is_paused_while_the_lane_is_behind_and_resumed_when_it_catches
     response.protocol.dataReceived(data[queued:])
     response.protocol.connectionLost(Failure(ResponseDone()))
     lane.run_all()
-    assert download.finished.result is True and storage.lookup(digest).size == len(data)
+    assert download.finished.result is True and storage.lookup(download.digest).size == len(data)
     assert lane.closed
 
 
 def test_followers_may_finish_once_verified_before_the_commit_lands(tmp_path) -> None:
     data = os.urandom(3000)
-    digest = sha256_digest(data)
-    response = FakeResponse(len(data))
-    downloads, client, lane, storage = make_with_lane(tmp_path, response)
-    joined = ensureDeferred(downloads.join(ROUTE, digest))
-    client.answer.callback(response)
-    download = joined.result
+    downloads, client, response, lane, storage = make_with_lane(tmp_path, data)
+    download = start(downloads, client, response, data)
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
     woken = download.changed(len(data))
-    for _ in range(2):  # the last write, then the verify; the commit stays queued
-        job, args, done = lane.jobs.pop(0)
-        done.callback(job(*args))
-    assert download.verified and woken.called
-    assert not download.finished.called and storage.blobs.stat(digest) is None
+    while not download.verified:  # the writes, then the verify; the commit stays queued
+        lane.step()
+    assert woken.called and lane.jobs
+    assert not download.finished.called and storage.blobs.stat(download.digest) is None
     lane.run_all()
-    assert download.finished.result is True and storage.blobs.stat(digest) is not None
+    assert download.finished.result is True and storage.blobs.stat(download.digest) is not None
 
 
 def test_a_failed_write_stops_the_upstream_and_commits_nothing(tmp_path) -> None:
     data = os.urandom(2 << 20)
-    digest = sha256_digest(data)
-    response = FakeResponse(len(data))
-    downloads, client, lane, storage = make_with_lane(tmp_path, response)
-    joined = ensureDeferred(downloads.join(ROUTE, digest))
-    client.answer.callback(response)
-    download = joined.result
+    downloads, client, response, lane, storage = make_with_lane(tmp_path, data)
+    download = start(downloads, client, response, data)
     download.writer.abort()  # what a failing disk write leaves: a closed writer
     response.protocol.dataReceived(data[:1 << 20])
     lane.run_all()
     assert response.transport.stopped and isinstance(download.write_error, Exception)
     response.protocol.connectionLost(Failure(ResponseDone()))
     lane.run_all()
-    assert download.finished.result is False and storage.lookup(digest) is None
-    assert downloads.active(digest) is None
+    assert download.finished.result is False and storage.lookup(download.digest) is None
+    assert downloads.active(download.digest) is None
 
 
 def test_a_store_that_takes_nothing_fails_the_download_with_its_own_message(tmp_path) -> None:
     data = os.urandom(8 << 20)
-    digest = sha256_digest(data)
-    response = FakeResponse(len(data))
-    response.transport = PausableTransport()
-    lane = ManualLane()
     clock = Clock()
-    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
-    client = FakeClient(response)
-    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics(),
-                          Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: lane)
-    joined = ensureDeferred(downloads.join(ROUTE, digest))
-    client.answer.callback(response)
-    download = joined.result
-    offset = 0
-    while not response.transport.paused and offset < len(data):
-        response.protocol.dataReceived(data[offset:offset + (1 << 20)])
-        offset += 1 << 20
-    assert response.transport.paused
+    downloads, client, response, lane, storage = make_with_lane(tmp_path, data, clock)
+    download = start(downloads, client, response, data)
+    feed_until_paused(response, data)
     clock.advance(UPSTREAM.read_timeout + 1)  # the store (a stalled NFS mount) never takes the bytes
     assert response.transport.stopped and "store fell behind" in str(download.write_error)
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
     lane.run_all()
-    assert download.finished.result is False and storage.lookup(digest) is None
+    assert download.finished.result is False and storage.lookup(download.digest) is None
 
 
 def test_every_caller_learns_the_outcome(tmp_path) -> None:
     data = os.urandom(1000)
-    digest = sha256_digest(data)
-    response = FakeResponse(len(data))
-    downloads, client, _, _ = make(tmp_path, response)
-    joined = ensureDeferred(downloads.join(ROUTE, digest))
-    client.answer.callback(response)
-    download = joined.result
+    downloads, client, response, lane, _ = make_with_lane(tmp_path, data)
+    download = start(downloads, client, response, data)
 
     async def wait() -> bool:
         return await download.outcome()
@@ -362,50 +354,41 @@ def test_every_caller_learns_the_outcome(tmp_path) -> None:
     waiting = [ensureDeferred(wait()) for _ in range(3)]  # e.g. three range requests
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
+    lane.run_all()
     assert [w.result for w in waiting] == [True, True, True]
     assert ensureDeferred(wait()).result is True  # and a caller arriving after the end
 
 
 def test_a_clean_stop_can_wait_for_verified_downloads_to_commit(tmp_path) -> None:
     data = os.urandom(3000)
-    digest = sha256_digest(data)
-    response = FakeResponse(len(data))
-    downloads, client, lane, storage = make_with_lane(tmp_path, response)
-    joined = ensureDeferred(downloads.join(ROUTE, digest))
-    client.answer.callback(response)
+    downloads, client, response, lane, storage = make_with_lane(tmp_path, data)
+    download = start(downloads, client, response, data)
     assert downloads.committing().called  # nothing verified yet: nothing to wait for
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
-    for _ in range(2):  # the last write, then the verify
-        job, args, done = lane.jobs.pop(0)
-        done.callback(job(*args))
+    while not download.verified:
+        lane.step()
     settled = downloads.committing()
     assert not settled.called
     lane.run_all()  # the commit
-    assert settled.result == [True] and storage.blobs.stat(digest) is not None
+    assert settled.result == [True] and storage.blobs.stat(download.digest) is not None
 
 
 def test_a_follower_of_this_node_ends_with_every_byte_before_the_commit(tmp_path) -> None:
     data = os.urandom((1 << 20) + 5000)
-    digest = sha256_digest(data)
-    response = FakeResponse(len(data))
-    downloads, client, lane, storage = make_with_lane(tmp_path, response)
-    joined = ensureDeferred(downloads.join(ROUTE, digest))
-    client.answer.callback(response)
-    download = joined.result
+    downloads, client, response, lane, storage = make_with_lane(tmp_path, data)
+    download = start(downloads, client, response, data)
     follower = _follow(storage.blobs, download)
     request = FakeRequest()
     sent = ensureDeferred(send(request, follower, lambda f, *a: succeed(f(*a)), lambda n: None,
                                wait_for_more(follower, download), download.size))
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
-    job, args, done = lane.jobs.pop(0)  # the write
-    done.callback(job(*args))
+    lane.step()  # every byte is written (upstream delivered them in one read)
     assert b"".join(request.written) == data[:-1] and not request.finished  # the verdict's byte waits
     while not download.verified:  # the rest of the writes, then the verify
-        job, args, done = lane.jobs.pop(0)
-        done.callback(job(*args))
+        lane.step()
     assert b"".join(request.written) == data and request.finished and sent.result is True
-    assert storage.blobs.stat(digest) is None  # the fsync and rename are still queued
+    assert storage.blobs.stat(download.digest) is None  # the fsync and rename are still queued
     lane.run_all()
-    assert download.finished.result is True and storage.blobs.stat(digest) is not None
+    assert download.finished.result is True and storage.blobs.stat(download.digest) is not None

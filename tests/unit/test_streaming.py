@@ -56,6 +56,20 @@ class FakeRequest:
         self.finished = True
 
 
+class Wakeups:
+    """A ``wait_for_more`` whose waits the test ends by hand."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred] = []
+
+    def __call__(self) -> Deferred:
+        self.pending.append(Deferred())
+        return self.pending[-1]
+
+    def wake(self) -> None:
+        self.pending[-1].callback(None)
+
+
 class CountingSource:
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -123,18 +137,13 @@ def test_follower_holds_the_last_chunk_until_the_write_commits(tmp_path) -> None
     writer = store.writer(sha256_digest(data), len(data))
     follower = store.follow(writer.digest)
     request = FakeRequest()
-    wakeups: list[Deferred] = []
-
-    def wait_for_more() -> Deferred:
-        wakeups.append(Deferred())
-        return wakeups[-1]
-
+    wait_for_more = Wakeups()
     done = ensureDeferred(send(request, follower, inline, lambda n: None, wait_for_more))
     writer.write(data)
-    wakeups[-1].callback(None)
+    wait_for_more.wake()
     assert b"".join(request.written) == b""  # all bytes landed, none verified yet: held back
     writer.commit()
-    wakeups[-1].callback(None)
+    wait_for_more.wake()
     assert b"".join(request.written) == data and request.finished and done.result is True
 
 
@@ -143,20 +152,15 @@ def test_follower_of_a_corrupt_download_aborts_the_response(tmp_path) -> None:
     writer = store.writer(sha256_digest(b"good" * 100))
     follower = store.follow(writer.digest)
     request = FakeRequest()
-    wakeups: list[Deferred] = []
-
-    def wait_for_more() -> Deferred:
-        wakeups.append(Deferred())
-        return wakeups[-1]
-
+    wait_for_more = Wakeups()
     done = ensureDeferred(send(request, follower, inline, lambda n: None, wait_for_more))
     writer.write(b"evil" * 100)
-    wakeups[-1].callback(None)
+    wait_for_more.wake()
     try:
         writer.commit()
     except Exception:
         pass
-    wakeups[-1].callback(None)
+    wait_for_more.wake()
     assert done.result is False
     assert request.transport.aborted and not request.finished
 
@@ -167,19 +171,14 @@ def test_follower_of_a_known_size_holds_back_only_the_final_byte(tmp_path) -> No
     writer = store.writer(sha256_digest(data), len(data))
     follower = store.follow(writer.digest)
     request = FakeRequest()
-    wakeups: list[Deferred] = []
-
-    def wait_for_more() -> Deferred:
-        wakeups.append(Deferred())
-        return wakeups[-1]
-
+    wait_for_more = Wakeups()
     done = ensureDeferred(send(request, follower, inline, lambda n: None, wait_for_more, len(data)))
     writer.write(data)
-    wakeups[-1].callback(None)
+    wait_for_more.wake()
     assert b"".join(request.written) == data[:-1]  # everything but the verdict's byte
     assert not request.finished
     writer.commit()
-    wakeups[-1].callback(None)
+    wait_for_more.wake()
     assert b"".join(request.written) == data and request.finished and done.result is True
 
 
@@ -189,17 +188,12 @@ def test_follower_of_a_known_size_that_fails_never_gets_its_final_byte(tmp_path)
     writer = store.writer(sha256_digest(good), len(good))
     follower = store.follow(writer.digest)
     request = FakeRequest()
-    wakeups: list[Deferred] = []
-
-    def wait_for_more() -> Deferred:
-        wakeups.append(Deferred())
-        return wakeups[-1]
-
+    wait_for_more = Wakeups()
     done = ensureDeferred(send(request, follower, inline, lambda n: None, wait_for_more, len(good)))
     writer.write(evil)
-    wakeups[-1].callback(None)
+    wait_for_more.wake()
     assert len(b"".join(request.written)) == len(evil) - 1
     with pytest.raises(DigestMismatch):
         writer.commit()
-    wakeups[-1].callback(None)
+    wait_for_more.wake()
     assert done.result is False and request.transport.aborted and not request.finished
