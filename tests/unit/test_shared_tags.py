@@ -113,7 +113,7 @@ def test_names_that_could_escape_are_refused(root, upstream: str, repository: st
 
 
 def test_crash_leftovers_are_cleaned_with_the_stores_temp_files(root) -> None:
-    tags = SharedTags(root)
+    SharedTags(root)  # creates tmp/, where a crashed tag write leaves its file
     leftover = os.path.join(root, "tmp", "tag.node-1-abc.tmp")
     open(leftover, "wb").close()
     os.utime(leftover, (time.time() - 7200, time.time() - 7200))
