@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from storage import Leases, SharedTags, Storage
+from storage.store import DEFAULT_TEMP_GRACE
 from storage.nodes import NodeRecord, NodeRecords
 
 from .api import Registry, RegistryResource
@@ -40,6 +41,8 @@ log = Logger()
 ACCESS_FLUSH_INTERVAL = 30.0
 #: How long a clean stop waits for verified downloads to be committed to the store.
 COMMIT_GRACE = 30.0
+#: How often the shared directory is swept for other nodes' crash leftovers.
+TIDY_INTERVAL = 3600.0
 
 
 class MetahubService(Service):
@@ -52,6 +55,7 @@ class MetahubService(Service):
         self.port: IListeningPort | None = None
         self._flush: LoopingCall | None = None
         self._gc: LoopingCall | None = None
+        self._tidy: LoopingCall | None = None
         self.node_name = f"{socket.gethostname()}-{os.getpid()}"
 
     @property
@@ -98,6 +102,9 @@ class MetahubService(Service):
         self._flush = LoopingCall(lambda: ensureDeferred(self.flush_access()))
         self._flush.clock = self.reactor
         self._flush.start(ACCESS_FLUSH_INTERVAL, now=False)
+        self._tidy = LoopingCall(lambda: ensureDeferred(self.tidy()))
+        self._tidy.clock = self.reactor
+        self._tidy.start(TIDY_INTERVAL, now=False)
         if self.config.storage.max_size is not None:
             self._gc = LoopingCall(lambda: ensureDeferred(self.collect()))
             self._gc.clock = self.reactor
@@ -127,6 +134,19 @@ class MetahubService(Service):
         record = NodeRecord(self.node_name, self.reactor.seconds(), hits, misses)
         await self.in_thread(self.node_records.write, record)
 
+    async def tidy(self) -> None:
+        """Remove crash leftovers of any node, in a thread (the shared directory may be slow)."""
+        assert self.storage is not None
+        # Well above any live writer's silence: temp files grow and leases heartbeat constantly.
+        older_than = max(DEFAULT_TEMP_GRACE, 10 * self.config.storage.lease_timeout)
+        try:
+            removed = await self.in_thread(self.storage.clean_leftovers, self.leases, older_than)
+        except Exception:
+            log.failure("could not sweep the store for crash leftovers")
+            return
+        if removed:
+            log.info("removed {count} files dead writers left in the store", count=removed)
+
     async def collect(self) -> None:
         """One collection attempt; the cluster lease makes it a no-op while another node collects."""
         try:
@@ -148,7 +168,7 @@ class MetahubService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        for loop in (self._flush, self._gc):
+        for loop in (self._flush, self._gc, self._tidy):
             if loop is not None and loop.running:
                 loop.stop()
         return ensureDeferred(self._stop())

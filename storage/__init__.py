@@ -8,6 +8,7 @@ The server needs exactly this API::
     store.lookup(digest)          # BlobRecord(size, media_type, ...) or None; adopts files the index lacks
     store.forget(digest)          # the file was gone (evicted elsewhere): drop the index entry
     store.reindex()               # rebuild the index from the files (maintenance, full scan)
+    store.clean_leftovers(leases) # dead writers' temp files, leases, break files and tombs (hourly)
     store.close()
 
     # Writing (one per download): verified, fsynced, atomically renamed; nothing partial is visible.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .blobstore import BlobStore
 from .gc import AccessStamps
 from .index import BlobRecord, Index
+from .lease import Leases
 
 #: Temporary files untouched for this long belong to dead writers (see BlobStore.clean_temp).
 DEFAULT_TEMP_GRACE = 3600.0
@@ -48,6 +49,16 @@ class Storage:
     def close(self) -> None:
         self.index.flush_access()
         self.index.close()
+
+    def clean_leftovers(self, leases: Leases, older_than: float = DEFAULT_TEMP_GRACE) -> int:
+        """Remove what dead writers left: temporary files, and leases, break files and tombs, with
+        no sign of life for ``older_than`` seconds; returns how many files went.
+
+        Opening the store removes only old temporary files, once; a long-running node calls this now
+        and then for the crashes of other nodes (a half-written 200 MB layer nobody asks for again
+        would otherwise stay until some node restarts).
+        """
+        return self.blobs.clean_temp(older_than, self.clock()) + leases.clean(older_than)
 
     def lookup(self, digest: str) -> BlobRecord | None:
         """What is known of a committed blob, from the index or else from the file itself."""

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from storage import Storage
+from storage import Leases, Storage
 
 WRITER = textwrap.dedent(
     """
@@ -72,3 +72,20 @@ def test_sigkill_while_writing_leaves_a_sound_store(tmp_path, delay: float) -> N
         assert tag is None or store.lookup(tag.digest) is not None
     finally:
         store.close()
+
+
+def test_a_running_node_sweeps_other_nodes_crash_leftovers(tmp_path) -> None:
+    store = Storage(str(tmp_path / "store"), str(tmp_path / "index"))
+    two_hours_ago = time.time() - 7200
+    dead = Leases(str(tmp_path / "store"), clock=lambda: two_hours_ago, node="dead-node")
+    dead.try_take("cd" * 32)  # a fetch lease its node never released
+    dead_temp = os.path.join(store.blobs.tmp_dir, "ab" * 32 + ".dead-node-1234.part")
+    open(dead_temp, "wb").close()
+    os.utime(dead_temp, (two_hours_ago, two_hours_ago))
+    live = store.blobs.writer("sha256:" + "ef" * 32)  # a download under way now
+    leases = Leases(str(tmp_path / "store"), node="live")
+    live_lease = leases.try_take("ef" * 32)
+    assert store.clean_leftovers(leases, older_than=3600) == 2
+    assert os.listdir(store.blobs.tmp_dir) == [os.path.basename(live.temp_path)]
+    assert leases.holder("cd" * 32) is None and leases.holder("ef" * 32).holder == live_lease.holder
+    live.abort()

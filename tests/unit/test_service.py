@@ -1,0 +1,30 @@
+"""The service's periodic store sweep, without a running reactor."""
+from __future__ import annotations
+
+import os
+import time
+
+from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.task import Clock
+
+from metahub.config import parse_config
+from metahub.service import MetahubService
+from storage import Leases, Storage
+
+from .test_config import minimal
+
+
+def test_the_hourly_sweep_removes_a_dead_nodes_half_written_blob(tmp_path) -> None:
+    config = parse_config(minimal(tmp_path), str(tmp_path))
+    service = MetahubService(config, "tcp:0", reactor=Clock())
+    service.storage = Storage(config.storage.path, config.storage.index)
+    service.leases = Leases(config.storage.path)
+    service.in_thread = lambda function, *args: succeed(function(*args))
+    leftover = os.path.join(service.storage.blobs.tmp_dir, "ab" * 32 + ".other-node-99.part")
+    with open(leftover, "wb") as file:
+        file.write(b"x" * 1000)
+    hours_ago = time.time() - 3 * 3600
+    os.utime(leftover, (hours_ago, hours_ago))
+    ensureDeferred(service.tidy())
+    assert not os.path.exists(leftover)
+    service.storage.close()
