@@ -17,8 +17,8 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from storage import Leases, SharedTags, Storage
-from storage.store import DEFAULT_TEMP_GRACE
 from storage.nodes import NodeRecord, NodeRecords
+from storage.store import DEFAULT_TEMP_GRACE
 
 from .api import Registry, RegistryResource
 from .auth import Authenticator, load_token_key
