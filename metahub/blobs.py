@@ -104,15 +104,15 @@ class Blobs:
             self._headers(request, digest, 200, size)
             request.finish()
             return
-        active = self.downloads.active(digest)
-        if active is not None and active.route.key != route.key:
-            await self.confirm(route, digest)
         try:
             download = await self.downloads.join(route, digest)
-        except AlreadyStored:  # another node committed it a moment ago
+        except AlreadyStored:  # another node committed it a moment ago, through some repository
+            await self.confirm(route, digest)
             if not await self._serve_cached(request, digest, head):
                 raise errors.blob_unknown(digest) from None
             return
+        if download.route.key != route.key:  # joined a download another repository asked for
+            await self.confirm(route, digest)
         wanted = parse_range(_range_header(request), download.size) if download.size is not None else None
         if wanted is not None and wanted != (0, download.size):
             # A partial range of a blob still downloading: serve it once verified.

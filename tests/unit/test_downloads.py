@@ -9,8 +9,10 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.test.requesthelper import DummyRequest
 
-from metahub.blobs import _follow, wait_for_more
+from metahub import errors
+from metahub.blobs import Blobs, _follow, wait_for_more
 from metahub.config import UpstreamConfig
 from metahub.downloads import QUEUED_LIMIT, Download, Downloads
 from metahub.metrics import Metrics
@@ -392,3 +394,36 @@ def test_a_follower_of_this_node_ends_with_every_byte_before_the_commit(tmp_path
     assert storage.blobs.stat(download.digest) is None  # the fsync and rename are still queued
     lane.run_all()
     assert download.finished.result is True and storage.blobs.stat(download.digest) is not None
+
+
+class GuardedClient(FakeClient):
+    """An upstream where only ``team/app`` holds the blob."""
+
+    def head_blob(self, repository: str, digest: str) -> Deferred:
+        self.heads = getattr(self, "heads", 0) + 1
+        if repository != ROUTE.repository:
+            return fail(errors.blob_unknown(digest))
+        return succeed(self.response.length)
+
+
+def test_a_repository_joining_another_ones_download_must_be_confirmed_first(tmp_path) -> None:
+    data = os.urandom(3000)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    clock = Clock()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
+    client = GuardedClient(response)
+    inline = lambda f, *a: succeed(f(*a))  # noqa: E731
+    downloads = Downloads(storage, {"local": client}, clock, inline, Metrics(),
+                          Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: InlineLane())
+    blobs = Blobs(storage, {"local": client}, downloads, clock, inline, Metrics())
+    other = Route(UPSTREAM, "team/other")
+    ensureDeferred(downloads.join(ROUTE, digest))  # team/app asked first: its fetch is starting
+    asked = [ensureDeferred(blobs.serve(DummyRequest([b""]), other, digest, head=False))]
+    client.answer.callback(response)  # started: now under way
+    asked.append(ensureDeferred(blobs.serve(DummyRequest([b""]), other, digest, head=False)))
+    for stage, request in zip(("while starting", "while under way"), asked):
+        failure = request.result
+        request.addErrback(lambda _: None)
+        assert isinstance(failure.value, errors.RegistryError) and failure.value.status == 404, stage
+    assert client.calls == 1 and client.heads == 2 and not storage.index.is_linked(digest, other.key)
