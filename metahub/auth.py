@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,16 +88,24 @@ def repository_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(translated.get(part, re.escape(part)) for part in parts))
 
 
-def load_token_key(directory: str) -> bytes:
-    """The HMAC key shared by every node using this store: created once with exclusive create."""
+def load_token_key(directory: str, wait: float = 5.0) -> bytes:
+    """The HMAC key shared by every node using this store: created once with exclusive create.
+
+    A node starting at the same moment as the one that created the file may find it still empty:
+    it reads again for up to ``wait`` seconds before calling the file broken.
+    """
     path = os.path.join(directory, "token.key")
     fd = create_exclusive(path, 0o600)
     if fd is None:  # made already, by us earlier or by another node
-        with open(path, "rb") as existing:
-            key = existing.read()
-        if len(key) >= 32:
-            return key
-        raise RuntimeError(f"{path} is shorter than 32 bytes; remove it to make a new key")
+        deadline = time.monotonic() + wait
+        while True:
+            with open(path, "rb") as existing:
+                key = existing.read()
+            if len(key) >= 32:
+                return key
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{path} is shorter than 32 bytes; remove it to make a new key")
+            time.sleep(0.05)
     key = secrets.token_bytes(32)
     try:
         os.write(fd, key)

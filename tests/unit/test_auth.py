@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -123,3 +124,19 @@ def test_token_key_is_made_once_and_kept(tmp_path) -> None:
     key = load_token_key(str(tmp_path))
     assert len(key) == 32 and load_token_key(str(tmp_path)) == key
     assert oct(os.stat(tmp_path / "token.key").st_mode & 0o777) == "0o600"
+
+
+def test_a_node_starting_with_the_keys_creator_waits_for_the_key(tmp_path) -> None:
+    path = tmp_path / "token.key"
+    path.write_bytes(b"")  # another node has just created it and not yet written it
+    key = os.urandom(32)
+    writer = threading.Timer(0.3, path.write_bytes, args=(key,))
+    writer.start()
+    assert load_token_key(str(tmp_path)) == key
+    writer.join()
+
+
+def test_a_key_file_that_stays_short_is_an_error(tmp_path) -> None:
+    (tmp_path / "token.key").write_bytes(b"short")
+    with pytest.raises(RuntimeError, match="shorter than 32 bytes"):
+        load_token_key(str(tmp_path), wait=0.2)
