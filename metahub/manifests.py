@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from storage import BlobNotFound, SharedTags, Storage, sha256_digest
+from storage import BlobNotFound, SharedTags, Storage, TagRecord, sha256_digest
 
 from . import errors, media
 from .threads import ThreadRunner
@@ -156,7 +156,7 @@ class Manifests:
         if known is None:  # another node may have resolved it
             known = await self.in_thread(self.shared_tags.read, upstream, route.repository, tag)
             if known is not None:
-                await self._adopt(route, known.digest)
+                await self._adopt(route, tag, known)
         now = self.clock.seconds()
         if known is not None:
             cached = await self._cached(route, known.digest)
@@ -187,11 +187,13 @@ class Manifests:
         await self._confirmed(route, tag, manifest.digest, now)
         return manifest
 
-    async def _adopt(self, route: Route, digest: str) -> None:
-        """A tag another node confirmed for this repository: its manifest and blobs are the repo's."""
-        body = await self.in_thread(_read_blob, self.storage, digest)
+    async def _adopt(self, route: Route, tag: str, known: TagRecord) -> None:
+        """A tag another node confirmed for this repository: its manifest and blobs are the repo's,
+        and the tag is recorded here too, so the next request does not read the shared copy again."""
+        body = await self.in_thread(_read_blob, self.storage, known.digest)
         if body is not None:
-            self.storage.index.link([digest, *media.references(body)], route.key)
+            self.storage.index.link([known.digest, *media.references(body)], route.key)
+            self.storage.index.set_tag(route.upstream.name, route.repository, tag, known.digest, known.checked)
 
     async def _confirmed(self, route: Route, tag: str, digest: str, now: float) -> None:
         """Upstream confirmed tag -> digest: remember it here and for the other nodes."""

@@ -72,3 +72,21 @@ def test_a_hot_manifest_is_served_from_memory(tmp_path) -> None:
     for _ in range(3):
         assert ensureDeferred(manifests.by_digest(ROUTE, DIGEST)).result.body == BODY
     assert "_read_blob" not in reads
+
+
+def test_a_tag_another_node_resolved_is_read_from_the_shared_store_once(tmp_path) -> None:
+    node_a, upstream, clock, _ = make(tmp_path)
+    ensureDeferred(node_a.by_tag(ROUTE, "1.0")).result  # node A resolves and shares the tag
+    storage_b = Storage(str(tmp_path / "store"), str(tmp_path / "index-b"), clock=clock.seconds)
+    shared_reads = []
+
+    def in_thread(function, *args):
+        shared_reads.append(getattr(function, "__name__", ""))
+        return succeed(function(*args))
+
+    node_b = Manifests(storage_b, {"local": upstream}, clock, in_thread, Metrics(), 300.0,
+                       SharedTags(str(tmp_path / "store")))
+    for _ in range(3):
+        assert ensureDeferred(node_b.by_tag(ROUTE, "1.0")).result.body == BODY
+    assert shared_reads.count("read") == 1 and upstream.gets == 1  # adopted once, then from B's index
+    assert storage_b.index.get_tag("local", ROUTE.repository, "1.0").digest == DIGEST
