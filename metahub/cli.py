@@ -100,8 +100,7 @@ def cache_gc(args: argparse.Namespace) -> int:
             print("another node is collecting right now; try again later")
             return 1
         if not args.dry_run:
-            for digest in result.removed:
-                storage.forget(digest)
+            storage.forget(*result.removed)
     finally:
         storage.close()
     verb = "would remove" if args.dry_run else "removed"
@@ -122,8 +121,7 @@ def cache_verify(args: argparse.Namespace) -> int:
 
     try:
         result = verify(storage.blobs, quarantine=True, progress=progress)
-        for digest in result.corrupt:
-            storage.forget(digest)
+        storage.forget(*result.corrupt)
     finally:
         storage.close()
     if sys.stderr.isatty():

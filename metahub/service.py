@@ -128,8 +128,7 @@ class MetahubService(Service):
         cluster's eviction) in a thread. Files found gone were evicted elsewhere: forget them."""
         storage = self.storage
         storage.index.flush_access()
-        for digest in await self.in_thread(storage.stamps.flush, storage.blobs, self.reactor.seconds()):
-            storage.forget(digest)
+        storage.forget(*await self.in_thread(storage.stamps.flush, storage.blobs, self.reactor.seconds()))
         hits, misses = self.metrics.hits_and_misses()
         record = NodeRecord(self.node_name, self.reactor.seconds(), hits, misses)
         await self.in_thread(self.node_records.write, record)
@@ -158,8 +157,7 @@ class MetahubService(Service):
             return
         if result is None:
             return
-        for digest in result.removed:
-            self.storage.forget(digest)
+        self.storage.forget(*result.removed)
         if result.removed:
             log.info(
                 "evicted {count} blobs ({size} bytes); store now {after} bytes",

@@ -117,15 +117,18 @@ class Index:
             raw = txn.get(_key(digest), db=self._blobs)
         return None if raw is None else BlobRecord(digest, **json.loads(raw))
 
-    def remove_blob(self, digest: str) -> None:
-        key = _key(digest)
+    def remove_blobs(self, digests: Iterable[str]) -> None:
+        """Drop blobs and their links, all in one transaction (one fsync, however many)."""
+        keys = [_key(digest) for digest in digests]
 
         def work(txn: lmdb.Transaction) -> None:
-            txn.delete(key, db=self._blobs)
-            txn.delete(key, db=self._links)
+            for key in keys:
+                txn.delete(key, db=self._blobs)
+                txn.delete(key, db=self._links)
 
         self._write(work)
-        self._pending_access.pop(key, None)
+        for key in keys:
+            self._pending_access.pop(key, None)
 
     def iter_blobs(self) -> Iterator[BlobRecord]:
         with self.env.begin() as txn:

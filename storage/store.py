@@ -75,9 +75,9 @@ class Storage:
         self.index.record_access(digest, now)
         self.stamps.note(digest, now)
 
-    def forget(self, digest: str) -> None:
-        """The index named a blob whose file is gone: drop it so the next lookup sees the truth."""
-        self.index.remove_blob(digest)
+    def forget(self, *digests: str) -> None:
+        """The index named blobs whose files are gone: drop them so the next lookup sees the truth."""
+        self.index.remove_blobs(digests)
 
     def reindex(self) -> ReindexResult:
         """Make the index agree with the files: add blobs it lacks, drop those whose file is gone.
@@ -88,10 +88,9 @@ class Storage:
         for found in self.blobs.iter_blobs():
             on_disk[found.digest] = found
         known = {record.digest: record for record in self.index.iter_blobs()}
-        removed = 0
-        for digest in known.keys() - on_disk.keys():
-            self.index.remove_blob(digest)
-            removed += 1
+        gone = known.keys() - on_disk.keys()
+        self.index.remove_blobs(gone)
+        removed = len(gone)
         added = 0
         for digest, found in on_disk.items():
             record = known.get(digest)

@@ -26,8 +26,10 @@ def test_blob_records(index: Index) -> None:
     assert (rec.size, rec.created, rec.last_access) == (3, 100.0, 200.0)
     assert rec.media_type == "application/vnd.oci.image.manifest.v1+json"
     assert index.count_blobs() == 1
-    index.remove_blob(D1)
-    assert index.get_blob(D1) is None and index.count_blobs() == 0
+    index.put_blob(D2, 5, now=100.0, repository="ghcr.io/org/app")
+    index.remove_blobs([D1, D2])  # one transaction for an eviction's whole list
+    assert index.get_blob(D1) is None and index.get_blob(D2) is None and index.count_blobs() == 0
+    assert not index.is_linked(D2, "ghcr.io/org/app")
 
 
 def test_repository_links(index: Index) -> None:
