@@ -28,7 +28,7 @@ from .manifests import ManifestBody, Manifests
 from .metrics import Metrics
 from .names import Route, check_digest, check_name, check_reference, is_tag, route
 from .upstream import UpstreamClient
-from .virtual import VirtualImage, VirtualImages, build_index
+from .virtual import VirtualImage, VirtualImages, store_index
 
 log = Logger()
 
@@ -176,10 +176,8 @@ class RegistryResource(Resource):
 
     async def _build_virtual(self, target: Route, image: VirtualImage) -> ManifestBody:
         registry = self.registry
-        body, sources = await build_index(registry.config, image, registry.manifests.get)
+        index, sources = await store_index(registry.config, image, registry.manifests, target)
         registry.virtual.remember(target, sources)
-        registry.manifests.storage.index.link(sources.keys(), target.key)
-        index = await registry.manifests.store(target, body, media.OCI_INDEX)
         registry.virtual.remember(target, {index.digest: target})
         return index
 

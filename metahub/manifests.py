@@ -46,6 +46,8 @@ def _read_blob(storage: Storage, digest: str) -> bytes | None:
 
 
 def _write_blob(storage: Storage, digest: str, body: bytes) -> None:
+    if storage.blobs.stat(digest) is not None:  # content-addressed: the same digest, the same bytes
+        return
     with storage.blobs.writer(digest, len(body)) as writer:
         writer.write(body)
         writer.commit()

@@ -25,7 +25,7 @@ from .metrics import Metrics
 from .names import route
 from .threads import thread_runner
 from .upstream import UpstreamClient, make_http_client
-from .virtual import VirtualImages, build_index
+from .virtual import VirtualImages, store_index
 
 
 @dataclass
@@ -60,9 +60,7 @@ async def prefetch(reactor, config: Config, image: str, machine_type: str | None
         target = route(config, name)
         virtual = VirtualImages(config).find(target, reference)
         if virtual is not None:
-            body, sources = await build_index(config, virtual, manifests.get)
-            storage.index.link(sources.keys(), target.key)
-            top = await manifests.store(target, body, media.OCI_INDEX)
+            top, sources = await store_index(config, virtual, manifests, target)
         else:
             sources = {}
             top = await manifests.get(target, reference)

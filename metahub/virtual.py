@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from . import errors, media
 from .config import Config, VirtualEntry, VirtualImage
 from .grammar import split_reference
-from .manifests import ManifestBody
+from .manifests import ManifestBody, Manifests
 from .names import Route, route
 
 Fetch = Callable[[Route, str], Awaitable[ManifestBody]]
@@ -57,6 +57,15 @@ async def build_index(config: Config, image: VirtualImage, fetch: Fetch) -> tupl
         {"schemaVersion": 2, "mediaType": media.OCI_INDEX, "manifests": descriptors}, separators=(",", ":")
     ).encode()
     return body, sources
+
+
+async def store_index(
+    config: Config, image: VirtualImage, manifests: Manifests, target: Route
+) -> tuple[ManifestBody, dict[str, Route]]:
+    """Build ``image``'s index, link everything it reaches to ``target``, and keep the index."""
+    body, sources = await build_index(config, image, manifests.get)
+    manifests.storage.index.link(sources.keys(), target.key)
+    return await manifests.store(target, body, media.OCI_INDEX), sources
 
 
 class VirtualImages:

@@ -90,3 +90,12 @@ def test_a_tag_another_node_resolved_is_read_from_the_shared_store_once(tmp_path
         assert ensureDeferred(node_b.by_tag(ROUTE, "1.0")).result.body == BODY
     assert shared_reads.count("read") == 1 and upstream.gets == 1  # adopted once, then from B's index
     assert storage_b.index.get_tag("local", ROUTE.repository, "1.0").digest == DIGEST
+
+
+def test_storing_a_manifest_already_in_the_store_writes_nothing(tmp_path) -> None:
+    manifests, _, _, _ = make(tmp_path)
+    ensureDeferred(manifests.store(ROUTE, BODY, media.OCI_MANIFEST)).result
+    writes = []
+    manifests.storage.blobs.writer = lambda *args: writes.append(args)  # a virtual index, rebuilt per pull
+    stored = ensureDeferred(manifests.store(ROUTE, BODY, media.OCI_MANIFEST)).result
+    assert stored.digest == DIGEST and writes == []
