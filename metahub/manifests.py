@@ -141,8 +141,6 @@ class Manifests:
             if error.status >= 500:
                 self.metrics.upstream_failures.labels(upstream).inc()
             raise
-        if len(fetched.body) > media.MAX_MANIFEST_SIZE:
-            raise errors.bad_gateway(f"upstream {upstream} sent a manifest over {media.MAX_MANIFEST_SIZE} bytes")
         return await self.store(route, fetched.body, fetched.media_type or media.sniff_media_type(fetched.body))
 
     async def by_digest(self, route: Route, digest: str) -> ManifestBody:

@@ -44,6 +44,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
 from metahub.config import UpstreamConfig
+from metahub.media import MAX_MANIFEST_SIZE
 from metahub.errors import (
     RegistryError,
     bad_gateway,
@@ -61,8 +62,6 @@ from metahub.wwwauth import Challenge, WWWAuthenticateError, parse_challenges
 
 __all__ = ["HTTPRequester", "Manifest", "ManifestHead", "UpstreamClient", "make_http_client"]
 
-# distribution refuses manifests over 4 MiB; anything bigger from upstream is not one we want.
-_MANIFEST_LIMIT = 4 * 1024 * 1024
 _TAGS_LIMIT = 4 * 1024 * 1024
 # Token answers and error documents are a few hundred bytes.
 _SMALL_LIMIT = 64 * 1024
@@ -217,7 +216,7 @@ class UpstreamClient:
         """Fetch a manifest by tag or digest; a body that does not match its digest is a 502."""
         target = _Target(repo, reference, ("MANIFEST_UNKNOWN", "NAME_UNKNOWN"))
         response = await self._call("GET", target, f"manifests/{_quote(reference)}", {"Accept": ", ".join(accept)})
-        body = await self._read(response, _MANIFEST_LIMIT, "a manifest")
+        body = await self._read(response, MAX_MANIFEST_SIZE, "a manifest")
         digest = self._checked_digest(body, reference, _header(response, b"Docker-Content-Digest"))
         return Manifest(body, _media_type(response), digest)
 
