@@ -37,11 +37,19 @@ def basic(creds: str) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(creds.encode()).decode()}
 
 
-def test_missing_peer_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CI", "true")
+@pytest.mark.parametrize("ci", ["true", "1", "TRUE"])
+def test_missing_peer_fails_in_ci(monkeypatch: pytest.MonkeyPatch, ci: str) -> None:
+    monkeypatch.setenv("CI", ci)
     with pytest.raises(pytest.fail.Exception, match="no-such-peer"):
         require_binary("no-such-peer")
-    monkeypatch.setenv("CI", "false")
+
+
+@pytest.mark.parametrize("ci", ["false", "", None])
+def test_missing_peer_skips_outside_ci(monkeypatch: pytest.MonkeyPatch, ci: str | None) -> None:
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
     with pytest.raises(pytest.skip.Exception):
         require_binary("no-such-peer")
 

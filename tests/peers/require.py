@@ -9,12 +9,21 @@ import shutil
 import pytest
 
 
-def require_binary(name: str) -> str:
-    """The absolute path of program ``name``; skips the test (fails it when CI=true) if absent."""
-    path = shutil.which(name)
-    if path is not None:
-        return path
-    message = f"peer program {name!r} is not installed (scripts/test installs it when run as root)"
-    if os.environ.get("CI") == "true":
+def in_ci() -> bool:
+    """CI services set CI=true; "1" and other spellings of true count too."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes", "on"}
+
+
+def missing(message: str) -> None:
+    """A peer the test needs is not here: fail in CI, skip elsewhere."""
+    if in_ci():
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
+
+
+def require_binary(name: str) -> str:
+    """The absolute path of program ``name``; skips the test (fails it in CI) if absent."""
+    path = shutil.which(name)
+    if path is None:
+        missing(f"peer program {name!r} is not installed (scripts/test installs it when run as root)")
+    return path

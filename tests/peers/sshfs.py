@@ -40,9 +40,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-import pytest
 
 from .ports import LOOPBACK, free_port
+from .require import missing
 from .process import Daemon, PeerError, run
 from .require import require_binary
 
@@ -68,10 +68,7 @@ def require_fuse() -> None:
         os.close(os.open("/dev/fuse", os.O_RDWR))
         return
     except OSError as error:
-        message = f"FUSE is not available here: cannot open /dev/fuse ({error.strerror})"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+        missing(f"FUSE is not available here: cannot open /dev/fuse ({error.strerror})")
 
 
 def mounted(path: Path) -> bool:
