@@ -40,10 +40,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-
 from .ports import LOOPBACK, free_port
-from .require import missing
 from .process import Daemon, PeerError, run
+from .require import missing
 from .require import require_binary
 
 STARTUP_ATTEMPTS = 3
