@@ -150,7 +150,8 @@ def test_error_names_what_it_found() -> None:
         parse_challenges("Basic realm =")
 
 
-@given(st.text(alphabet=st.characters(max_codepoint=0x17F)))
+# Any text, and text dense in the header's own punctuation (where a parser's corners are).
+@given(st.one_of(st.text(alphabet=st.characters(max_codepoint=0x17F)), st.text(alphabet="Bb ,=\"\\\tarelm")))
 def test_any_text_parses_or_raises_value_error(header: str) -> None:
     try:
         challenges = parse_challenges(header)
@@ -160,14 +161,6 @@ def test_any_text_parses_or_raises_value_error(header: str) -> None:
     for challenge in challenges:
         assert challenge.scheme == challenge.scheme.lower()
         assert all(name == name.lower() for name in challenge.params)
-
-
-@given(st.text(alphabet="Bb ,=\"\\\tarelm"))
-def test_dense_punctuation_parses_or_raises_value_error(header: str) -> None:
-    try:
-        parse_challenges(header)
-    except WWWAuthenticateError:
-        pass
 
 
 _token = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._~", min_size=1, max_size=8)
