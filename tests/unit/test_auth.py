@@ -1,12 +1,17 @@
 """Accounts, logins, tokens and repository patterns (no HTTP)."""
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import threading
 
 import pytest
+from twisted.internet.defer import ensureDeferred, succeed
+from twisted.web.test.requesthelper import DummyRequest
 
-from metahub import errors
+from metahub import errors, login
 from metahub.auth import ANONYMOUS, Authenticator, Identity, check_password, hash_password, load_token_key, repository_pattern
 from metahub.config import Account, Config, MachineType, StorageConfig, UpstreamConfig
 
@@ -140,3 +145,23 @@ def test_a_key_file_that_stays_short_is_an_error(tmp_path) -> None:
     (tmp_path / "token.key").write_bytes(b"short")
     with pytest.raises(RuntimeError, match="shorter than 32 bytes"):
         load_token_key(str(tmp_path), wait=0.2)
+
+
+def test_token_requests_reuse_a_recent_login(auth: Authenticator) -> None:
+    kdf_runs: list[str] = []
+
+    def in_thread(function, *args):
+        kdf_runs.append(args[0])
+        return succeed(function(*args))
+
+    basic = b"Basic " + base64.b64encode(b"qnib-type1:pw")
+    for method in (b"GET", b"GET", b"POST"):  # docker and podman send Basic; containerd a password grant
+        request = DummyRequest([b"token"])
+        request.method = method
+        if method == b"GET":
+            request.requestHeaders.setRawHeaders(b"authorization", [basic])
+        else:
+            request.content = io.BytesIO(b"grant_type=password&username=qnib-type1&password=pw")
+        answer = json.loads(ensureDeferred(login.token(request, auth, in_thread)).result)
+        assert auth.verify(answer["token"]) == Identity("qnib", "type1")
+    assert kdf_runs == ["qnib-type1"]  # one scrypt run for a pull's several token requests
