@@ -122,7 +122,6 @@ class Download:
         self._piece_bytes = 0
         self._queued = 0  # handed to the lane, not yet written
         self.finished: Deferred[bool] = Deferred()  # True when committed
-        self.committed = False
         self.lease: Lease | None = None
         self.heartbeat: LoopingCall | None = None
         self._waiters: list[tuple[int, Deferred[None]]] = []  # (bytes written to wait for, waiter)
@@ -203,7 +202,6 @@ class Download:
             waiter.callback(None)
 
     def _end(self, committed: bool) -> None:
-        self.committed = committed
         self.finished.callback(committed)
         self._wake()
 

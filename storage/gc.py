@@ -66,17 +66,17 @@ class AccessStamps:
 
     def __init__(self, resolution: float = 60.0) -> None:
         self.resolution = resolution
-        self._pending: dict[str, float] = {}
+        self._pending: set[str] = set()
         self._stamped: dict[str, float] = {}
 
     def note(self, digest: str, now: float) -> None:
         last = self._stamped.get(digest)
         if last is None or now - last >= self.resolution:
-            self._pending[digest] = now
+            self._pending.add(digest)
 
     def flush(self, store: BlobStore, now: float) -> list[str]:
         """Stamp every noted blob with ``now``; returns the digests whose file was gone."""
-        pending, self._pending = self._pending, {}
+        pending, self._pending = self._pending, set()
         missing = stamp_access(store, pending, now)
         gone = set(missing)
         stamped = {d: t for d, t in self._stamped.items() if now - t < self.resolution}
