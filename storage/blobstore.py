@@ -174,10 +174,10 @@ class BlobStore:
         with os.scandir(self.tmp_dir) as entries:
             for entry in entries:
                 try:
-                    if entry.stat().st_mtime < limit:
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < limit:
                         os.unlink(entry.path)
                         removed += 1
-                except FileNotFoundError:
+                except OSError:  # gone meanwhile, or a stale NFS handle: one entry must not stop the sweep
                     continue
         return removed
 

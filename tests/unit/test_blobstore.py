@@ -256,6 +256,16 @@ def test_clean_temp_spares_live_writers(store: BlobStore) -> None:
     assert os.path.exists(live.temp_path)
 
 
+def test_clean_temp_goes_on_past_what_it_cannot_remove(store: BlobStore) -> None:
+    odd = os.path.join(store.tmp_dir, "a-directory")  # someone's mkdir: not ours to remove, not fatal
+    os.mkdir(odd)
+    os.utime(odd, (1000, 1000))
+    old = store.writer(digest_of(b"old"))
+    os.utime(old.temp_path, (1000, 1000))
+    assert store.clean_temp(grace=60) == 1
+    assert os.path.isdir(odd) and not os.path.exists(old.temp_path)
+
+
 def test_iter_blobs_skips_foreign_files(store: BlobStore) -> None:
     data = b"a blob"
     digest = digest_of(data)
