@@ -1,7 +1,6 @@
 """Several metahub nodes on one shared store directory, against a real docker-registry upstream."""
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import signal
@@ -19,6 +18,7 @@ from tests.peers.oci import make_image
 from tests.peers.registry import Registry
 from tests.peers.relay import Relay
 from tests.peers.sshfs import SshfsMount
+from tests.store_checks import assert_store_sound
 
 from .metahub_process import Metahub
 from .test_proxy import request, upstream_blob_path
@@ -33,14 +33,6 @@ def start_nodes(root: Path, shared: Path, relay: Relay, count: int = 3, storage:
     common = {"path": str(shared), "lease_timeout": "2s", **(storage or {})}
     return [Metahub(root / f"node{n}", upstreams, storage={**common, "index": str(root / f"node{n}" / "index")},
                     **config) for n in range(count)]
-
-
-def assert_store_sound(shared: Path) -> None:
-    """Every file under a blob's name holds exactly the bytes its name promises."""
-    for directory, _, files in os.walk(shared / "blobs" / "sha256"):
-        for name in files:
-            digest = hashlib.sha256((Path(directory) / name).read_bytes()).hexdigest()
-            assert digest == name, f"{name} holds other bytes"
 
 
 def committed(blobs: Path, digest: str, timeout: float = 10.0) -> Path:

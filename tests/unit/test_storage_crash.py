@@ -1,7 +1,6 @@
 """SIGKILL a process that is writing blobs and updating the index, at many points: nothing breaks."""
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import time
 import pytest
 
 from storage import Leases, Storage
+from tests.store_checks import assert_store_sound
 
 WRITER = textwrap.dedent(
     """
@@ -33,17 +33,6 @@ WRITER = textwrap.dedent(
         n += 1
     """
 )
-
-
-def assert_store_sound(store_path: str) -> int:
-    blob_root = os.path.join(store_path, "blobs", "sha256")
-    count = 0
-    for prefix in os.listdir(blob_root):
-        for name in os.listdir(os.path.join(blob_root, prefix)):
-            with open(os.path.join(blob_root, prefix, name), "rb") as f:
-                assert hashlib.sha256(f.read()).hexdigest() == name, "partial blob under its name"
-            count += 1
-    return count
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3, 0.6])
