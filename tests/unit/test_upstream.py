@@ -447,9 +447,8 @@ class BearerAuthTests(UpstreamTestCase):
             [None, "Bearer tok-1", "Bearer tok-1"],
         )
 
-    def test_token_is_renewed_shortly_before_it_expires(self) -> None:
-        self.tokens.expires_in = 60
-        client = self.client()
+    def assert_renewed_at_50_seconds(self, client: UpstreamClient) -> None:
+        """A 60-second token is used for 49 s and renewed by 51 s (10 s before it expires)."""
         self.ok(client.get_manifest("library/alpine", "latest", ACCEPT))
         self.clock.advance(49)
         self.ok(client.get_manifest("library/alpine", "latest", ACCEPT))
@@ -457,6 +456,11 @@ class BearerAuthTests(UpstreamTestCase):
         self.clock.advance(2)
         self.ok(client.get_manifest("library/alpine", "latest", ACCEPT))
         self.assertEqual(self.tokens.issued, ["tok-1", "tok-2"])
+
+    def test_token_is_renewed_shortly_before_it_expires(self) -> None:
+        self.tokens.expires_in = 60
+        client = self.client()
+        self.assert_renewed_at_50_seconds(client)
         # The expired token is not tried: the challenge is known, so the new one is fetched first.
         self.assertEqual(
             [seen.headers.get("authorization") for seen in self.upstream.to("registry.test")],
@@ -466,14 +470,7 @@ class BearerAuthTests(UpstreamTestCase):
     def test_access_token_and_default_lifetime_of_60_seconds(self) -> None:
         self.tokens.field = "access_token"
         self.tokens.expires_in = None
-        client = self.client()
-        self.ok(client.get_manifest("library/alpine", "latest", ACCEPT))
-        self.clock.advance(49)
-        self.ok(client.get_manifest("library/alpine", "latest", ACCEPT))
-        self.assertEqual(self.tokens.issued, ["tok-1"])
-        self.clock.advance(2)
-        self.ok(client.get_manifest("library/alpine", "latest", ACCEPT))
-        self.assertEqual(self.tokens.issued, ["tok-1", "tok-2"])
+        self.assert_renewed_at_50_seconds(self.client())
 
     def test_tokens_are_per_scope(self) -> None:
         self.upstream.on(
