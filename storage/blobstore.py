@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .digest import parse_digest
+from .files import fsync_dir, write_all
 
 _PART = ".part"
 _PAGE = 4096
@@ -68,27 +69,6 @@ class BlobFile:
     digest: str
     size: int
     mtime: float
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename durable; some filesystems (FUSE, NFS) refuse to open a directory, which is fine."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
 
 
 class BlobStore:
@@ -228,7 +208,7 @@ class BlobWriter:
             self.abort()
             raise SizeMismatch(self.expected_size, self.bytes_written + len(data))
         try:
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
         except OSError as failure:  # a full disk, a lost NFS server: this write cannot succeed
             self.abort()
             raise BlobWriteError(f"writing {self.temp_path} failed: {failure}") from failure
@@ -274,7 +254,7 @@ class BlobWriter:
             os.unlink(self.temp_path)
         else:
             os.rename(self.temp_path, final)
-            _fsync_dir(parent)
+            fsync_dir(parent)
         self.committed = True
         return final
 

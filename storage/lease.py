@@ -90,7 +90,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .blobstore import _fsync_dir
+from .files import fsync_dir, write_all
 from .exclusive import create_exclusive
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
@@ -173,10 +173,7 @@ def _create(path: str, holder: str, now: float) -> bool:
     if fd is None:
         return False
     try:
-        data = json.dumps({"holder": holder, "taken_at": now}).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, json.dumps({"holder": holder, "taken_at": now}).encode())
         os.fsync(fd)
         # After the data is on the server, or a later flush would stamp the server's time.
         os.utime(fd, (now, now))
@@ -365,7 +362,7 @@ class Leases:
             return False
         removed = self._remove_if_unchanged(path, seen)
         if removed:
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
         return removed
 
     # -- looking -----------------------------------------------------------------------------------

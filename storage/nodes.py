@@ -1,7 +1,7 @@
 """Which nodes use a shared store, and how their caches do: one small record per node.
 
-Each node rewrites ``<root>/nodes/<node>.json`` now and then (temp file + rename, so readers never
-see half a record): when it was last seen and its hit and miss counts since it started. Operators'
+Each node rewrites ``<root>/nodes/<node>.json`` now and then (through ``tmp/`` and a rename, so
+readers never see half a record): when it was last seen and its hit and miss counts since it started. Operators'
 ``metahub cache stats`` reads them all. Records are advisory; nothing depends on them.
 """
 from __future__ import annotations
@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from dataclasses import asdict, dataclass
+
+from .files import replace_file
 
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
 
@@ -26,16 +27,15 @@ class NodeRecord:
 class NodeRecords:
     def __init__(self, root: str) -> None:
         self.dir = os.path.join(os.path.abspath(root), "nodes")
+        self.tmp_dir = os.path.join(os.path.abspath(root), "tmp")
         os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.tmp_dir, exist_ok=True)
 
     def write(self, record: NodeRecord) -> None:
         if not _NODE.fullmatch(record.node):
             raise ValueError(f"invalid node name: {record.node!r:.100}")
         final = os.path.join(self.dir, record.node + ".json")
-        temp = f"{final}.{secrets.token_hex(4)}.tmp"
-        with open(temp, "w") as out:
-            json.dump(asdict(record), out)
-        os.replace(temp, final)
+        replace_file(final, json.dumps(asdict(record)).encode(), self.tmp_dir, "node")
 
     def read_all(self) -> list[NodeRecord]:
         records = []

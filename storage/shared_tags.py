@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import socket
 
-from .blobstore import _fsync_dir
+from .files import replace_file
 from .digest import parse_digest
 from .index import TagRecord
 
@@ -66,7 +64,6 @@ class SharedTags:
         self.tmp_dir = os.path.join(self.root, "tmp")
         os.makedirs(self.dir, exist_ok=True)
         os.makedirs(self.tmp_dir, exist_ok=True)
-        self._node = socket.gethostname()
 
     def path(self, upstream: str, repository: str, tag: str) -> str:
         """The file of one tag; raises :class:`InvalidTagPath` for a name that could escape."""
@@ -90,28 +87,7 @@ class SharedTags:
         final = self.path(upstream, repository, tag)
         parent = os.path.dirname(final)
         os.makedirs(parent, exist_ok=True)
-        data = json.dumps({"digest": digest, "checked": checked}).encode()
-        temp = os.path.join(self.tmp_dir, f"tag.{self._node}-{os.getpid()}-{secrets.token_hex(6)}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(temp)
-            raise
-        os.close(fd)
-        try:
-            os.rename(temp, final)
-        except BaseException:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
-            raise
-        _fsync_dir(parent)
+        replace_file(final, json.dumps({"digest": digest, "checked": checked}).encode(), self.tmp_dir, "tag")
 
     def read(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
         """The last record any node wrote for this tag, or None (none, or unreadable)."""
