@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .grammar import split_reference
+from .grammar import COMPONENT, split_reference
 
 __all__ = [
     "Account",
@@ -534,14 +534,12 @@ def _password_hash(value: object, path: str, ctx: _Context) -> str:
 
 # --- names -------------------------------------------------------------------------------------
 
-# One path component of an OCI repository name (distribution's reference grammar).
-_REPO_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 # Logins are ACCOUNT-TYPE split at the first "-", and HTTP Basic splits at ":", so neither may appear.
 _LOGIN_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*")
 
 
 def _upstream_name(name: str) -> str | None:
-    if _REPO_COMPONENT.fullmatch(name):
+    if COMPONENT.fullmatch(name):
         return None
     return (
         "an upstream name is a repository path component: lowercase letters and digits, "

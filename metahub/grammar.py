@@ -1,15 +1,19 @@
 """The distribution spec's grammar for repository names, tags and image references.
 
-Kept free of other imports so both the config loader and the request path can use one definition.
+Kept free of metahub imports so both the config loader and the request path can use one
+definition; digests are storage's (the one check a store path relies on).
 """
 from __future__ import annotations
 
 import re
 
+from storage.digest import is_digest
+
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+#: One path component of a repository name.
+COMPONENT = re.compile(_COMPONENT)
 NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
-SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 MAX_NAME_LENGTH = 255
 
 
@@ -17,7 +21,7 @@ def split_reference(reference: str) -> tuple[str, str]:
     """``NAME[:TAG|@DIGEST]`` -> (name, tag or digest; ``latest`` when absent); ValueError if malformed."""
     name, at, digest = reference.partition("@")
     if at:
-        if not SHA256.fullmatch(digest):
+        if not is_digest(digest):
             raise ValueError(f"{reference!r}: a digest must be sha256: followed by 64 lowercase hex")
         tag = digest
     else:
