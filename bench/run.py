@@ -171,8 +171,11 @@ def report(results: Results) -> str:
 
 # --- clients -----------------------------------------------------------------------------------
 
-def _fetch_command(url: str, clients: int, sha256: str | None, timeout: float) -> list[str]:
+def _fetch_command(url: str, clients: int, sha256: str | None, timeout: float,
+                   headers: dict[str, str]) -> list[str]:
     argv = [sys.executable, "-m", "bench.fetch", url, "--clients", str(clients), "--timeout", str(timeout)]
+    for name, value in headers.items():
+        argv += ["--header", f"{name}: {value}"]
     return argv + (["--sha256", sha256] if sha256 else [])
 
 
@@ -195,10 +198,15 @@ class Client:
 
     verify: bool
     timeout: float
+    #: The login the clients answer a challenge with (None: an anonymous token when challenged).
+    user: str | None = None
 
     def _run(self, base_url: str, blob: PushedBlob, clients: int, what: str) -> list[dict[str, Any]]:
+        # Outside the timed part: a server with accounts challenges every request without a login.
+        headers = login_headers(base_url, self.user, blob.repository)
         completed = subprocess.run(
-            _fetch_command(base_url + blob.path(), clients, blob.digest if self.verify else None, self.timeout),
+            _fetch_command(base_url + blob.path(), clients, blob.digest if self.verify else None, self.timeout,
+                           headers),
             capture_output=True, text=True, env=_client_env(), timeout=self.timeout * 10,
             stdin=subprocess.DEVNULL)
         results = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]
@@ -226,14 +234,14 @@ class Client:
         return wall, late
 
 
-# --- auth for scenario 3 -----------------------------------------------------------------------
+# --- auth ------------------------------------------------------------------------------------
 
-def _get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+def _get(url: str, headers: dict[str, str], method: str = "GET") -> tuple[int, dict[str, str], bytes]:
     split = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(split.hostname, split.port, timeout=30)
     try:
         target = split.path + (f"?{split.query}" if split.query else "")
-        connection.request("GET", target, headers=headers)
+        connection.request(method, target, headers=headers)
         response = connection.getresponse()
         return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
     finally:
@@ -253,22 +261,22 @@ def login_headers(base_url: str, user: str | None, repository: str) -> dict[str,
     """The Authorization header a registry client would send after answering ``/v2/``'s challenge.
 
     Basic when challenged for Basic (or not challenged at all), else a token from the Bearer realm,
-    fetched with the Basic credentials, as docker and skopeo do.
+    fetched with the Basic credentials, as docker and skopeo do. Without a ``user``, an anonymous
+    token from the realm when challenged, else nothing.
     """
-    if user is None:
-        return {}
-    basic = "Basic " + base64.b64encode(user.encode()).decode()
-    status, headers, _ = _get(base_url + "/v2/", {})
+    basic = "Basic " + base64.b64encode(user.encode()).decode() if user is not None else None
+    # HEAD: the sendfile reference answers every GET with its whole file.
+    status, headers, _ = _get(base_url + "/v2/", {}, "HEAD")
     challenge = headers.get("www-authenticate", "")
     if status != 401 or not challenge.lower().startswith("bearer"):
-        return {"Authorization": basic}
+        return {"Authorization": basic} if basic else {}
     params = _challenge_params(challenge)
     query = urllib.parse.urlencode({"service": params.get("service", ""),
                                     "scope": f"repository:{repository}:pull"})
     realm = params["realm"]
     if realm.startswith("/"):
         realm = base_url + realm
-    status, _, body = _get(f"{realm}?{query}", {"Authorization": basic})
+    status, _, body = _get(f"{realm}?{query}", {"Authorization": basic} if basic else {})
     if status != 200:
         raise RuntimeError(f"the token realm {realm} answered {status}: {body[:200]!r}")
     answer = json.loads(body)
@@ -322,11 +330,13 @@ class Bench:
         self.relay_distribution = self.stack.enter_context(Relay(self.upstream.url))
         self.relay_direct = self.stack.enter_context(Relay(self.upstream.url))
         overlay = dict(self.settings.metahub_overlay)
-        if self.settings.user is None and not self.settings.anonymous:
+        if self.settings.user is None:
             self.settings.user = f"bench-amd64:{secrets.token_urlsafe(12)}"
-        if self.settings.anonymous:
-            self.settings.user = None
-        if self.settings.user and "accounts" not in overlay:
+        # --anonymous still configures the account: with accounts, metahub challenges anonymous
+        # clients too, and they answer with an anonymous token, so that path is what is measured.
+        self.load_user = None if self.settings.anonymous else self.settings.user
+        self.client = Client(self.settings.verify, self.settings.client_timeout, self.load_user)
+        if "accounts" not in overlay:
             overlay = {**overlay, **metahub_auth_overlay(self.settings.user)}
         self.metahub = MetahubServer(self.workdir / "metahub", self.relay_metahub.url, overlay)
         self.stack.callback(self.metahub.stop)
@@ -486,7 +496,7 @@ class Bench:
         generators = {r["generator"] for who in targets for r in self.values("3", who)}
         self.results.notes.append(
             f"scenario 3: load from {', '.join(sorted(generators)) or '-'} ({settings.load_threads} thread(s)); "
-            f"metahub {'logged in as ' + settings.user.split(':')[0] if settings.user else 'anonymous'}, "
+            f"metahub {'logged in as ' + settings.user.split(':')[0] if self.load_user else 'anonymous (with a token from its realm)'}, "
             f"answering the index tag with {self.results.samples['3-media-type'].get('metahub')} "
             f"(distribution: {self.results.samples['3-media-type'].get('distribution')}); "
             "distribution's proxy for it points straight at the upstream (no relay)")
@@ -502,7 +512,7 @@ class Bench:
     def _load_headers(self, who: str, base: str) -> dict[str, str]:
         headers = {"Accept": ACCEPT}
         if who == "metahub":
-            headers.update(login_headers(base, self.settings.user, APP_REPO))
+            headers.update(login_headers(base, self.load_user, APP_REPO))
         return headers
 
     def _load(self, who: str, url: str) -> LoadResult:

@@ -2,7 +2,8 @@
 
 The challenge is always the registry token flow (``Bearer realm=".../token",service="metahub"``):
 docker, podman, skopeo and containerd all follow it, with credentials when they hold a login and
-without when they don't, so one flow serves named logins and anonymous pulls alike.
+without when they don't, so one flow serves named logins and anonymous pulls alike. When accounts
+exist every request without credentials is challenged, even under ``anonymous: allow``.
 """
 from __future__ import annotations
 
@@ -46,8 +47,11 @@ async def identify(request: Request, auth: Authenticator, in_thread: ThreadRunne
             if scheme.lower() == "basic":
                 return await _login(auth, in_thread, *_basic_credentials(value))
             raise errors.unauthorized(f"unsupported authorization scheme {scheme[:20]!r}")
-        if auth.enabled and (not auth.anonymous_allowed or request.path in (b"/v2/", b"/v2")):
-            # Clients send the login they hold only after a challenge to their /v2/ ping.
+        if auth.enabled:
+            # Clients send the login they hold only when challenged, and containerd never pings
+            # /v2/ first: were any request answered without credentials, a machine-type login would
+            # silently get the whole index. Anonymous clients answer the challenge with an
+            # anonymous token from the realm, as on Docker Hub.
             raise errors.unauthorized("authentication required")
         return ANONYMOUS
     except errors.RegistryError as error:
