@@ -459,10 +459,36 @@ def _strings(value: object, path: str, ctx: _Context) -> tuple[str, ...]:
     return tuple(out)
 
 
+def endpoint_problem(description: str) -> str | None:
+    """What is wrong with a Twisted server endpoint string, or None if it parses.
+
+    Parsing builds the endpoint without listening (no reactor is used until ``listen``), and for
+    ``ssl:`` loads the key and certificate, so a missing or unreadable file is found here, by
+    ``check-config`` as at startup, not by a traceback. Relative paths are the process's: twistd's.
+    """
+    from OpenSSL import SSL, crypto  # Twisted's own TLS dependency (twisted[tls])
+    from twisted.internet import endpoints
+
+    try:
+        endpoints.serverFromString(None, description)
+    except OSError as error:
+        return f"cannot read {error.filename}: {error.strerror}"
+    except (SSL.Error, crypto.Error) as error:
+        return f"cannot load its TLS key and certificate: {error}"
+    except (ValueError, TypeError) as error:
+        # Twisted names its private parser in these messages (``_parseTCP() got ...``).
+        reason = re.sub(r"^_parse\w*\(\) ", "", str(error))
+        return (f"not a Twisted endpoint string ({reason}); examples: tcp:5000:interface=127.0.0.1, "
+                "ssl:5443:privateKey=key.pem:certKey=cert.pem, unix:/run/metahub.sock")
+    return None
+
+
 def _endpoint(value: object, path: str, ctx: _Context) -> str:
-    """A Twisted server endpoint string; parsed for real by ``serverFromString`` at startup."""
-    if not isinstance(value, str) or not value.strip() or ":" not in value:
+    if not isinstance(value, str) or not value.strip():
         _fail(path, f"expected a Twisted endpoint string such as tcp:5000, got {_describe(value)}")
+    problem = endpoint_problem(value.strip())
+    if problem is not None:
+        _fail(path, problem)
     return value.strip()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import NoReturn
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
@@ -14,6 +15,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from storage import Leases, SharedTags, Storage
@@ -23,7 +25,7 @@ from storage.store import DEFAULT_TEMP_GRACE
 from .api import Registry, RegistryResource
 from .auth import Authenticator, load_token_key
 from .blobs import Blobs
-from .config import Config, config_summary
+from .config import Config, config_summary, endpoint_problem
 from .downloads import Downloads
 from .eviction import run_collection
 from .lane import thread_lanes
@@ -94,7 +96,7 @@ class MetahubService(Service):
         )
         return registry_site(RegistryResource(registry), config.access_log)
 
-    def startService(self) -> Deferred[None]:
+    def startService(self) -> None:
         super().startService()
         for line in config_summary(self.config).splitlines():
             log.info("{line}", line=line)
@@ -109,19 +111,51 @@ class MetahubService(Service):
             self._gc = LoopingCall(lambda: ensureDeferred(self.collect()))
             self._gc.clock = self.reactor
             self._gc.start(self.config.storage.gc_interval, now=True)
-        endpoint = endpoints.serverFromString(self.reactor, self.listen)
-        listening = endpoint.listen(site)
+        self._listen(site)
 
-        def listening_on(port: IListeningPort) -> None:
-            self.port = port
-            address = port.getHost()
-            log.info("metahub serving the registry API on {host}:{port}", host=address.host, port=address.port)
+    def _listen(self, site: Site) -> None:
+        """Listen on the endpoint, or end the process with one line and exit status 1.
 
-        def cannot_listen(failure):
-            log.failure("metahub cannot listen on {listen}", failure, listen=self.listen)
-            self.reactor.stop()
+        A process that cannot listen serves nothing, yet a supervisor would think it up. twistd
+        calls ``startService`` before it runs the reactor, and Twisted's TCP, SSL and UNIX endpoints
+        listen at once, so the failure is known here and ``SystemExit`` ends twistd before the
+        reactor starts (twistd would print a traceback for any other exception).
+        """
+        problem = endpoint_problem(self.listen)
+        if problem is not None:
+            self._give_up(f"listen {self.listen!r}: {problem}")
+        outcome: list[IListeningPort | Failure] = []
 
-        return listening.addCallbacks(listening_on, cannot_listen)
+        def note(result: IListeningPort | Failure) -> IListeningPort | Failure:
+            outcome.append(result)
+            return result
+
+        listening = endpoints.serverFromString(self.reactor, self.listen).listen(site)
+        listening.addBoth(note)
+        if not outcome:
+            # An endpoint type that listens later (none of Twisted's own): log and stop then.
+            listening.addCallback(self._listening_on)
+            listening.addErrback(self._cannot_listen_later)
+        elif isinstance(outcome[0], Failure):
+            listening.addErrback(lambda _: None)  # reported here, not as an unhandled error
+            self._give_up(f"cannot listen on {self.listen}: {outcome[0].getErrorMessage()}")
+        else:
+            self._listening_on(outcome[0])
+
+    def _listening_on(self, port: IListeningPort) -> None:
+        self.port = port
+        address = port.getHost()
+        log.info("metahub serving the registry API on {host}:{port}", host=address.host, port=address.port)
+
+    def _cannot_listen_later(self, failure: Failure) -> None:
+        log.error("metahub: cannot listen on {listen}: {why}", listen=self.listen, why=failure.getErrorMessage())
+        self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _give_up(self, message: str) -> NoReturn:
+        if self.storage is not None:
+            self.storage.close()
+            self.storage = None
+        raise SystemExit(f"metahub: {message}")
 
     async def flush_access(self) -> None:
         """Write batched last-access times: the index here, the blob files' mtimes (for the

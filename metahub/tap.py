@@ -4,7 +4,7 @@ from __future__ import annotations
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from .config import ConfigError, load_config
+from .config import ConfigError, endpoint_problem, load_config
 from .memory import tune_malloc
 from .service import MetahubService
 
@@ -18,13 +18,19 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        # Loading here makes a bad config a one-line usage error from twistd, not a traceback.
+        # Loading here makes a bad config one line from twistd, not a traceback.
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
         try:
             self.loaded = load_config(self["config"])
         except ConfigError as error:
-            raise usage.UsageError(str(error)) from None
+            # SystemExit, not UsageError: twistd prints its whole usage text before a UsageError,
+            # and a config error is one line.
+            raise SystemExit(f"metahub: {error}") from None
+        if self["listen"]:
+            problem = endpoint_problem(self["listen"])
+            if problem is not None:
+                raise SystemExit(f"metahub: --listen {self['listen']!r}: {problem}")
 
 
 def makeService(options: Options) -> IService:

@@ -2,28 +2,79 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
+from tests.peers.ports import LOOPBACK
+
 from .metahub_process import TWISTD
+
+METAHUB = Path(TWISTD).with_name("metahub")
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bad_config_stops_twistd_with_one_line(tmp_path) -> None:
+def _config(tmp_path: Path, extra: str = "") -> Path:
     config = tmp_path / "metahub.yaml"
     config.write_text(
-        "storage: {path: /tmp/s, index: /tmp/i}\n"
-        "upstreams: {hub: {url: 'https://registry-1.docker.io'}}\n"
-        "machine_types: {type1: {platform: {os: linux, architecture: amd64}, featurs: [cpu:x]}}\n"
+        f"storage: {{path: {tmp_path / 'store'}, index: {tmp_path / 'index'}}}\n"
+        "upstreams: {hub: {url: 'http://127.0.0.1:9'}}\n" + extra
     )
-    result = subprocess.run([TWISTD, "-n", "--pidfile=", "metahub", "--config", str(config)],
-                            capture_output=True, text=True, timeout=60)
+    return config
+
+
+def _twistd(*arguments: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TWISTD, "-n", "--pidfile=", "metahub", *map(str, arguments)],
+                          capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """What a failed start printed, which must be a single line (no usage text, no traceback)."""
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert result.returncode != 0
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_bad_config_stops_twistd_with_one_line(tmp_path) -> None:
+    config = _config(tmp_path, "machine_types: {type1: {platform: {os: linux, architecture: amd64}, featurs: [cpu:x]}}\n")
+    assert "machine_types.type1.featurs: unknown key" in _one_line(_twistd("--config", config))
+
+
+@pytest.mark.parametrize("listen, problem", [
+    ("tcpx:5000", "Unknown endpoint type: 'tcpx'"),
+    ("ssl:5443:privateKey=missing-key.pem:certKey=missing-cert.pem", "cannot read"),
+])
+def test_a_bad_listen_endpoint_is_one_line_from_check_config_and_startup(tmp_path, listen: str, problem: str) -> None:
+    config = _config(tmp_path, f"listen: '{listen}'\n")
+    line = _one_line(_twistd("--config", config))
+    assert line.startswith("metahub: listen: ") and problem in line
+    checked = subprocess.run([METAHUB, "check-config", "--config", str(config)], capture_output=True, text=True,
+                             timeout=60)
+    assert _one_line(checked) == line
+    # The same endpoint given on the command line.
+    line = _one_line(_twistd("--config", _config(tmp_path), "--listen", listen))
+    assert line.startswith("metahub: --listen ") and problem in line
+
+
+def test_a_busy_port_ends_the_process_with_one_line_and_status_1(tmp_path) -> None:
+    with socket.socket() as holder:
+        holder.bind((LOOPBACK, 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        result = _twistd("--config", _config(tmp_path), "--listen", f"tcp:{port}:interface={LOOPBACK}")
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1
     output = result.stdout + result.stderr
-    assert "machine_types.type1.featurs: unknown key" in output
-    assert "Traceback" not in output
+    assert f"metahub: cannot listen on tcp:{port}:interface={LOOPBACK}" in output
+    assert "Address already in use" in output
+    assert "Traceback" not in output and "ReactorNotRunning" not in output
 
 
 def test_missing_config_file_is_one_line(tmp_path) -> None:
