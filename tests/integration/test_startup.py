@@ -106,3 +106,14 @@ def test_plugin_is_found_after_a_non_editable_install(tmp_path) -> None:
     found, module = result.stdout.splitlines()
     assert found == "['metahub']"
     assert module.startswith(str(target))
+
+
+def test_scripts_run_reads_paths_from_where_the_caller_stands(tmp_path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "mine.yaml").write_text(
+        "storage: {path: s, index: i}\nupstreams: {hub: {url: 'http://127.0.0.1:9'}}\nlistne: tcp:1\n")
+    result = subprocess.run([ROOT / "scripts" / "run", "--config", "./mine.yaml"], cwd=elsewhere,
+                            capture_output=True, text=True, timeout=300)
+    # The file was found and read (its own error, not "cannot read"), from the caller's directory.
+    assert "listne: unknown key" in _one_line(result)
