@@ -12,6 +12,8 @@ echoed in an error message or in :func:`config_summary`.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import math
 import os
@@ -551,11 +553,48 @@ def _secret_file(value: object, path: str, ctx: _Context) -> str:
     return secret
 
 
+#: Bounds for the scrypt parameters of a ``password_hash``: what ``hash-password`` writes lies
+#: well inside them, and a login must not be made to cost more than the 256 MiB the check allows.
+_SCRYPT_LOG2_N = range(10, 21)
+_SCRYPT_MAX_R, _SCRYPT_MAX_P, _SCRYPT_MAX_MEMORY = 64, 16, 256 * 1024 * 1024
+
+
+def _base64_field(text: str, smallest: int) -> bytes | None:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    # Canonical only: b64decode ignores bits a different spelling of the same bytes would set.
+    return raw if len(raw) >= smallest and base64.b64encode(raw).decode() == text else None
+
+
+def password_hash_problem(value: str) -> str | None:
+    """Why ``value`` is not a usable ``scrypt$N$r$p$SALT$HASH`` (never quoting it: it is secret)."""
+    fields = value.split("$")
+    if len(fields) != 6 or fields[0] != "scrypt":
+        return "expected scrypt$N$r$p$SALT$HASH"
+    n, r, p = (int(field) if field.isascii() and field.isdigit() and len(field) < 10 else 0 for field in fields[1:4])
+    if n < 2 or n & (n - 1) or n.bit_length() - 1 not in _SCRYPT_LOG2_N:
+        return f"N must be a power of two from 2^{_SCRYPT_LOG2_N.start} to 2^{_SCRYPT_LOG2_N.stop - 1}"
+    if not 1 <= r <= _SCRYPT_MAX_R or not 1 <= p <= _SCRYPT_MAX_P:
+        return f"r must be 1..{_SCRYPT_MAX_R} and p 1..{_SCRYPT_MAX_P}"
+    if 128 * r * (n + p) > _SCRYPT_MAX_MEMORY:
+        return "N and r ask for more than 256 MiB per login"
+    if _base64_field(fields[4], 8) is None:
+        return "the salt is not base64 of at least 8 bytes"
+    if _base64_field(fields[5], 16) is None:
+        return "the hash is not base64 of at least 16 bytes (a placeholder?)"
+    return None
+
+
 def _password_hash(value: object, path: str, ctx: _Context) -> str:
     # The value is secret: never echo it back.
-    if not isinstance(value, str) or not value.startswith("scrypt$") or len(value) <= len("scrypt$"):
-        _fail(path, "expected a hash starting with 'scrypt$', as printed by `metahub hash-password`")
-    return value  # type: ignore[return-value]
+    if not isinstance(value, str):
+        _fail(path, "expected the string `metahub hash-password` prints")
+    problem = password_hash_problem(value)
+    if problem is not None:
+        _fail(path, f"not a hash from `metahub hash-password`: {problem}")
+    return value
 
 
 # --- names -------------------------------------------------------------------------------------

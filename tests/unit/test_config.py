@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
-import shutil
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from metahub.auth import hash_password
 from metahub.config import (
     Account,
     Config,
@@ -26,7 +27,7 @@ from metahub.config import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-HASH = "scrypt$16384$8$1$c2FsdA$aGFzaGhhc2hoYXNo"
+HASH = hash_password("pw", b"saltsaltsaltsalt")
 PASSWORD = "s3cret-upstream-pw"
 
 FULL = """\
@@ -140,10 +141,16 @@ def test_empty_sections_count_as_absent(tmp_path: Path) -> None:
     assert config.accounts == {} and config.tag_ttl == 300.0
 
 
-def test_example_file_parses(tmp_path: Path) -> None:
-    shutil.copy(REPO / "examples" / "metahub.yaml", tmp_path / "metahub.yaml")
+def test_example_file_parses_once_its_placeholder_hashes_are_replaced(tmp_path: Path) -> None:
+    example = (REPO / "examples" / "metahub.yaml").read_text()
+    (tmp_path / "metahub.yaml").write_text(example)
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "registry.password").write_text("pw\n")
+    # As written, the placeholders are refused: logins would otherwise fail with "incorrect password".
+    with pytest.raises(ConfigError, match=r"accounts\.qnib\.password_hash: .*placeholder"):
+        load_config(str(tmp_path / "metahub.yaml"))
+    example = re.sub(r'"scrypt\$[^"]*REPLACE-WITH-OUTPUT[^"]*"', f'"{HASH}"', example)
+    (tmp_path / "metahub.yaml").write_text(example)
     config = load_config(str(tmp_path / "metahub.yaml"))
     assert config.default_upstream in config.upstreams
     assert config.accounts and config.machine_types
@@ -341,6 +348,28 @@ def test_password_hash_must_be_scrypt_and_is_not_echoed(tmp_path: Path) -> None:
     data = minimal(tmp_path) | {"accounts": {"qnib": {"password_hash": PASSWORD}}}
     message = error(data, tmp_path)
     assert message.startswith("accounts.qnib.password_hash: ") and PASSWORD not in message
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("scrypt$...", "expected scrypt$N$r$p$SALT$HASH"),
+    ("scrypt$16384$8$1$c2FsdHNhbHRzYWx0$REPLACE-WITH-OUTPUT-OF-metahub-hash-password", "placeholder"),
+    ("scrypt$16383$8$1$c2FsdHNhbHRzYWx0$" + "A" * 44, "power of two"),
+    ("scrypt$1048576$64$1$c2FsdHNhbHRzYWx0$" + "A" * 44, "256 MiB"),
+    ("scrypt$16384$0$1$c2FsdHNhbHRzYWx0$" + "A" * 44, "r must be"),
+    ("scrypt$16384$8$1$c2Fsd$" + "A" * 44, "salt"),
+    ("scrypt$16384$8$1$c2FsdHNhbHRzYWx0$" + "A" * 42 + "B=", "hash"),  # non-canonical: stray low bits
+    ("scrypt$１６３８４$8$1$c2FsdHNhbHRzYWx0$" + "A" * 44, "power of two"),  # fullwidth digits
+])
+def test_password_hash_format_and_parameters_are_checked(tmp_path: Path, value: str, problem: str) -> None:
+    data = minimal(tmp_path) | {"accounts": {"qnib": {"password_hash": value}}}
+    message = error(data, tmp_path)
+    assert message.startswith("accounts.qnib.password_hash: not a hash from `metahub hash-password`: ")
+    assert problem in message and value not in message
+
+
+def test_a_fresh_hash_passes(tmp_path: Path) -> None:
+    data = minimal(tmp_path) | {"accounts": {"qnib": {"password_hash": hash_password("x")}}}
+    assert parse_config(data, str(tmp_path)).accounts["qnib"].password_hash.startswith("scrypt$16384$8$1$")
 
 
 def test_password_file_is_read_and_stripped(tmp_path: Path) -> None:
