@@ -6,10 +6,11 @@ import getpass
 from collections.abc import Awaitable, Callable
 from typing import Any
 import json
+import os
 import sys
 import time
 
-from storage import Leases, SharedTags, Storage, sha256_digest, stats, verify
+from storage import IndexInUse, IndexLock, Leases, SharedTags, Storage, sha256_digest, stats, verify
 from storage.nodes import NodeRecords
 
 from . import errors, inspect, media
@@ -41,11 +42,17 @@ def check_config(args: argparse.Namespace) -> int:
 def cache_reindex(args: argparse.Namespace) -> int:
     """Rebuild this node's index from the blob files (run while this node's server is stopped)."""
     config = _load(args.config)
+    try:
+        alone = IndexLock(config.storage.index, exclusive=True)
+    except IndexInUse:
+        raise SystemExit(f"metahub: cache reindex: a metahub server is running on {config.storage.index}; "
+                         "stop it first") from None
     storage = Storage(config.storage.path, config.storage.index)
     try:
         result = storage.reindex()
     finally:
         storage.close()
+        alone.release()
     print(f"reindexed {result.total} blobs: {result.added} added, {result.removed} removed")
     return 0
 
@@ -252,7 +259,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        status = int(args.run(args))
+        sys.stdout.flush()  # here, inside the try: piped output is buffered until exit
+        return status
+    except BrokenPipeError:
+        # `metahub cache stats | head`: the reader left, which is no error. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again (Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

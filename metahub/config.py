@@ -124,6 +124,7 @@ class Config:
     virtual_images: tuple[VirtualImage, ...] = ()
     pin: tuple[str, ...] = ()  # image references whose blobs eviction never removes
     access_log: bool = True  # one log line per request (twisted.web's combined log format)
+    node_id: str | None = None  # this node's name in the shared store; None: the host name
     source: str | None = None  # the file it was loaded from, for logs and `check-config`
 
 
@@ -295,6 +296,7 @@ def parse_config(data: object, base_dir: str) -> Config:
         virtual_images=values.get("virtual_images", ()),
         pin=values.get("pin", ()),
         access_log=values.get("access_log", Config.access_log),
+        node_id=values.get("node_id"),
     )
 
 
@@ -369,7 +371,10 @@ def _describe(value: object) -> str:
     if isinstance(value, Mapping):
         return "a mapping"
     if isinstance(value, list):
-        return "a list"
+        return "a list" if value else "an empty list"
+    if isinstance(value, bool):
+        # anonymous: yes is a boolean to YAML, and "got True" would leave the user guessing why.
+        return f"the boolean {str(value).lower()} (YAML reads unquoted yes, no, on, off as booleans)"
     text = repr(value)
     return _one_line(text if len(text) <= 60 else text[:57] + "...")
 
@@ -603,6 +608,16 @@ def _password_hash(value: object, path: str, ctx: _Context) -> str:
 _LOGIN_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*")
 
 
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _node_id(value: object, path: str, ctx: _Context) -> str:
+    text = _string(value, path, ctx)
+    if not _NODE_ID.fullmatch(text):
+        _fail(path, f"expected up to 64 letters, digits, '.', '_' or '-' (a host name, say), got {_describe(text)}")
+    return text
+
+
 def _upstream_name(name: str) -> str | None:
     if COMPONENT.fullmatch(name):
         return None
@@ -804,4 +819,5 @@ _TOP = {
     "virtual_images": _Key(lambda v, p, c: _list(v, p, c, _virtual_image)),
     "pin": _Key(lambda v, p, c: _list(v, p, c, _image_reference(digests=True))),
     "access_log": _Key(_boolean),
+    "node_id": _Key(_node_id),
 }

@@ -5,7 +5,6 @@ nothing that opens files or connections happens until the service starts.
 """
 from __future__ import annotations
 
-import os
 import socket
 from typing import NoReturn
 
@@ -18,7 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
-from storage import Leases, SharedTags, Storage
+from storage import IndexInUse, IndexLock, Leases, SharedTags, Storage
 from storage.nodes import NodeRecord, NodeRecords
 from storage.store import DEFAULT_TEMP_GRACE
 
@@ -45,6 +44,8 @@ ACCESS_FLUSH_INTERVAL = 30.0
 COMMIT_GRACE = 30.0
 #: How often the shared directory is swept for other nodes' crash leftovers.
 TIDY_INTERVAL = 3600.0
+#: A node record silent this long belongs to a node that is gone (renamed, retired).
+NODE_RECORD_LIFETIME = 86400.0
 
 
 class MetahubService(Service):
@@ -53,12 +54,14 @@ class MetahubService(Service):
         self.listen = listen
         self._reactor = reactor
         self.storage: Storage | None = None
+        self.index_lock: IndexLock | None = None
         self.downloads: Downloads | None = None
         self.port: IListeningPort | None = None
         self._flush: LoopingCall | None = None
         self._gc: LoopingCall | None = None
         self._tidy: LoopingCall | None = None
-        self.node_name = f"{socket.gethostname()}-{os.getpid()}"
+        # Stable across restarts, so the shared store's nodes/ holds one record per node, not per process.
+        self.node_name = config.node_id or socket.gethostname()
 
     @property
     def reactor(self):  # imported late: twistd installs the reactor it was asked for first
@@ -71,12 +74,16 @@ class MetahubService(Service):
     def build_site(self) -> Site:
         reactor = self.reactor
         config = self.config
+        try:  # shared with other servers on this index; `cache reindex` must wait for all to stop
+            self.index_lock = IndexLock(config.storage.index, exclusive=False)
+        except IndexInUse:
+            self._give_up(f"{config.storage.index} is being reindexed (metahub cache reindex); start after it")
         self.storage = Storage(config.storage.path, config.storage.index, clock=reactor.seconds)
         in_thread = self.in_thread = thread_runner(reactor)
         http = make_http_client(reactor, list(config.upstreams.values()))
         clients = {name: UpstreamClient(upstream, http, reactor) for name, upstream in config.upstreams.items()}
         metrics = self.metrics = Metrics()
-        leases = self.leases = Leases(config.storage.path, clock=reactor.seconds)
+        leases = self.leases = Leases(config.storage.path, node=self.node_name, clock=reactor.seconds)
         self.shared_tags = SharedTags(config.storage.path)
         self.node_records = NodeRecords(config.storage.path)
         downloads = self.downloads = Downloads(
@@ -155,6 +162,9 @@ class MetahubService(Service):
         if self.storage is not None:
             self.storage.close()
             self.storage = None
+        if self.index_lock is not None:
+            self.index_lock.release()
+            self.index_lock = None
         raise SystemExit(f"metahub: {message}")
 
     async def flush_access(self) -> None:
@@ -174,6 +184,7 @@ class MetahubService(Service):
         older_than = max(DEFAULT_TEMP_GRACE, 10 * self.config.storage.lease_timeout)
         try:
             removed = await self.in_thread(self.storage.clean_leftovers, self.leases, older_than)
+            await self.in_thread(self.node_records.prune, self.reactor.seconds() - NODE_RECORD_LIFETIME)
         except Exception:
             log.failure("could not sweep the store for crash leftovers")
             return
@@ -223,3 +234,6 @@ class MetahubService(Service):
                 log.failure("could not write access times at shutdown")
             self.storage.close()
             self.storage = None
+        if self.index_lock is not None:
+            self.index_lock.release()
+            self.index_lock = None

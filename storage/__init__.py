@@ -86,6 +86,7 @@ from .blobstore import (
 from .digest import InvalidDigest, is_digest, parse_digest, sha256_digest
 from .exclusive import create_exclusive
 from .index import BlobRecord, Index, TagRecord
+from .index_lock import IndexInUse, IndexLock
 from .gc import (
     DEFAULT_GC_STALE_AFTER,
     GC_LEASE,
@@ -116,6 +117,8 @@ __all__ = [
     "GC_LEASE",
     "GcResult",
     "Index",
+    "IndexInUse",
+    "IndexLock",
     "InvalidDigest",
     "InvalidLeaseName",
     "InvalidTagPath",

@@ -519,7 +519,8 @@ def test_virtual_images(tmp_path) -> None:
     assert image.manifests[1].variant == "v8"
     cases = {
         "virtual_images[0].image: 'Qnib/bench'": [{"image": "Qnib/bench", "manifests": spec[0]["manifests"]}],
-        "virtual_images[0].manifests: expected a non-empty list": [{"image": "a/b", "manifests": []}],
+        "virtual_images[0].manifests: expected a non-empty list, got an empty list":
+            [{"image": "a/b", "manifests": []}],
         "virtual_images[0].manifests[0].platform.architecture: required key is missing":
             [{"image": "a/b", "manifests": [{"image": "x:y", "platform": {"os": "linux"}}]}],
         "virtual_images[0].image: a virtual image is named by NAME[:TAG]":
@@ -527,6 +528,18 @@ def test_virtual_images(tmp_path) -> None:
     }
     for expected, value in cases.items():
         assert error(minimal(tmp_path) | {"virtual_images": value}, tmp_path).startswith(expected)
+
+
+def test_node_id(tmp_path) -> None:
+    assert parse_config(minimal(tmp_path), str(tmp_path)).node_id is None  # the host name, at startup
+    assert parse_config(minimal(tmp_path) | {"node_id": "gpu-07"}, str(tmp_path)).node_id == "gpu-07"
+    assert error(minimal(tmp_path) | {"node_id": "../x"}, tmp_path).startswith("node_id: expected up to 64 letters")
+
+
+def test_a_yaml_boolean_where_a_word_belongs_says_so(tmp_path) -> None:
+    assert error(minimal(tmp_path) | {"anonymous": True}, tmp_path) == (
+        "anonymous: expected one of allow, deny, got the boolean true "
+        "(YAML reads unquoted yes, no, on, off as booleans)")
 
 
 def test_access_log_switch(tmp_path) -> None:

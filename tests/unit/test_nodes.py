@@ -31,3 +31,12 @@ def test_a_failed_write_leaves_the_old_record_and_no_temporary_file(tmp_path, mo
     monkeypatch.undo()
     assert records.read_all() == [NodeRecord("node-a", 10.0, 5, 1)]
     assert os.listdir(tmp_path / "tmp") == []  # and a crash's leftover would be swept with tmp/
+
+
+def test_records_silent_for_longer_than_the_cutoff_are_pruned(tmp_path) -> None:
+    records = NodeRecords(str(tmp_path))
+    records.write(NodeRecord("gone", 100.0, 1, 1))
+    records.write(NodeRecord("alive", 200.0, 2, 2))
+    assert records.prune(seen_before=150.0) == 1
+    assert records.read_all() == [NodeRecord("alive", 200.0, 2, 2)]
+    assert records.prune(seen_before=150.0) == 0
