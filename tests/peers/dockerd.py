@@ -202,12 +202,19 @@ class TrustedCA:
     """
 
     def __init__(self, host: str, ca_path: Path) -> None:
+        self._made_certs_dir = not CERTS_DIR.exists()
         self.directory = CERTS_DIR / host
         self.directory.mkdir(parents=True, exist_ok=False)
         shutil.copyfile(ca_path, self.directory / "ca.crt")
 
     def remove(self) -> None:
+        """Remove the host's directory, and /etc/docker/certs.d too if this made it."""
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self._made_certs_dir:
+            try:
+                CERTS_DIR.rmdir()
+            except OSError:
+                pass  # someone else put a registry's CA there meanwhile
 
     def __enter__(self) -> Self:
         return self
