@@ -100,16 +100,23 @@ def docker_proxy(world: World) -> Iterator[ConnectProxy]:
         yield proxy
 
 
-def test_dockerd_pulls_over_tls_with_certs_d(world: World, docker_proxy: ConnectProxy) -> None:
+def test_dockerd_pulls_over_tls_once_certs_d_has_the_ca(world: World, docker_proxy: ConnectProxy) -> None:
+    """Refused without the CA, then pulls by name and as Docker Hub's mirror once the CA is in
+    /etc/docker/certs.d/HOST:PORT, with no restart in between."""
     host = f"{DOCKER_NAME}:{world.hub.port}"
-    with TrustedCA(host, world.ca_path), \
-            Dockerd(world.root / "dockerd-trusted", https_proxy=docker_proxy.url) as engine:
-        image = engine.pull(world.ref(host))
-    assert world.upstream_digest in image.digests()
-    assert docker_proxy.tunnels > 0  # it came through the name the certificate was checked for
+    with Dockerd(world.root / "dockerd", registry_mirrors=[f"https://{host}"],
+                 https_proxy=docker_proxy.url) as engine:
+        with pytest.raises(PeerError, match=UNKNOWN_CA):
+            engine.pull(world.ref(host))
+        assert docker_proxy.tunnels > 0  # it did reach metahub, and refused its certificate
+        with TrustedCA(host, world.ca_path):
+            assert world.upstream_digest in engine.pull(world.ref(host)).digests()
+            # docker.io/team/bench: the mirror, or Docker Hub through a proxy that refuses it.
+            mirrored = engine.pull("team/bench:1.0")
+            assert f"team/bench@{world.upstream_digest}" in mirrored.repo_digests
 
 
-# Without the CA every client must refuse: that its verification is on is what these tests prove.
+# Without the CA the other clients refuse too: that verification is on is what these prove.
 
 def test_skopeo_refuses_without_the_ca(world: World) -> None:
     empty = world.root / "no-ca-skopeo"
@@ -129,11 +136,3 @@ def test_ctr_refuses_without_the_ca(world: World, containerd: ctr.Containerd) ->
     hosts_dir = _hosts_dir(world, world.root / "hosts-untrusted", trust=False)
     with pytest.raises(PeerError, match=UNKNOWN_CA):
         ctr.ctr_pull(containerd.address, world.ref(), plain_http=False, hosts_dir=hosts_dir)
-
-
-def test_dockerd_refuses_without_the_ca(world: World, docker_proxy: ConnectProxy) -> None:
-    host = f"{DOCKER_NAME}:{world.hub.port}"
-    with Dockerd(world.root / "dockerd-untrusted", https_proxy=docker_proxy.url) as engine:
-        with pytest.raises(PeerError, match=UNKNOWN_CA):
-            engine.pull(world.ref(host))
-    assert docker_proxy.tunnels > 0  # it did reach metahub, and refused its certificate
