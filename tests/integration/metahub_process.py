@@ -85,7 +85,7 @@ class Metahub(LoopbackAddress):
 
     def start(self) -> None:
         """Start (again) on the same port, as an operator's restart would."""
-        argv = [TWISTD, "--nodaemon", "--pidfile=", "metahub", "--config", self.config_path,
+        argv: list[str | Path] = [TWISTD, "--nodaemon", "--pidfile=", "metahub", "--config", self.config_path,
                 "--listen", self.listen()]
         self._daemon = Daemon(argv, self.workdir / "metahub.log")
         tls = self.tls
