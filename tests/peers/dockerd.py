@@ -7,9 +7,10 @@ test sees, and the trust key that dockerd would otherwise write to /etc/docker/k
 too. It has no networking of its own (no bridge, no iptables) and the vfs storage driver, so it
 needs no mounts beyond the private bind mount of its data root that it undoes on exit.
 
-Without ``--containerd`` dockerd starts a containerd of its own under its exec root, as its child:
-it is in the daemon's process group, so stopping the daemon stops it, and several engines can run
-one after another (or side by side) because each one has its own sockets and namespaces.
+Without ``--containerd`` dockerd starts a containerd of its own under its exec root, as its child
+in a session of its own: dockerd stops it on a clean exit, the kernel kills it when dockerd is
+killed, and ``stop`` kills it if it is somehow still there. Several engines can run one after
+another (or side by side) because each one has its own sockets and containerd namespaces.
 
 Engine quirks that shape the tests: every registry whose host resolves into 127.0.0.0/8 is
 insecure to dockerd whatever its flags say, and for an insecure registry it skips certificate
