@@ -2,7 +2,8 @@
 
 podman reads ``storage.conf`` before its flags, and refuses to start when the one it reads names no
 driver or runroot, so a complete one pointing into ``root_dir`` (driver ``vfs``: no mounts, no
-privileges) is written for each call. ``pull`` works here; ``podman run`` does not. As root,
+privileges) is written for each call. Against a registry serving HTTPS, ``cert_dir`` holds its CA
+as ``ca.crt`` and verification is on. ``pull`` works here; ``podman run`` does not. As root,
 ``podman image mount`` on vfs is just a directory path, which is how ``read_file`` looks inside.
 """
 import json
@@ -37,13 +38,16 @@ def _podman(root_dir: Path, arguments: list[str | Path], tools: Isolated) -> byt
                 *arguments], env=env)
 
 
-def pull(ref: str, root_dir: Path, creds: str | None = None, arch: str | None = None) -> PulledImage:
-    """Pull ``ref`` over plain HTTP into the store under ``root_dir``."""
+def pull(ref: str, root_dir: Path, creds: str | None = None, arch: str | None = None,
+         cert_dir: Path | None = None) -> PulledImage:
+    """Pull ``ref`` into the store under ``root_dir``: over plain HTTP, or over verified HTTPS
+    when ``cert_dir`` is given."""
     with isolated() as tools:
-        options = ["--creds", creds] if creds else []
+        options: list[str | Path] = ["--creds", creds] if creds else []
         options += ["--arch", arch] if arch else []
-        _podman(root_dir, ["pull", "--quiet", "--tls-verify=false", "--signature-policy",
-                           tools.policy, *options, ref], tools)
+        options += ["--tls-verify=true", "--cert-dir", cert_dir] if cert_dir else ["--tls-verify=false"]
+        _podman(root_dir, ["pull", "--quiet", "--signature-policy", tools.policy, *options, ref],
+                tools)
         [info] = json.loads(_podman(root_dir, ["image", "inspect", ref], tools))
     return PulledImage(info["Id"], info["Digest"], info["RepoDigests"], info["Architecture"])
 

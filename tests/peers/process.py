@@ -71,8 +71,11 @@ class Daemon:
 
 
 def run(argv: Sequence[str | os.PathLike[str]], env: dict[str, str] | None = None,
-        timeout: float = COMMAND_TIMEOUT) -> bytes:
+        timeout: float = COMMAND_TIMEOUT, input: bytes | None = None) -> bytes:
     """Run a peer command line to completion and return its stdout; raise with its stderr.
+
+    ``input`` is written to its stdin (a secret such as ``--password-stdin`` wants, which must not
+    appear on a command line); without it stdin is empty, so a prompting client fails at once.
 
     The timeout is short because every client run here talks to loopback servers: a client that
     waits longer is hung on a server that never answers, and the test should say so promptly.
@@ -80,7 +83,7 @@ def run(argv: Sequence[str | os.PathLike[str]], env: dict[str, str] | None = Non
     command = [str(arg) for arg in argv]
     try:
         result = subprocess.run(command, env=env, capture_output=True, timeout=timeout,
-                                stdin=subprocess.DEVNULL)
+                                input=input if input is not None else b"")
     except subprocess.TimeoutExpired as expired:
         raise PeerError(f"{' '.join(command)} still running after {timeout:.0f}s:\n"
                         f"{(expired.stderr or b'').decode(errors='replace').strip()}") from None
