@@ -13,6 +13,7 @@ import pytest
 
 from metahub.auth import hash_password
 from tests.peers import containerd, podman, skopeo
+from tests.peers.dockerd import Dockerd
 from tests.peers.oci import build_text, make_bench_index
 from tests.peers.process import PeerError
 from tests.peers.registry import Registry
@@ -106,3 +107,18 @@ def test_podman_with_and_without_a_login(world) -> None:
         # Without a login podman picks from the untouched index by platform, as from any registry.
         pulled = podman.pull(ref, store)
         assert pulled.digest == index.digest
+
+
+def test_dockerd_with_and_without_a_login(world) -> None:
+    anonymous, hub, index, root = world
+    ref = f"{hub.host}/team/bench:1.0"
+    with Dockerd(root / f"dockerd-{anonymous}") as engine:
+        engine.login(hub.host, "qnib-gpu", PASSWORD)
+        assert engine.pull(ref).digests() == {index.images[BROADWELL_NVCAP].digest}
+        engine.logout(hub.host)
+        engine.docker("image", "rm", ref)
+        if anonymous == "deny":
+            with pytest.raises(PeerError, match="unauthorized"):
+                engine.pull(ref)
+        else:
+            assert engine.pull(ref).digests() == {index.digest}
