@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.11",
     package_dir={"": "."},
     packages=["storage", "metahub", "twisted.plugins"],
-    package_data={"twisted.plugins": ["metahub_plugin.py"]},
+    package_data={"twisted.plugins": ["metahub_plugin.py"], "metahub": ["example.yaml"]},
     install_requires=[
         "twisted[tls]>=24.3",
         "treq>=23.11",

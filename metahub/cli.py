@@ -16,7 +16,7 @@ from storage.nodes import NodeRecords
 from . import errors, inspect, media
 
 from .auth import hash_password
-from .config import Config, ConfigError, config_summary, load_config
+from .config import Config, ConfigError, config_summary, example_text, load_config
 from .eviction import run_collection
 from .grammar import split_reference
 from .manifests import ManifestBody
@@ -31,6 +31,12 @@ def _load(path: str) -> Config:
         return load_config(path)
     except ConfigError as error:
         raise SystemExit(f"metahub: {error}") from None
+
+
+def config_example(args: argparse.Namespace) -> int:
+    """Print the commented example configuration, to start a file from."""
+    sys.stdout.write(example_text())
+    return 0
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -219,6 +225,9 @@ def inspect_command(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="metahub", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
+
+    example = commands.add_parser("config-example", help="print a commented example configuration file")
+    example.set_defaults(run=config_example)
 
     check = commands.add_parser("check-config", help="validate a configuration file and summarise it")
     check.add_argument("--config", "-c", required=True)

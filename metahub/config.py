@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import difflib
 import math
 import os
 import re
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from importlib import resources
 from typing import Any, Callable, Mapping, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
@@ -220,6 +222,32 @@ class _Loader(yaml.SafeLoader):
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+#: What serves with no config file: a cache of the public registries for this host, which needs no
+#: decision from a new user. Paths are relative to METAHUB_HOME (default ``./.metahub``).
+BUILTIN_DEFAULT: Mapping[str, Any] = {
+    "listen": "tcp:5000:interface=127.0.0.1",
+    "storage": {"path": "store", "index": "index"},
+    "upstreams": {
+        "docker.io": {"url": "https://registry-1.docker.io"},
+        "ghcr.io": {"url": "https://ghcr.io"},
+        "quay.io": {"url": "https://quay.io"},
+    },
+    "default_upstream": "docker.io",
+    "cache": {"tag_ttl": "5m"},
+    "anonymous": "allow",
+}
+
+
+def builtin_config(home: str) -> Config:
+    """The embedded default, with its store and index under ``home``."""
+    return parse_config(copy.deepcopy(dict(BUILTIN_DEFAULT)), os.path.abspath(home))
+
+
+def example_text() -> str:
+    """The commented example configuration (``examples/metahub.yaml``), installed with metahub."""
+    return resources.files("metahub").joinpath("example.yaml").read_text(encoding="utf-8")
 
 
 def load_config(path: str) -> Config:

@@ -6,11 +6,14 @@ nothing that opens files or connections happens until the service starts.
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import NoReturn
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -49,9 +52,11 @@ NODE_RECORD_LIFETIME = 86400.0
 
 
 class MetahubService(Service):
-    def __init__(self, config: Config, listen: str, reactor: object | None = None) -> None:
+    def __init__(self, config: Config, listen: str, reactor: object | None = None,
+                 notice: Sequence[str] = ()) -> None:
         self.config = config
         self.listen = listen
+        self.notice = notice  # lines that head the log, e.g. that the built-in default serves
         self._reactor = reactor
         self.storage: Storage | None = None
         self.index_lock: IndexLock | None = None
@@ -105,7 +110,7 @@ class MetahubService(Service):
 
     def startService(self) -> None:
         super().startService()
-        for line in config_summary(self.config).splitlines():
+        for line in [*self.notice, *config_summary(replace(self.config, listen=self.listen)).splitlines()]:
             log.info("{line}", line=line)
         site = self.build_site()
         self._flush = LoopingCall(lambda: ensureDeferred(self.flush_access()))
@@ -153,6 +158,11 @@ class MetahubService(Service):
         self.port = port
         address = port.getHost()
         log.info("metahub serving the registry API on {host}:{port}", host=address.host, port=address.port)
+        if isinstance(address, (IPv4Address, IPv6Address)):
+            scheme = "https" if self.listen.startswith("ssl:") else "http"
+            host = f"[{address.host}]" if isinstance(address, IPv6Address) else address.host
+            log.info("point clients at {url} (e.g. docker pull {where}/library/alpine)",
+                     url=f"{scheme}://{host}:{address.port}", where=f"{host}:{address.port}")
 
     def _cannot_listen_later(self, failure: Failure) -> None:
         log.error("metahub: cannot listen on {listen}: {why}", listen=self.listen, why=failure.getErrorMessage())

@@ -22,14 +22,14 @@ class Daemon:
     """A started peer process with its log file."""
 
     def __init__(self, argv: Sequence[str | os.PathLike[str]], log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.name = os.path.basename(str(argv[0]))
         self.log_path = log_path
         self._stopped = False
         with open(log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [str(arg) for arg in argv], stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, env=env)
+                stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=cwd)
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the daemon's output, for error messages."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from metahub.auth import hash_password
 from metahub.config import (
@@ -17,6 +18,7 @@ from metahub.config import (
     MachineType,
     StorageConfig,
     UpstreamConfig,
+    builtin_config,
     config_summary,
     format_duration,
     format_size,
@@ -528,6 +530,15 @@ def test_virtual_images(tmp_path) -> None:
     }
     for expected, value in cases.items():
         assert error(minimal(tmp_path) | {"virtual_images": value}, tmp_path).startswith(expected)
+
+
+def test_the_builtin_default_is_the_documented_one(tmp_path) -> None:
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    documented = yaml.safe_load(docs.split("serves a\nbuilt-in default", 1)[1].split("```yaml", 1)[1].split("```", 1)[0])
+    assert parse_config(documented, str(tmp_path)) == builtin_config(str(tmp_path))
+    config = builtin_config(str(tmp_path))
+    assert config.listen == "tcp:5000:interface=127.0.0.1" and config.anonymous == "allow"
+    assert config.storage.path == str(tmp_path / "store") and config.default_upstream == "docker.io"
 
 
 def test_node_id(tmp_path) -> None:
