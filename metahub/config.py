@@ -59,7 +59,7 @@ class UpstreamConfig:
     # ca_file, resolved; when set, its certificates (each PEM) are the only TLS trust roots for
     # every https connection this upstream makes (its URL, its token realm, hosts it redirects to).
     ca_file: str | None = None
-    ca_certificates: tuple[bytes, ...] = ()
+    ca_certificates: tuple[bytes, ...] = field(default=(), repr=False)  # not secret, just long
 
     @property
     def host(self) -> str:

@@ -519,10 +519,10 @@ def make_http_clients(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig])
 
     Pulls come in bursts of requests to the same few hosts, so connections are kept for reuse.
     Upstreams that trust the same certificates share a client, and so its pool; the others get
-    their own, because a pooled connection is reused by host and port alone: one whose certificate
-    was checked against one upstream's ``ca_file`` must never serve another that trusts differently
-    (a CDN both redirect to, say). Redirects and token requests go through the upstream's client,
-    so they are verified with the upstream's trust too.
+    their own, because a pooled connection is reused by scheme, host and port alone: one whose
+    certificate was checked against one upstream's ``ca_file`` must never serve another that
+    trusts differently (a CDN both redirect to, say). Redirects and token requests go through the
+    upstream's client, so they are verified with the upstream's trust too.
     """
     upstreams = list(upstreams)
     by_trust: dict[tuple[bytes, ...], HTTPClient] = {}

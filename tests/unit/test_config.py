@@ -382,9 +382,11 @@ def test_ca_file_is_read_relative_to_the_config(tmp_path: Path) -> None:
     (tmp_path / "pki" / "bundle.pem").write_bytes(first.cert_path.read_bytes() + b"\n" + second.cert_path.read_bytes())
     data = minimal(tmp_path)
     data["upstreams"]["docker.io"]["ca_file"] = "pki/bundle.pem"
-    upstream = parse_config(data, str(tmp_path)).upstreams["docker.io"]
+    config = parse_config(data, str(tmp_path))
+    upstream = config.upstreams["docker.io"]
     assert upstream.ca_file == str(tmp_path / "pki" / "bundle.pem")
     assert upstream.ca_certificates == (first.cert_path.read_bytes(), second.cert_path.read_bytes())
+    assert f"(trusting 2 CA certificates from {tmp_path / 'pki' / 'bundle.pem'})" in config_summary(config)
     assert parse_config(minimal(tmp_path), str(tmp_path)).upstreams["docker.io"].ca_certificates == ()
 
 
