@@ -9,7 +9,8 @@ and, on failure, tells the connection *why*. Twisted keeps the chain error to it
 fails with a bare "certificate verify failed"), and an operator facing a 502 needs to know whether
 the CA is unknown or the certificate expired. The reason travels as the connection's loss reason
 (``TLSMemoryBIOProtocol.failVerification``, the way Twisted reports a host name mismatch), so it
-reaches the request that made the connection and nothing else.
+reaches the request that made the connection and nothing else. (Twisted releases that check the
+host name from an info callback instead still run that check as well; it can only agree.)
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def handshake_failure(reason: BaseException) -> str | None:
 @implementer(IPolicyForHTTPS)
 class _Policy:
     def __init__(self, trust: object | None) -> None:
-        self._trust = trust  # None: optionsForClientTLS uses the platform's trust roots
+        # An IOpenSSLTrustRoot (Twisted does not export the interface), or None: the platform's roots.
+        self._trust = trust
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         host = hostname.decode("ascii")
