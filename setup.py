@@ -20,6 +20,10 @@ setup(
         "lmdb>=1.4",
         "pyyaml>=6.0",
         "service-identity>=24.1",
+        # Imported directly: the CA bundle parser (config.py) and the upstream certificate check,
+        # which needs Connection.set_verify (22.1) and X509VerificationCodes (23.2).
+        "cryptography>=39",
+        "pyOpenSSL>=23.2",
         "prometheus-client>=0.20",
     ],
     # wheel: the install test builds metahub without build isolation, as an offline user would.

@@ -22,7 +22,7 @@ from .grammar import split_reference
 from .manifests import ManifestBody
 from .names import Route, route
 from .prefetch import prefetch
-from .upstream import UpstreamClient, make_http_client
+from .upstream import UpstreamClient, make_http_clients
 from .virtual import VirtualImages, build_index
 
 
@@ -202,8 +202,8 @@ def inspect_command(args: argparse.Namespace) -> int:
 
     async def report_on(reactor: Any) -> None:
         name, reference = split_reference(args.image)
-        http = make_http_client(reactor, list(config.upstreams.values()))
-        clients = {n: UpstreamClient(u, http, reactor) for n, u in config.upstreams.items()}
+        http = make_http_clients(reactor, list(config.upstreams.values()))
+        clients = {n: UpstreamClient(u, http[n], reactor) for n, u in config.upstreams.items()}
 
         async def fetch(target: Route, ref: str) -> ManifestBody:
             got = await clients[target.upstream.name].get_manifest(target.repository, ref, media.UPSTREAM_ACCEPT)

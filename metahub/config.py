@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from .grammar import COMPONENT, split_reference
 
@@ -58,6 +60,10 @@ class UpstreamConfig:
     password: str | None = field(default=None, repr=False)  # read from password_file; never logged
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # ca_file, resolved; when set, its certificates (each PEM) are the only TLS trust roots for
+    # every https connection this upstream makes (its URL, its token realm, hosts it redirects to).
+    ca_file: str | None = None
+    ca_certificates: tuple[bytes, ...] = field(default=(), repr=False)  # not secret, just long
 
     @property
     def host(self) -> str:
@@ -336,6 +342,7 @@ def config_summary(config: Config) -> str:
         f"{u.name}={u.url}"
         + (" (default)" if u.name == config.default_upstream else "")
         + (" (with credentials)" if u.password is not None else "")
+        + (f" (trusting {len(u.ca_certificates)} CA certificates from {u.ca_file})" if u.ca_file else "")
         for u in config.upstreams.values()
     )
     access = f"anonymous pulls: {config.anonymous}"
@@ -620,6 +627,22 @@ def password_hash_problem(value: str) -> str | None:
     return None
 
 
+def _ca_file(value: object, path: str, ctx: _Context) -> tuple[str, tuple[bytes, ...]]:
+    """Read a PEM CA bundle at load time: a typo must stop startup, not fail every pull with a TLS error."""
+    file_path = _path(value, path, ctx)
+    try:
+        with open(file_path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        _fail(path, f"cannot read {file_path}: {e.strerror or e}")
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        # cryptography's message is about its parser; what to fix is the file's content.
+        _fail(path, f"{file_path} is not a PEM bundle of certificates (-----BEGIN CERTIFICATE----- blocks)")
+    return file_path, tuple(c.public_bytes(serialization.Encoding.PEM) for c in certificates)
+
+
 def _password_hash(value: object, path: str, ctx: _Context) -> str:
     # The value is secret: never echo it back.
     if not isinstance(value, str):
@@ -696,6 +719,7 @@ _UPSTREAM = {
     "password": _Key(_string, refuse="inline passwords are not accepted; put it in a file and use password_file"),
     "connect_timeout": _Key(_duration(0, strict=True)),
     "read_timeout": _Key(_duration(0, strict=True)),
+    "ca_file": _Key(_ca_file),
 }
 
 
@@ -705,6 +729,7 @@ def _upstream(name: str, value: object, path: str, ctx: _Context) -> UpstreamCon
         missing = "password_file" if "username" in values else "username"
         other = "username" if missing == "password_file" else "password_file"
         _fail(_join(path, missing), f"required with {other}: they go together")
+    ca_file, ca_certificates = values.get("ca_file", (None, ()))
     return UpstreamConfig(
         name=name,
         url=values["url"],
@@ -712,6 +737,8 @@ def _upstream(name: str, value: object, path: str, ctx: _Context) -> UpstreamCon
         password=values.get("password_file"),
         connect_timeout=values.get("connect_timeout", UpstreamConfig.connect_timeout),
         read_timeout=values.get("read_timeout", UpstreamConfig.read_timeout),
+        ca_file=ca_file,
+        ca_certificates=ca_certificates,
     )
 
 

@@ -24,7 +24,7 @@ from .manifests import ManifestBody, Manifests
 from .metrics import Metrics
 from .names import route
 from .threads import thread_runner
-from .upstream import UpstreamClient, make_http_client
+from .upstream import UpstreamClient, make_http_clients
 from .virtual import VirtualImages, store_index
 
 
@@ -51,8 +51,8 @@ async def prefetch(reactor, config: Config, image: str, machine_type: str | None
     in_thread = thread_runner(reactor)
     storage = Storage(config.storage.path, config.storage.index, clock=reactor.seconds)
     try:
-        http = make_http_client(reactor, list(config.upstreams.values()))
-        clients = {n: UpstreamClient(u, http, reactor) for n, u in config.upstreams.items()}
+        http = make_http_clients(reactor, list(config.upstreams.values()))
+        clients = {n: UpstreamClient(u, http[n], reactor) for n, u in config.upstreams.items()}
         metrics = Metrics()
         manifests = Manifests(storage, clients, reactor, in_thread, metrics, config.tag_ttl, SharedTags(config.storage.path))
         downloads = Downloads(storage, clients, reactor, in_thread, metrics, Leases(config.storage.path, clock=reactor.seconds),

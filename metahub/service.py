@@ -36,7 +36,7 @@ from .memory import Releaser
 from .site import registry_site
 from .threads import thread_runner
 from .metrics import Metrics
-from .upstream import UpstreamClient, make_http_client
+from .upstream import UpstreamClient, make_http_clients
 from .virtual import VirtualImages
 
 log = Logger()
@@ -85,8 +85,8 @@ class MetahubService(Service):
             self._give_up(f"{config.storage.index} is being reindexed (metahub cache reindex); start after it")
         self.storage = Storage(config.storage.path, config.storage.index, clock=reactor.seconds)
         in_thread = self.in_thread = thread_runner(reactor)
-        http = make_http_client(reactor, list(config.upstreams.values()))
-        clients = {name: UpstreamClient(upstream, http, reactor) for name, upstream in config.upstreams.items()}
+        http = make_http_clients(reactor, list(config.upstreams.values()))
+        clients = {name: UpstreamClient(upstream, http[name], reactor) for name, upstream in config.upstreams.items()}
         metrics = self.metrics = Metrics()
         leases = self.leases = Leases(config.storage.path, node=self.node_name, clock=reactor.seconds)
         self.shared_tags = SharedTags(config.storage.path)

@@ -36,15 +36,16 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestNotSent, RequestTransmissionFailed, ResponseFailed
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseDone
+from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from metahub.config import UpstreamConfig
 from metahub.media import MAX_MANIFEST_SIZE
+from metahub.upstream_tls import handshake_failure, https_policy
 from metahub.errors import (
     RegistryError,
     bad_gateway,
@@ -60,7 +61,7 @@ from metahub.errors import (
 )
 from metahub.wwwauth import Challenge, WWWAuthenticateError, parse_challenges
 
-__all__ = ["HTTPRequester", "Manifest", "ManifestHead", "UpstreamClient", "make_http_client"]
+__all__ = ["HTTPRequester", "Manifest", "ManifestHead", "UpstreamClient", "make_http_clients"]
 
 _TAGS_LIMIT = 4 * 1024 * 1024
 # Token answers and error documents are a few hundred bytes.
@@ -90,7 +91,7 @@ _TRANSPORT_ERRORS = (
 class HTTPRequester(typing.Protocol):
     """The part of treq that ``UpstreamClient`` uses.
 
-    ``treq.client.HTTPClient`` (see ``make_http_client``) and ``treq.testing.StubTreq`` fit. The
+    ``treq.client.HTTPClient`` (see ``make_http_clients``) and ``treq.testing.StubTreq`` fit. The
     ``treq`` module fits only when the clock is the real reactor, because it also uses ``reactor``
     to build its connection pool.
     """
@@ -406,6 +407,13 @@ class UpstreamClient:
             if _cancelled(exc) and not timed_out:
                 # Our caller cancelled (its client went away): not the upstream's fault.
                 raise CancelledError() from exc
+            tls = _tls_failure(exc)
+            if tls is not None:
+                self._log.warn(
+                    "upstream {upstream}: TLS handshake with {origin} failed: {why} ({method} {url})",
+                    upstream=self._config.name, origin=_origin(url), why=tls, method=method, url=_without_query(url),
+                )
+                raise bad_gateway(f"upstream {self._config.name}: TLS handshake with {_origin(url)} failed: {tls}") from exc
             self._log.warn(
                 "upstream {upstream}: {method} {url} failed: {why}",
                 upstream=self._config.name, method=method, url=_without_query(url), why=_describe(exc),
@@ -506,28 +514,41 @@ class UpstreamClient:
         return claimed
 
 
-def make_http_client(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig]) -> HTTPClient:
-    """One treq client with a persistent connection pool for all upstreams (and their CDNs).
+def make_http_clients(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig]) -> dict[str, HTTPClient]:
+    """A treq client for each upstream (by name), with persistent connection pools.
 
     Pulls come in bursts of requests to the same few hosts, so connections are kept for reuse.
+    Upstreams that trust the same certificates share a client, and so its pool; the others get
+    their own, because a pooled connection is reused by scheme, host and port alone: one whose
+    certificate was checked against one upstream's ``ca_file`` must never serve another that
+    trusts differently (a CDN both redirect to, say). Redirects and token requests go through the
+    upstream's client, so they are verified with the upstream's trust too.
     """
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 10
-    pool.cachedConnectionTimeout = 60
-    return HTTPClient(Agent.usingEndpointFactory(reactor, _Endpoints(reactor, upstreams), pool=pool))
+    upstreams = list(upstreams)
+    by_trust: dict[tuple[bytes, ...], HTTPClient] = {}
+    clients: dict[str, HTTPClient] = {}
+    for upstream in upstreams:
+        trust = upstream.ca_certificates
+        if trust not in by_trust:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 10
+            pool.cachedConnectionTimeout = 60
+            endpoints = _Endpoints(reactor, upstreams, https_policy(trust))
+            by_trust[trust] = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
+        clients[upstream.name] = by_trust[trust]
+    return clients
 
 
 @implementer(IAgentEndpointFactory)
 class _Endpoints:
-    """Connects with each upstream's own connect timeout, and verifies TLS like a browser.
+    """Connects with each upstream's own connect timeout, and verifies TLS with ``tls``.
 
-    ``BrowserLikePolicyForHTTPS`` checks the chain against the system's trust roots and the host
-    name with service-identity. Hosts we are redirected to get the longest configured timeout.
+    Hosts we are redirected to get the longest configured timeout.
     """
 
-    def __init__(self, reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig]) -> None:
+    def __init__(self, reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig], tls: IPolicyForHTTPS) -> None:
         self._reactor = reactor
-        self._tls = BrowserLikePolicyForHTTPS()
+        self._tls = tls
         self._timeouts = {_host_port(URI.fromBytes(u.url.encode())): u.connect_timeout for u in upstreams}
         self._default = max(self._timeouts.values(), default=UpstreamConfig.connect_timeout)
 
@@ -630,6 +651,13 @@ def _cancelled(exc: BaseException) -> bool:
     if isinstance(exc, (ResponseFailed, RequestTransmissionFailed)):
         return any(reason.check(CancelledError) for reason in exc.reasons)
     return isinstance(exc, (CancelledError, ConnectingCancelledError))
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """Why the TLS handshake failed, if that is why the request did."""
+    if isinstance(exc, (ResponseFailed, RequestTransmissionFailed)):
+        return next((r for r in map(handshake_failure, (f.value for f in exc.reasons)) if r is not None), None)
+    return None
 
 
 def _describe(exc: BaseException) -> str:

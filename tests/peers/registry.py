@@ -1,11 +1,17 @@
-"""docker-registry (distribution 2.8) as a real upstream, optionally with auth or as a proxy.
+"""docker-registry (distribution 2.8) as a real upstream, optionally with auth, TLS or as a proxy.
 
 Our own config is always written: Debian's packaged one turns on htpasswd auth and listens on all
 interfaces. Startup waits until ``/v2/`` answers (200, or 401 when auth is on) so a test never
 races the listener.
+
+With ``tls`` (a certificate and key, see tests/peers/tls.py) it serves HTTPS, as every production
+registry does. With ``redirect_blobs_to`` it answers blob GETs and HEADs with a 307 to that base URL
+plus the blob's storage path (distribution's ``redirect`` storage middleware), the way Docker Hub
+and ghcr.io send downloads to a CDN; serve ``storage`` there (tests/peers/cdn.py).
 """
 import http.client
 import secrets
+import ssl
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -32,9 +38,19 @@ def bcrypt_htpasswd(username: str, password: str) -> str:
     return f"{username}:{hashed}\n"
 
 
-def v2_status(port: int) -> int | None:
-    """Status of ``GET /v2/``, or None while nothing listens."""
-    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=2)
+def v2_status(port: int, tls: bool = False) -> int | None:
+    """Status of ``GET /v2/`` (over HTTPS with ``tls``), or None while nothing listens.
+
+    The certificate is not checked: this only asks whether the server is up yet.
+    """
+    connection: http.client.HTTPConnection
+    if tls:
+        unchecked = ssl.create_default_context()
+        unchecked.check_hostname = False
+        unchecked.verify_mode = ssl.CERT_NONE
+        connection = http.client.HTTPSConnection(LOOPBACK, port, timeout=2, context=unchecked)
+    else:
+        connection = http.client.HTTPConnection(LOOPBACK, port, timeout=2)
     try:
         connection.request("GET", "/v2/")
         return connection.getresponse().status
@@ -48,13 +64,16 @@ class Registry(LoopbackAddress):
     """A running docker-registry on 127.0.0.1; a context manager that stops it on exit.
 
     ``username``/``password`` (and ``creds`` as ``user:pass`` for CLIs) are set when ``auth`` is.
+    ``tls`` is ``(certificate, key)`` paths; ``url`` is then ``https://``.
     """
 
     def __init__(self, workdir: Path, auth: Auth = None, proxy_of: str | None = None,
-                 username: str = "tester", password: str | None = None) -> None:
+                 username: str = "tester", password: str | None = None,
+                 tls: tuple[Path, Path] | None = None, redirect_blobs_to: str | None = None) -> None:
         self.workdir = workdir
         self.storage = workdir / "storage"
         self.auth = auth
+        self.tls = tls
         password = password or secrets.token_urlsafe(12)
         self.username = username if auth else None
         self.password = password if auth else None
@@ -64,10 +83,19 @@ class Registry(LoopbackAddress):
         binary = require_binary("docker-registry")
         try:
             config = self._config(auth, proxy_of, username, password)
+            if tls is not None:
+                config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
+            if redirect_blobs_to is not None:
+                config["middleware"] = {"storage": [{"name": "redirect",
+                                                     "options": {"baseurl": redirect_blobs_to}}]}
             self._start(binary, config)
         except BaseException:
             self.stop()
             raise
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     @property
     def creds(self) -> str | None:
@@ -107,7 +135,7 @@ class Registry(LoopbackAddress):
             config_path.write_text(yaml.safe_dump(config))
             self._daemon = Daemon([binary, "serve", config_path], self.workdir / "registry.log")
             try:
-                self._daemon.wait_ready(lambda: v2_status(self.port) in (200, 401))
+                self._daemon.wait_ready(lambda: v2_status(self.port, self.tls is not None) in (200, 401))
                 return
             except PeerError as error:
                 if "address already in use" not in str(error) or attempt + 1 == STARTUP_ATTEMPTS:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 from metahub.auth import hash_password
 from metahub.config import (
@@ -27,6 +28,7 @@ from metahub.config import (
     parse_duration,
     parse_size,
 )
+from tests.peers.tls import make_ca
 
 REPO = Path(__file__).resolve().parents[2]
 HASH = hash_password("pw", b"saltsaltsaltsalt")
@@ -163,7 +165,7 @@ def test_every_documented_key_is_in_the_docs() -> None:
     for key in (
         "listen", "storage.path", "storage.index", "storage.max_size", "url", "username",
         "password_file", "connect_timeout", "read_timeout", "default_upstream", "cache.tag_ttl",
-        "anonymous", "platform", "features", "match", "password_hash", "repositories",
+        "anonymous", "platform", "features", "match", "password_hash", "repositories", "ca_file",
     ):
         assert f"`{key}`" in docs, key
 
@@ -404,6 +406,54 @@ def test_username_and_password_file_go_together(tmp_path: Path) -> None:
     data = minimal(tmp_path)
     data["upstreams"]["docker.io"]["password_file"] = "pw"
     assert error(data, tmp_path).startswith("upstreams.docker.io.username: required with password_file")
+
+
+def test_ca_file_is_read_relative_to_the_config(tmp_path: Path) -> None:
+    first, second = make_ca(tmp_path / "pki" / "a"), make_ca(tmp_path / "pki" / "b")
+    (tmp_path / "pki" / "bundle.pem").write_bytes(first.cert_path.read_bytes() + b"\n" + second.cert_path.read_bytes())
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"]["ca_file"] = "pki/bundle.pem"
+    config = parse_config(data, str(tmp_path))
+    upstream = config.upstreams["docker.io"]
+    assert upstream.ca_file == str(tmp_path / "pki" / "bundle.pem")
+    assert upstream.ca_certificates == (first.cert_path.read_bytes(), second.cert_path.read_bytes())
+    assert f"(trusting 2 CA certificates from {tmp_path / 'pki' / 'bundle.pem'})" in config_summary(config)
+    assert parse_config(minimal(tmp_path), str(tmp_path)).upstreams["docker.io"].ca_certificates == ()
+
+
+def test_ca_file_unreadable(tmp_path: Path) -> None:
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"]["ca_file"] = "nope.pem"
+    assert error(data, tmp_path) == (
+        f"upstreams.docker.io.ca_file: cannot read {tmp_path / 'nope.pem'}: No such file or directory"
+    )
+    data["upstreams"]["docker.io"]["ca_file"] = "."
+    assert error(data, tmp_path) == f"upstreams.docker.io.ca_file: cannot read {tmp_path}: Is a directory"
+    data["upstreams"]["docker.io"]["ca_file"] = 443
+    assert error(data, tmp_path) == "upstreams.docker.io.ca_file: expected a non-empty string, got 443"
+
+
+@pytest.mark.parametrize("content", [
+    b"",
+    b"not a certificate\n",
+    b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",  # PEM framing, no certificate
+    "key",  # a private key is PEM, but holds no certificate
+    "der",  # a certificate, but not PEM
+])
+def test_ca_file_must_be_pem_certificates(tmp_path: Path, content: bytes | str) -> None:
+    ca = make_ca(tmp_path / "pki")
+    if content == "key":
+        content = ca.issue(tmp_path / "pki", "leaf")[1].read_bytes()
+    elif content == "der":
+        content = ca.certificate.public_bytes(serialization.Encoding.DER)
+    assert isinstance(content, bytes)
+    (tmp_path / "ca.pem").write_bytes(content)
+    data = minimal(tmp_path)
+    data["upstreams"]["docker.io"]["ca_file"] = "ca.pem"
+    assert error(data, tmp_path) == (
+        f"upstreams.docker.io.ca_file: {tmp_path / 'ca.pem'} is not a PEM bundle of certificates "
+        "(-----BEGIN CERTIFICATE----- blocks)"
+    )
 
 
 @pytest.mark.parametrize("index", ["store", "store/index", "./store/../store/lmdb"])

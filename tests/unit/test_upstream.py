@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import treq
@@ -31,7 +33,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from metahub.config import UpstreamConfig
 from metahub.errors import RegistryError
-from metahub.upstream import READ_SIZE, Manifest, ManifestHead, UpstreamClient, make_http_client
+from metahub.upstream import READ_SIZE, Manifest, ManifestHead, UpstreamClient, make_http_clients
+from metahub.upstream_tls import CertificateRejected
+from tests.peers.tls import make_ca
 
 T = TypeVar("T")
 
@@ -756,13 +760,25 @@ class TransportTests(UpstreamTestCase):
         for exc, reason in (
             (ConnectionRefusedError(), "ConnectionRefusedError"),
             (DNSLookupError("registry.test"), "DNSLookupError"),
-            (ResponseNeverReceived([Failure(SSL.Error("certificate verify failed"))]), "ResponseNeverReceived(Error)"),
             (RequestNotSent(), "RequestNotSent"),
             (ConnectionLost(), "ConnectionLost"),
         ):
             error = self.transport_error(exc)
             self.assertEqual((error.status, error.code), (502, "UNAVAILABLE"))
             self.assertEqual(error.message, f"upstream hub is unreachable (https://registry.test:443: {reason})")
+
+    def test_tls_failure_names_upstream_origin_and_reason(self) -> None:
+        for reason, why in (
+            (CertificateRejected("certificate verify failed (cert has expired)"),
+             "certificate verify failed (cert has expired)"),
+            (SSL.Error([("SSL routines", "", "wrong version number")]), "wrong version number"),
+            (SSL.Error([]), "TLS error"),
+        ):
+            self.logged.clear()
+            error = self.transport_error(ResponseNeverReceived([Failure(reason)]))
+            message = f"upstream hub: TLS handshake with https://registry.test:443 failed: {why}"
+            self.assertEqual((error.status, error.code, error.message), (502, "UNAVAILABLE", message))
+            self.assertIn(f"{message} (GET https://registry.test/v2/library/alpine/manifests/latest)", self.logged)
 
     def test_connect_timeout_is_gateway_timeout(self) -> None:
         error = self.transport_error(ConnectTimeoutError())
@@ -796,13 +812,13 @@ class TransportTests(UpstreamTestCase):
 class MakeHTTPClientTests(SynchronousTestCase):
     def test_connect_timeouts_and_tls_per_upstream(self) -> None:
         reactor = MemoryReactorClock()
-        client = make_http_client(
+        client = make_http_clients(
             reactor,
             [
                 UpstreamConfig("hub", "https://127.0.0.1:8443", connect_timeout=3),
                 UpstreamConfig("plain", "http://127.0.0.2:5000", connect_timeout=7),
             ],
-        )
+        )["hub"]
         for url in ("https://127.0.0.1:8443/v2/", "http://127.0.0.2:5000/v2/", "https://127.0.0.3/blob"):
             client.get(url, reactor=reactor)
         timeouts = [(port, timeout) for _, port, _, timeout, _ in reactor.tcpClients]
@@ -811,9 +827,24 @@ class MakeHTTPClientTests(SynchronousTestCase):
         tls = [type(factory._wrappedFactory).__name__ for _, _, factory, _, _ in reactor.tcpClients]
         self.assertEqual(tls, ["TLSMemoryBIOFactory", "_HTTP11ClientFactory", "TLSMemoryBIOFactory"])
 
+    def test_a_client_per_trust(self) -> None:
+        """A pooled connection is reused by host and port alone, so upstreams that trust different
+        certificates must not share a pool; those that trust the same may."""
+        reactor = MemoryReactorClock()
+        with tempfile.TemporaryDirectory() as directory:
+            private = (make_ca(Path(directory)).cert_path.read_bytes(),)
+        clients = make_http_clients(reactor, [
+            UpstreamConfig("hub", "https://registry-1.docker.io"),
+            UpstreamConfig("ghcr", "https://ghcr.io"),
+            UpstreamConfig("private", "https://registry.internal", ca_file="ca.pem", ca_certificates=private),
+        ])
+        self.assertEqual(list(clients), ["hub", "ghcr", "private"])
+        self.assertIs(clients["hub"], clients["ghcr"])
+        self.assertIsNot(clients["hub"], clients["private"])
+
     def test_upstream_connections_read_a_megabyte_per_recv(self) -> None:
         reactor = MemoryReactorClock()
-        client = make_http_client(reactor, [UpstreamConfig("plain", "http://127.0.0.2:5000")])
+        client = make_http_clients(reactor, [UpstreamConfig("plain", "http://127.0.0.2:5000")])["plain"]
         client.get("http://127.0.0.2:5000/v2/", reactor=reactor)
         transport = StringTransport()
         self.assertNotEqual(getattr(transport, "bufferSize", None), READ_SIZE)
