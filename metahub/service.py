@@ -30,8 +30,9 @@ from .lane import thread_lanes
 from .manifests import Manifests
 from .memory import Releaser
 from .site import registry_site
-from .threads import thread_runner
+from .threads import BoundedPool, thread_runner
 from .metrics import Metrics
+from .metrics_port import metrics_site
 from .upstream import UpstreamClient, make_http_client
 from .virtual import VirtualImages
 
@@ -53,6 +54,8 @@ class MetahubService(Service):
         self.storage: Storage | None = None
         self.downloads: Downloads | None = None
         self.port: IListeningPort | None = None
+        self.metrics_port: IListeningPort | None = None
+        self.kdf: BoundedPool | None = None
         self._flush: LoopingCall | None = None
         self._gc: LoopingCall | None = None
         self._tidy: LoopingCall | None = None
@@ -74,6 +77,9 @@ class MetahubService(Service):
         http = make_http_client(reactor, list(config.upstreams.values()))
         clients = {name: UpstreamClient(upstream, http, reactor) for name, upstream in config.upstreams.items()}
         metrics = self.metrics = Metrics()
+        logins = config.logins
+        # Logins get their own few threads: a flood of them never queues ahead of blob reads.
+        self.kdf = BoundedPool(reactor, logins.kdf_threads, logins.kdf_queue, "metahub-kdf")
         leases = self.leases = Leases(config.storage.path, clock=reactor.seconds)
         self.shared_tags = SharedTags(config.storage.path)
         self.node_records = NodeRecords(config.storage.path)
@@ -89,7 +95,7 @@ class MetahubService(Service):
             blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics, Releaser(reactor)),
             metrics=metrics,
             auth=Authenticator(config, load_token_key(config.storage.path), reactor.seconds),
-            in_thread=in_thread,
+            in_thread=self.kdf,
             virtual=VirtualImages(config),
         )
         return registry_site(RegistryResource(registry), config.access_log)
@@ -99,6 +105,7 @@ class MetahubService(Service):
         for line in config_summary(self.config).splitlines():
             log.info("{line}", line=line)
         site = self.build_site()
+        self.kdf.start()
         self._flush = LoopingCall(lambda: ensureDeferred(self.flush_access()))
         self._flush.clock = self.reactor
         self._flush.start(ACCESS_FLUSH_INTERVAL, now=False)
@@ -109,16 +116,23 @@ class MetahubService(Service):
             self._gc = LoopingCall(lambda: ensureDeferred(self.collect()))
             self._gc.clock = self.reactor
             self._gc.start(self.config.storage.gc_interval, now=True)
-        endpoint = endpoints.serverFromString(self.reactor, self.listen)
-        listening = endpoint.listen(site)
+        listening = self._listen(self.listen, site, "the registry API")
+        if self.config.metrics.listen is not None:
+            metrics_listening = self._listen(self.config.metrics.listen, metrics_site(self.metrics), "/metrics")
+            metrics_listening.addCallback(lambda port: setattr(self, "metrics_port", port))
+        return listening.addCallback(lambda port: setattr(self, "port", port))
 
-        def listening_on(port: IListeningPort) -> None:
-            self.port = port
+    def _listen(self, description: str, site: Site, what: str) -> Deferred[IListeningPort]:
+        """Listen on the endpoint ``description``; a failure stops the reactor (nothing to serve)."""
+        listening = endpoints.serverFromString(self.reactor, description).listen(site)
+
+        def listening_on(port: IListeningPort) -> IListeningPort:
             address = port.getHost()
-            log.info("metahub serving the registry API on {host}:{port}", host=address.host, port=address.port)
+            log.info("metahub serving {what} on {host}:{port}", what=what, host=address.host, port=address.port)
+            return port
 
         def cannot_listen(failure):
-            log.failure("metahub cannot listen on {listen}", failure, listen=self.listen)
+            log.failure("metahub cannot listen on {listen}", failure, listen=description)
             self.reactor.stop()
 
         return listening.addCallbacks(listening_on, cannot_listen)
@@ -172,8 +186,11 @@ class MetahubService(Service):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        if self.port is not None:
-            await self.port.stopListening()
+        for port in (self.port, self.metrics_port):
+            if port is not None:
+                await port.stopListening()
+        if self.kdf is not None:
+            self.kdf.stop()  # waits for at most the KDF runs in progress (tens of ms each)
         if self.downloads is not None:
             # Clients of these already have the whole blob: let the fsync and rename land.
             settled = self.downloads.committing()
