@@ -6,6 +6,9 @@ queue ahead of every blob read.
 """
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections.abc import Callable
 from functools import partial
 
@@ -23,10 +26,19 @@ def thread_runner(reactor) -> ThreadRunner:
     return partial(deferToThreadPool, reactor, reactor.getThreadPool())
 
 
+def _at_lowest_priority(function: Callable, *args: object) -> object:
+    """Run ``function`` with this thread at nice 19, so any other work on the machine, blob serving
+    first, gets the CPU before it. Linux keeps a nice value per thread (setpriority(2) on a thread
+    id); elsewhere the call would name a process, so it is not made there."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    return function(*args)
+
+
 class BoundedPool:
-    """A :data:`ThreadRunner` on ``threads`` threads of its own that holds at most ``queue`` calls
-    waiting: beyond that a call fails at once with 503 (work a flood would pile up is refused
-    instead of queued without end). Started and stopped by the service that owns it."""
+    """A :data:`ThreadRunner` on ``threads`` threads of its own, at the lowest CPU priority, that
+    holds at most ``queue`` calls waiting: beyond that a call fails at once with 503 (work a flood
+    would pile up is refused instead of queued without end). Started and stopped by its service."""
 
     def __init__(self, reactor, threads: int, queue: int, name: str) -> None:
         self.reactor = reactor
@@ -46,7 +58,7 @@ class BoundedPool:
                 503, "UNAVAILABLE", "too many logins in progress; retry later", headers={"Retry-After": "1"}
             ))
         self.pending += 1
-        done = deferToThreadPool(self.reactor, self.pool, function, *args)
+        done = deferToThreadPool(self.reactor, self.pool, _at_lowest_priority, function, *args)
         done.addBoth(self._settled)
         return done
 

@@ -17,11 +17,12 @@ from twisted.web.test.requesthelper import DummyRequest
 from metahub import errors, login
 from metahub.addresses import limit_key, require_allowed
 from metahub.auth import Authenticator, Identity
-from metahub.config import LOCAL_NETWORKS, LoginLimits
+from metahub.config import LOCAL_NETWORKS, LoginLimits, parse_config
 from metahub.ratelimit import Buckets, FailureLimiter
 from metahub.threads import BoundedPool
 
 from .test_auth import make_config
+from .test_config import error, minimal
 
 
 def limited(limiter: FailureLimiter, address: str, account: str) -> str | None:
@@ -213,3 +214,32 @@ def test_metrics_allow_list() -> None:
     monitoring = (ipaddress.ip_network("10.1.0.0/16"),)
     assert (check("10.1.2.3", monitoring), check("10.2.0.1", monitoring), check("127.0.0.1", ())) == (200, 403, 403)
     require_allowed(from_client(address.UNIXAddress(b"/run/m.sock")), (), "/metrics")  # local by nature
+
+
+def test_the_logins_and_metrics_sections(tmp_path) -> None:
+    defaults = parse_config(minimal(tmp_path), str(tmp_path))
+    assert defaults.logins == LoginLimits(failures_per_minute=10, burst=10, kdf_threads=2, kdf_queue=16)
+    assert (defaults.metrics.allow, defaults.metrics.listen) == (LOCAL_NETWORKS, None)
+    config = parse_config({
+        **minimal(tmp_path),
+        "logins": {"failures_per_minute": 2.5, "burst": 3, "kdf_threads": 1, "kdf_queue": 0},
+        "metrics": {"allow": ["10.1.0.0/16", "::1"], "listen": "tcp:9100:interface=10.1.0.5"},
+    }, str(tmp_path))
+    assert config.logins == LoginLimits(2.5, 3, 1, 0)
+    assert config.metrics.allow == (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("::1/128"))
+    assert config.metrics.listen == "tcp:9100:interface=10.1.0.5"
+    assert parse_config({**minimal(tmp_path), "metrics": {"allow": []}}, str(tmp_path)).metrics.allow == ()
+    for section, bad, message in [
+        ("logins", {"burst": 0}, "logins.burst: must be at least 1"),
+        ("logins", {"burst": 2.5}, "logins.burst: expected an integer, got 2.5"),
+        ("logins", {"kdf_threads": True}, "logins.kdf_threads: expected an integer, got True"),
+        ("logins", {"kdf_queue": -1}, "logins.kdf_queue: must be at least 0"),
+        ("logins", {"failures_per_minute": 0}, "logins.failures_per_minute: must be at least 0.01"),
+        ("logins", {"failures_per_minute": ".inf"}, "logins.failures_per_minute: expected a number, got '.inf'"),
+        ("logins", {"failure_per_minute": 1}, "logins.failure_per_minute: unknown key (did you mean 'failures_per_minute'?)"),
+        ("metrics", {"allow": "10.0.0.0/8"}, "metrics.allow: expected a list of addresses or CIDR blocks, got '10.0.0.0/8'"),
+        ("metrics", {"allow": ["10.0.0.1/8"]}, "metrics.allow[0]: expected an address or a CIDR block such as 10.0.0.0/8: 10.0.0.1/8 has host bits set"),
+        ("metrics", {"allow": ["everyone"]}, "metrics.allow[0]: expected an address or a CIDR block"),
+        ("metrics", {"listen": "9100"}, "metrics.listen: expected a Twisted endpoint string such as tcp:5000, got '9100'"),
+    ]:
+        assert message in error({**minimal(tmp_path), section: bad}, tmp_path)
