@@ -15,6 +15,7 @@ usernames cannot push a real account's failures out.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Collection
@@ -22,8 +23,9 @@ from dataclasses import dataclass
 
 from . import errors
 
-#: Keys per table (addresses; unknown usernames): a few hundred kilobytes at most.
+#: Keys per table (addresses; unknown usernames): a few megabytes at most.
 CAPACITY = 10_000
+_LONGEST_KEY = 64
 
 
 @dataclass
@@ -53,6 +55,8 @@ class Buckets:
         """``key``'s bucket, refilled up to now (a new one is full)."""
         now = self.clock()
         table = self._kept if key in self._keep else self._recent
+        if table is self._recent and len(key) > _LONGEST_KEY:  # a username may be 64 KiB: keep a digest
+            key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         bucket = table.get(key)
         if bucket is None:
             bucket = table[key] = _Bucket(float(self.burst), now)
