@@ -156,7 +156,9 @@ class Authenticator:
         # A verified login's identity, or None for a refused one, with its expiry.
         self._basic_cache: OrderedDict[bytes, tuple[Identity | None, float]] = OrderedDict()
         logins = config.logins
-        self.limiter = FailureLimiter(logins.failures_per_minute, logins.burst, clock, accounts=config.accounts)
+        self.limiter = FailureLimiter(
+            logins.failures_per_minute, logins.burst, clock, accounts=config.accounts, capacity=logins.tracked
+        )
 
     @property
     def enabled(self) -> bool:

@@ -118,6 +118,7 @@ class LoginLimits:
     burst: int = 10
     kdf_threads: int = 2
     kdf_queue: int = 16  # KDF runs that may wait for a thread; beyond that, 503 at once
+    tracked: int = 10_000  # addresses, and unknown usernames, whose failures are remembered
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -770,6 +771,7 @@ _LOGINS = {
     "burst": _Key(_number(1, integer=True)),
     "kdf_threads": _Key(_number(1, integer=True)),
     "kdf_queue": _Key(_number(0, integer=True)),
+    "tracked": _Key(_number(1, integer=True)),
 }
 
 

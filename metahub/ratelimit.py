@@ -7,7 +7,8 @@ account's; a login that succeeds gives them back, so only failures cost. A bucke
 tries and then a few a minute, and a flood costs no KDF time. Taking the token before the KDF (not
 after the failure) also bounds the runs of many concurrent requests, not only of successive ones.
 
-Memory is bounded whatever an attacker sends: each table holds at most ``capacity`` keys and drops
+Memory is bounded whatever an attacker sends: each table holds at most ``capacity`` keys (the
+``logins.tracked`` setting; a long username is kept as its digest) and drops
 the least recently used one beyond that. Forgetting a key forgets its failures, but pushing a key
 out takes ``capacity`` newer failing keys, and each of those failures spends a token of the
 attacker's own address. The accounts of the config are kept apart and never dropped, so random
@@ -22,9 +23,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from . import errors
+from .config import LoginLimits
 
-#: Keys per table (addresses; unknown usernames): a few megabytes at most.
-CAPACITY = 10_000
 _LONGEST_KEY = 64
 
 
@@ -38,7 +38,7 @@ class Buckets:
     """Token buckets by key: ``rate`` tokens a second, at most ``burst`` held."""
 
     def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float], capacity: int = CAPACITY, keep: Collection[str] = ()
+        self, rate: float, burst: int, clock: Callable[[], float], capacity: int, keep: Collection[str] = ()
     ) -> None:
         self.rate = rate
         self.burst = burst
@@ -87,7 +87,7 @@ class FailureLimiter:
 
     def __init__(
         self, failures_per_minute: float, burst: int, clock: Callable[[], float],
-        accounts: Collection[str] = (), capacity: int = CAPACITY,
+        accounts: Collection[str] = (), capacity: int = LoginLimits.tracked,
     ) -> None:
         rate = failures_per_minute / 60
         self.addresses = Buckets(rate, burst, clock, capacity)

@@ -232,14 +232,15 @@ def test_metrics_allow_list() -> None:
 
 def test_the_logins_and_metrics_sections(tmp_path) -> None:
     defaults = parse_config(minimal(tmp_path), str(tmp_path))
-    assert defaults.logins == LoginLimits(failures_per_minute=10, burst=10, kdf_threads=2, kdf_queue=16)
+    assert defaults.logins == LoginLimits(failures_per_minute=10, burst=10, kdf_threads=2, kdf_queue=16, tracked=10_000)
     assert (defaults.metrics.allow, defaults.metrics.listen) == (LOCAL_NETWORKS, None)
     config = parse_config({
         **minimal(tmp_path),
-        "logins": {"failures_per_minute": 2.5, "burst": 3, "kdf_threads": 1, "kdf_queue": 0},
+        "logins": {"failures_per_minute": 2.5, "burst": 3, "kdf_threads": 1, "kdf_queue": 0, "tracked": 50},
         "metrics": {"allow": ["10.1.0.0/16", "::1"], "listen": "tcp:9100:interface=10.1.0.5"},
     }, str(tmp_path))
-    assert config.logins == LoginLimits(2.5, 3, 1, 0)
+    assert config.logins == LoginLimits(2.5, 3, 1, 0, 50)
+    assert Authenticator(config, b"k" * 32, Clock().seconds).limiter.addresses.capacity == 50
     assert config.metrics.allow == (ipaddress.ip_network("10.1.0.0/16"), ipaddress.ip_network("::1/128"))
     assert config.metrics.listen == "tcp:9100:interface=10.1.0.5"
     assert parse_config({**minimal(tmp_path), "metrics": {"allow": []}}, str(tmp_path)).metrics.allow == ()
@@ -248,6 +249,7 @@ def test_the_logins_and_metrics_sections(tmp_path) -> None:
         ("logins", {"burst": 2.5}, "logins.burst: expected an integer, got 2.5"),
         ("logins", {"kdf_threads": True}, "logins.kdf_threads: expected an integer, got True"),
         ("logins", {"kdf_queue": -1}, "logins.kdf_queue: must be at least 0"),
+        ("logins", {"tracked": 0}, "logins.tracked: must be at least 1"),
         ("logins", {"failures_per_minute": 0}, "logins.failures_per_minute: must be at least 0.01"),
         ("logins", {"failures_per_minute": ".inf"}, "logins.failures_per_minute: expected a number, got '.inf'"),
         ("logins", {"failure_per_minute": 1}, "logins.failure_per_minute: unknown key (did you mean 'failures_per_minute'?)"),
