@@ -8,11 +8,11 @@ tries and then a few a minute, and a flood costs no KDF time. Taking the token b
 after the failure) also bounds the runs of many concurrent requests, not only of successive ones.
 
 Memory is bounded whatever an attacker sends: each table holds at most ``capacity`` keys (the
-``logins.tracked`` setting; a long username is kept as its digest) and drops
-the least recently used one beyond that. Forgetting a key forgets its failures, but pushing a key
-out takes ``capacity`` newer failing keys, and each of those failures spends a token of the
-attacker's own address. The accounts of the config are kept apart and never dropped, so random
-usernames cannot push a real account's failures out.
+``logins.tracked`` setting; a long username is kept as its digest) and drops the least recently
+used one beyond that. Forgetting a key forgets its failures, but pushing a key out takes
+``capacity`` newer failing keys, and each of those spends a token of the attacker's own address (a
+refused request adds no key). The accounts of the config are kept apart and never dropped, so
+random usernames cannot push a real account's failures out.
 """
 from __future__ import annotations
 
@@ -51,35 +51,39 @@ class Buckets:
     def __len__(self) -> int:
         return len(self._kept) + len(self._recent)
 
-    def _bucket(self, key: str) -> _Bucket:
-        """``key``'s bucket, refilled up to now (a new one is full)."""
+    def _find(self, key: str, add: bool) -> _Bucket | None:
+        """``key``'s bucket refilled up to now; a missing one (a full bucket) is made only if ``add``,
+        so merely checking a key, as a refused request does, never grows the table."""
         now = self.clock()
         table = self._kept if key in self._keep else self._recent
         if table is self._recent and len(key) > _LONGEST_KEY:  # a username may be 64 KiB: keep a digest
             key = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
         bucket = table.get(key)
-        if bucket is None:
+        if bucket is not None:
+            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
+            bucket.stamp = now
+        elif add:
             bucket = table[key] = _Bucket(float(self.burst), now)
             if table is self._recent and len(table) > self.capacity:
                 table.popitem(last=False)
-        else:
-            bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
-            bucket.stamp = now
-        if table is self._recent:
+        if bucket is not None and table is self._recent:
             table.move_to_end(key)
         return bucket
 
     def wait(self, key: str) -> float:
         """Seconds until ``key`` holds a token (0: it holds one now)."""
-        bucket = self._bucket(key)
-        return 0.0 if bucket.tokens >= 1 else (1 - bucket.tokens) / self.rate
+        bucket = self._find(key, add=False)
+        return 0.0 if bucket is None or bucket.tokens >= 1 else (1 - bucket.tokens) / self.rate
 
     def take(self, key: str) -> None:
-        self._bucket(key).tokens -= 1
+        bucket = self._find(key, add=True)
+        assert bucket is not None
+        bucket.tokens -= 1
 
     def give_back(self, key: str) -> None:
-        bucket = self._bucket(key)
-        bucket.tokens = min(float(self.burst), bucket.tokens + 1)
+        bucket = self._find(key, add=False)
+        if bucket is not None:  # else forgotten, which is as good as full
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1)
 
 
 class FailureLimiter:
@@ -95,7 +99,7 @@ class FailureLimiter:
 
     def admit(self, address: str, account: str) -> None:
         """Take a token for one KDF run, or raise 429 (taking nothing) when either bucket is empty."""
-        wait = max(self.addresses.wait(address), self.accounts.wait(account))
+        wait = self.addresses.wait(address) or self.accounts.wait(account)
         if wait > 0:
             raise errors.RegistryError(
                 429, "TOOMANYREQUESTS", "too many failed logins; retry later",

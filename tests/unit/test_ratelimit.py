@@ -94,14 +94,21 @@ def test_a_long_username_is_kept_as_a_digest() -> None:
     assert max(len(key) for key in buckets._recent) == 64
 
 
-def test_an_attempt_used_keeps_its_place_in_the_table() -> None:
-    buckets = Buckets(rate=1 / 60, burst=1, clock=Clock().seconds, capacity=3)
-    buckets.take("a")
-    buckets.take("b")
-    buckets.take("c")
-    assert buckets.wait("a") > 0  # "a" is now the most recently used
+def test_the_least_recently_used_key_goes_first() -> None:
+    clock = Clock()
+    buckets = Buckets(rate=1 / 60, burst=2, clock=clock.seconds, capacity=3)
+    for key in "abca":  # "a" used again: now the most recent
+        buckets.take(key)
     buckets.take("d")  # pushes out "b", not "a"
-    assert buckets.wait("a") > 0 and buckets.wait("b") == 0
+    assert list(buckets._recent) == ["c", "a", "d"]
+
+
+def test_refused_attempts_add_nothing_to_the_tables() -> None:
+    limiter = FailureLimiter(failures_per_minute=1, burst=1, clock=Clock().seconds, capacity=100)
+    limiter.admit("192.0.2.7", "guess0")
+    for i in range(1, 1000):  # one address, out of tokens, trying new usernames
+        assert limited(limiter, "192.0.2.7", f"guess{i}") == "60"
+    assert (len(limiter.addresses), len(limiter.accounts)) == (1, 1)
 
 
 def from_client(client: object, path: bytes = b"token") -> DummyRequest:
