@@ -20,6 +20,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from . import errors, media
 from .blobs import Blobs
 from . import inspect, login
+from .addresses import require_allowed
 from .grammar import split_reference
 from .auth import Authenticator
 from .config import Config, MachineType
@@ -49,7 +50,7 @@ class Registry:
     blobs: Blobs
     metrics: Metrics
     auth: Authenticator
-    in_thread: ThreadRunner
+    in_thread: ThreadRunner  # for the logins' KDF: its own small pool (threads.BoundedPool)
     virtual: VirtualImages
 
 
@@ -98,6 +99,7 @@ class RegistryResource(Resource):
             self._require_read(request)
             return await self._resolve_query(request)
         if path == "/metrics" and request.method == b"GET":
+            require_allowed(request, registry.config.metrics.allow, "/metrics")
             request.setHeader("Content-Type", "text/plain; version=0.0.4")
             request.write(self.registry.metrics.render())
             request.finish()

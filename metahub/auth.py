@@ -8,7 +8,10 @@ of milliseconds on purpose, so it is paid once per login, not per request:
   grant first) checks the password once and issues a short-lived token: a payload naming account and
   machine type, signed with HMAC-SHA256. Checking it per request is one HMAC.
 * A client that sends Basic on every request (curl, scripts) is checked through a small bounded
-  cache keyed by a hash of the credentials, so repeated requests skip the KDF too.
+  cache keyed by a hash of the credentials, so repeated requests skip the KDF too. Refusals are
+  cached the same way: a node retrying a wrong password costs one KDF run, not one per retry.
+* Failed logins are limited per client address and per account (:mod:`metahub.ratelimit`), checked
+  before the KDF runs; every refusal, whatever its reason, reads exactly like a wrong password.
 
 Tokens and logs never contain a password or a hash. The signing key lives in the store directory
 (created once, atomically), so every node sharing the store, and a restarted node, accepts them.
@@ -32,6 +35,7 @@ from storage import create_exclusive
 
 from . import errors
 from .config import Account, Config, MachineType
+from .ratelimit import FailureLimiter
 
 TOKEN_TTL = 300  # seconds; clients fetch a new one when it lapses
 SERVICE = "metahub"
@@ -120,7 +124,21 @@ def _b64(raw: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Strict: only the one encoding :func:`_b64` makes is accepted (the lenient decoder skips
+    stray characters and ignores the unused bits of the last one)."""
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(raw) != text:
+        raise ValueError("not canonical base64url")
+    return raw
+
+
+class LoginRefused(errors.RegistryError):
+    """A refused login: to the client always the 401 of a wrong password, whatever ``reason`` (which
+    is for the log), so that no answer confirms a password a guesser tried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(401, "UNAUTHORIZED", "incorrect username or password")
+        self.reason = reason
 
 
 class Authenticator:
@@ -135,7 +153,12 @@ class Authenticator:
             for name, account in config.accounts.items()
             if account.repositories is not None
         }
-        self._basic_cache: OrderedDict[bytes, tuple[Identity, float]] = OrderedDict()
+        # A verified login's identity, or None for a refused one, with its expiry.
+        self._basic_cache: OrderedDict[bytes, tuple[Identity | None, float]] = OrderedDict()
+        logins = config.logins
+        self.limiter = FailureLimiter(
+            logins.failures_per_minute, logins.burst, clock, accounts=config.accounts, capacity=logins.tracked
+        )
 
     @property
     def enabled(self) -> bool:
@@ -152,33 +175,36 @@ class Authenticator:
     # -- logins ------------------------------------------------------------------------------
 
     def login(self, username: str, password: str) -> Identity:
-        """Check ``ACCOUNT[-TYPE]`` and its password (one KDF run); 401 on any mismatch."""
+        """Check ``ACCOUNT[-TYPE]`` and its password (one KDF run); :class:`LoginRefused` on any mismatch."""
         account_name, _, type_name = username.partition("-")
         account: Account | None = self.config.accounts.get(account_name)
         # Run the KDF even for an unknown account so timing does not reveal which accounts exist.
         password_hash = account.password_hash if account else _dummy_hash()
-        valid = check_password(password, password_hash) and account is not None
-        if not valid:
-            raise errors.unauthorized("incorrect username or password")
-        if type_name:
-            if type_name not in self.config.machine_types:
-                raise errors.unauthorized(f"unknown machine type {type_name!r}")
-            if type_name not in account.machine_types:
-                raise errors.unauthorized(f"account {account_name!r} may not use machine type {type_name!r}")
+        if not check_password(password, password_hash):
+            raise LoginRefused("wrong password")
+        if account is None:
+            raise LoginRefused("unknown account")
+        if type_name and type_name not in self.config.machine_types:
+            raise LoginRefused(f"unknown machine type {type_name[:40]!r}")
+        if type_name and type_name not in account.machine_types:
+            raise LoginRefused(f"machine type {type_name!r} is not among the account's")
         return Identity(account_name, type_name or None)
 
     def cached(self, username: str, password: str) -> Identity | None:
-        """A recently verified Basic login, so per-request Basic costs no KDF run."""
+        """A recently checked login, so per-request Basic costs no KDF run: its identity, None when
+        it is not known, and :class:`LoginRefused` again when it was refused."""
         entry = self._basic_cache.get(self._cache_key(username, password))
         if entry is None or entry[1] <= self.clock():
             return None
+        if entry[0] is None:
+            raise LoginRefused("refused before (cached)")
         return entry[0]
 
-    def remember(self, username: str, password: str, identity: Identity) -> Identity:
+    def remember(self, username: str, password: str, identity: Identity | None) -> None:
+        """Cache a login's outcome (None: refused)."""
         self._basic_cache[self._cache_key(username, password)] = (identity, self.clock() + _BASIC_CACHE_TTL)
         if len(self._basic_cache) > _BASIC_CACHE_SIZE:
             self._basic_cache.popitem(last=False)
-        return identity
 
     @staticmethod
     def _cache_key(username: str, password: str) -> bytes:

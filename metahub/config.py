@@ -16,6 +16,7 @@ import base64
 import binascii
 import copy
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -120,6 +121,28 @@ class VirtualImage:
 
 
 @dataclass(frozen=True)
+class LoginLimits:
+    """Failed logins per client address and per account (a token bucket each), and the KDF's pool."""
+
+    failures_per_minute: float = 10.0
+    burst: int = 10
+    kdf_threads: int = 2
+    kdf_queue: int = 16  # KDF runs that may wait for a thread; beyond that, 503 at once
+    tracked: int = 10_000  # addresses, and unknown usernames, whose failures are remembered
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: Loopback: by default only this host reads /metrics on the registry's port.
+LOCAL_NETWORKS: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    allow: tuple[Network, ...] = LOCAL_NETWORKS  # clients that may read /metrics on the registry's port
+    listen: str | None = None  # an endpoint of its own that serves only /metrics
+
+
+@dataclass(frozen=True)
 class Config:
     storage: StorageConfig
     upstreams: dict[str, UpstreamConfig]
@@ -133,6 +156,8 @@ class Config:
     pin: tuple[str, ...] = ()  # image references whose blobs eviction never removes
     access_log: bool = True  # one log line per request (twisted.web's combined log format)
     node_id: str | None = None  # this node's name in the shared store; None: the host name
+    logins: LoginLimits = LoginLimits()
+    metrics: MetricsConfig = MetricsConfig()
     source: str | None = None  # the file it was loaded from, for logs and `check-config`
 
 
@@ -331,6 +356,8 @@ def parse_config(data: object, base_dir: str) -> Config:
         pin=values.get("pin", ()),
         access_log=values.get("access_log", Config.access_log),
         node_id=values.get("node_id"),
+        logins=values.get("logins", Config.logins),
+        metrics=values.get("metrics", Config.metrics),
     )
 
 
@@ -862,6 +889,54 @@ def _virtual_image(value: object, path: str, ctx: _Context) -> VirtualImage:
     return VirtualImage(image=values["image"], manifests=values["manifests"])
 
 
+def _number(minimum: float, integer: bool) -> Convert:
+    """A number (an integer when ``integer``) of at least ``minimum``."""
+    def convert(value: object, path: str, ctx: _Context) -> float:
+        kinds = (int,) if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            _fail(path, f"expected {'an integer' if integer else 'a number'}, got {_describe(value)}")
+        if value < minimum:
+            _fail(path, f"must be at least {minimum:g}")
+        return value
+    return convert
+
+
+_LOGINS = {
+    "failures_per_minute": _Key(_number(0.01, integer=False)),
+    "burst": _Key(_number(1, integer=True)),
+    "kdf_threads": _Key(_number(1, integer=True)),
+    "kdf_queue": _Key(_number(0, integer=True)),
+    "tracked": _Key(_number(1, integer=True)),
+}
+
+
+def _logins(value: object, path: str, ctx: _Context) -> LoginLimits:
+    return LoginLimits(**_fields(value, path, _LOGINS, ctx))
+
+
+def _networks(value: object, path: str, ctx: _Context) -> tuple[Network, ...]:
+    """Addresses or CIDR blocks (``10.0.0.0/8``, ``::1``); an empty list allows nobody."""
+    if not isinstance(value, list):
+        _fail(path, f"expected a list of addresses or CIDR blocks, got {_describe(value)}")
+    networks: list[Network] = []
+    for i, item in enumerate(value):
+        try:
+            networks.append(ipaddress.ip_network(_string(item, _join(path, i), ctx)))
+        except ValueError as error:
+            _fail(_join(path, i), f"expected an address or a CIDR block such as 10.0.0.0/8: {error}")
+    return tuple(networks)
+
+
+_METRICS = {
+    "allow": _Key(_networks),
+    "listen": _Key(_endpoint),
+}
+
+
+def _metrics(value: object, path: str, ctx: _Context) -> MetricsConfig:
+    return MetricsConfig(**_fields(value, path, _METRICS, ctx))
+
+
 _TOP = {
     "listen": _Key(_endpoint),
     "storage": _Key(_storage, required=True),
@@ -875,4 +950,6 @@ _TOP = {
     "pin": _Key(lambda v, p, c: _list(v, p, c, _image_reference(digests=True))),
     "access_log": _Key(_boolean),
     "node_id": _Key(_node_id),
+    "logins": _Key(_logins),
+    "metrics": _Key(_metrics),
 }

@@ -12,11 +12,15 @@ import binascii
 import json
 from urllib.parse import parse_qs
 
+from twisted.logger import Logger
 from twisted.web.server import Request
 
 from . import errors
-from .auth import ANONYMOUS, SERVICE, Authenticator, Identity
+from .addresses import limit_key
+from .auth import ANONYMOUS, SERVICE, Authenticator, Identity, LoginRefused
 from .threads import ThreadRunner
+
+log = Logger()
 
 
 def challenge(request: Request) -> str:
@@ -36,8 +40,9 @@ def _basic_credentials(value: str) -> tuple[str, str]:
     return username, password
 
 
-async def identify(request: Request, auth: Authenticator, in_thread: ThreadRunner) -> Identity:
-    """Who sent ``request``; a 401 with the challenge when it must log in (or logged in wrongly)."""
+async def identify(request: Request, auth: Authenticator, kdf: ThreadRunner) -> Identity:
+    """Who sent ``request``; a 401 with the challenge when it must log in (or logged in wrongly).
+    ``kdf`` runs the password check (the KDF's own pool, :class:`metahub.threads.BoundedPool`)."""
     header = request.getHeader("authorization")
     try:
         if header:
@@ -45,7 +50,7 @@ async def identify(request: Request, auth: Authenticator, in_thread: ThreadRunne
             if scheme.lower() == "bearer":
                 return auth.verify(value.strip())
             if scheme.lower() == "basic":
-                return await _login(auth, in_thread, *_basic_credentials(value))
+                return await _login(request, auth, kdf, *_basic_credentials(value))
             raise errors.unauthorized(f"unsupported authorization scheme {scheme[:20]!r}")
         if auth.enabled:
             # Clients send the login they hold only when challenged, and containerd never pings
@@ -59,14 +64,28 @@ async def identify(request: Request, auth: Authenticator, in_thread: ThreadRunne
         raise
 
 
-async def _login(auth: Authenticator, in_thread: ThreadRunner, username: str, password: str) -> Identity:
+async def _login(request: Request, auth: Authenticator, kdf: ThreadRunner, username: str, password: str) -> Identity:
     """Check a login, from the cache of recent ones when it is there (each pull's /token request
-    and each Basic request would otherwise cost a scrypt run: tens of ms and 16 MiB)."""
+    and each Basic request would otherwise cost a scrypt run: tens of ms and 16 MiB). Otherwise the
+    failure limits come first (429 without a KDF run), then the KDF in its own pool."""
     known = auth.cached(username, password)
     if known is not None:
         return known
-    # The KDF runs in a thread: it is slow on purpose and must not stall the reactor.
-    return auth.remember(username, password, await in_thread(auth.login, username, password))
+    address, account = limit_key(request), username.partition("-")[0]
+    auth.limiter.admit(address, account)
+    try:
+        identity = await kdf(auth.login, username, password)
+    except LoginRefused as refused:
+        auth.remember(username, password, None)
+        log.info("login refused for {username!r} from {address}: {reason}",
+                 username=username[:80], address=address, reason=refused.reason)
+        raise
+    except BaseException:
+        auth.limiter.give_back(address, account)  # no password was checked (the pool was full)
+        raise
+    auth.limiter.give_back(address, account)
+    auth.remember(username, password, identity)
+    return identity
 
 
 def _form(request: Request) -> dict[str, str]:
@@ -75,14 +94,14 @@ def _form(request: Request) -> dict[str, str]:
     return {key: values[-1] for key, values in fields.items()}
 
 
-async def token(request: Request, auth: Authenticator, in_thread: ThreadRunner) -> bytes:
+async def token(request: Request, auth: Authenticator, kdf: ThreadRunner) -> bytes:
     """Serve ``/token``: GET with optional Basic (docker, podman, skopeo), or an OAuth2 password grant
     POST (containerd). Wrong credentials are a 401; none at all get an anonymous token if allowed."""
     identity: Identity | None = None
     if request.method == b"POST":
         form = _form(request)
         if form.get("grant_type") == "password":
-            identity = await _login(auth, in_thread, form.get("username", ""), form.get("password", ""))
+            identity = await _login(request, auth, kdf, form.get("username", ""), form.get("password", ""))
         elif form.get("grant_type") not in (None, ""):
             raise errors.RegistryError(400, "UNSUPPORTED", "only the password grant is supported")
     elif request.method != b"GET":
@@ -92,7 +111,7 @@ async def token(request: Request, auth: Authenticator, in_thread: ThreadRunner) 
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "basic":
             raise errors.unauthorized("the token endpoint takes Basic credentials")
-        identity = await _login(auth, in_thread, *_basic_credentials(value))
+        identity = await _login(request, auth, kdf, *_basic_credentials(value))
     if identity is None:
         if not auth.anonymous_allowed:
             error = errors.unauthorized("authentication required")

@@ -34,8 +34,9 @@ from .lane import thread_lanes
 from .manifests import Manifests
 from .memory import Releaser
 from .site import registry_site
-from .threads import thread_runner
+from .threads import BoundedPool, thread_runner
 from .metrics import Metrics
+from .metrics_port import metrics_site
 from .upstream import UpstreamClient, make_http_clients
 from .virtual import VirtualImages
 
@@ -62,6 +63,8 @@ class MetahubService(Service):
         self.index_lock: IndexLock | None = None
         self.downloads: Downloads | None = None
         self.port: IListeningPort | None = None
+        self.metrics_port: IListeningPort | None = None
+        self.kdf: BoundedPool | None = None
         self._flush: LoopingCall | None = None
         self._gc: LoopingCall | None = None
         self._tidy: LoopingCall | None = None
@@ -88,6 +91,9 @@ class MetahubService(Service):
         http = make_http_clients(reactor, list(config.upstreams.values()))
         clients = {name: UpstreamClient(upstream, http[name], reactor) for name, upstream in config.upstreams.items()}
         metrics = self.metrics = Metrics()
+        logins = config.logins
+        # Logins get their own few threads: a flood of them never queues ahead of blob reads.
+        self.kdf = BoundedPool(reactor, logins.kdf_threads, logins.kdf_queue, "metahub-kdf")
         leases = self.leases = Leases(config.storage.path, node=self.node_name, clock=reactor.seconds)
         self.shared_tags = SharedTags(config.storage.path)
         self.node_records = NodeRecords(config.storage.path)
@@ -103,7 +109,7 @@ class MetahubService(Service):
             blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics, Releaser(reactor)),
             metrics=metrics,
             auth=Authenticator(config, load_token_key(config.storage.path), reactor.seconds),
-            in_thread=in_thread,
+            in_thread=self.kdf,
             virtual=VirtualImages(config),
         )
         return registry_site(RegistryResource(registry), config.access_log)
@@ -113,6 +119,12 @@ class MetahubService(Service):
         for line in [*self.notice, *config_summary(replace(self.config, listen=self.listen)).splitlines()]:
             log.info("{line}", line=line)
         site = self.build_site()
+        # Listen first: if that fails the process ends here, with nothing else started yet.
+        self.port = self._listen(self.listen, site, "the registry API")
+        self._point_clients(self.port)
+        if self.config.metrics.listen is not None:
+            self.metrics_port = self._listen(self.config.metrics.listen, metrics_site(self.metrics), "/metrics")
+        self.kdf.start()
         self._flush = LoopingCall(lambda: ensureDeferred(self.flush_access()))
         self._flush.clock = self.reactor
         self._flush.start(ACCESS_FLUSH_INTERVAL, now=False)
@@ -123,9 +135,8 @@ class MetahubService(Service):
             self._gc = LoopingCall(lambda: ensureDeferred(self.collect()))
             self._gc.clock = self.reactor
             self._gc.start(self.config.storage.gc_interval, now=True)
-        self._listen(site)
 
-    def _listen(self, site: Site) -> None:
+    def _listen(self, description: str, site: Site, what: str) -> IListeningPort:
         """Listen on the endpoint, or end the process with one line and exit status 1.
 
         A process that cannot listen serves nothing, yet a supervisor would think it up. twistd
@@ -133,42 +144,31 @@ class MetahubService(Service):
         listen at once, so the failure is known here and ``SystemExit`` ends twistd before the
         reactor starts (twistd would print a traceback for any other exception).
         """
-        problem = endpoint_problem(self.listen)
+        problem = endpoint_problem(description)
         if problem is not None:
-            self._give_up(f"listen {self.listen!r}: {problem}")
+            self._give_up(f"listen {description!r}: {problem}")
         outcome: list[IListeningPort | Failure] = []
-
-        def note(result: IListeningPort | Failure) -> IListeningPort | Failure:
-            outcome.append(result)
-            return result
-
-        listening = endpoints.serverFromString(self.reactor, self.listen).listen(site)
-        listening.addBoth(note)
-        if not outcome:
-            # An endpoint type that listens later (none of Twisted's own): log and stop then.
-            listening.addCallback(self._listening_on)
-            listening.addErrback(self._cannot_listen_later)
-        elif isinstance(outcome[0], Failure):
-            listening.addErrback(lambda _: None)  # reported here, not as an unhandled error
-            self._give_up(f"cannot listen on {self.listen}: {outcome[0].getErrorMessage()}")
-        else:
-            self._listening_on(outcome[0])
-
-    def _listening_on(self, port: IListeningPort) -> None:
-        self.port = port
+        endpoints.serverFromString(self.reactor, description).listen(site).addBoth(outcome.append)
+        if not outcome:  # none of Twisted's own endpoint types listens later
+            self._give_up(f"the endpoint {description!r} does not listen at once; use tcp:, ssl: or unix:")
+        if isinstance(outcome[0], Failure):
+            self._give_up(f"cannot listen on {description}: {outcome[0].getErrorMessage()}")
+        port = outcome[0]
         address = port.getHost()
-        log.info("metahub serving the registry API on {host}:{port}", host=address.host, port=address.port)
+        log.info("metahub serving {what} on {host}:{port}", what=what, host=address.host, port=address.port)
+        return port
+
+    def _point_clients(self, port: IListeningPort) -> None:
+        address = port.getHost()
         if isinstance(address, (IPv4Address, IPv6Address)):
             scheme = "https" if self.listen.startswith("ssl:") else "http"
             host = f"[{address.host}]" if isinstance(address, IPv6Address) else address.host
             log.info("point clients at {url} (e.g. docker pull {where}/library/alpine)",
                      url=f"{scheme}://{host}:{address.port}", where=f"{host}:{address.port}")
 
-    def _cannot_listen_later(self, failure: Failure) -> None:
-        log.error("metahub: cannot listen on {listen}: {why}", listen=self.listen, why=failure.getErrorMessage())
-        self.reactor.callWhenRunning(self.reactor.stop)
-
     def _give_up(self, message: str) -> NoReturn:
+        if self.port is not None:  # the registry's port, when the metrics port failed
+            self.port.stopListening()
         if self.storage is not None:
             self.storage.close()
             self.storage = None
@@ -227,8 +227,11 @@ class MetahubService(Service):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
-        if self.port is not None:
-            await self.port.stopListening()
+        for port in (self.port, self.metrics_port):
+            if port is not None:
+                await port.stopListening()
+        if self.kdf is not None:
+            self.kdf.stop()  # waits for at most the KDF runs in progress (tens of ms each)
         if self.downloads is not None:
             # Clients of these already have the whole blob: let the fsync and rename land.
             settled = self.downloads.committing()

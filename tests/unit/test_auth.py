@@ -9,13 +9,17 @@ import threading
 
 import pytest
 from twisted.internet.defer import ensureDeferred, succeed
+from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from metahub import errors, login
-from metahub.auth import ANONYMOUS, Authenticator, Identity, check_password, hash_password, load_token_key, repository_pattern
+from metahub.auth import (
+    ANONYMOUS, Authenticator, Identity, LoginRefused, check_password, hash_password, load_token_key, repository_pattern,
+)
 from metahub.config import Account, Config, MachineType, StorageConfig, UpstreamConfig
 
 HASH = hash_password("pw")
+WRONG_PASSWORD = b'{"errors": [{"code": "UNAUTHORIZED", "message": "incorrect username or password"}]}'
 
 
 def make_config(anonymous: str = "deny") -> Config:
@@ -67,15 +71,18 @@ def test_logins(auth: Authenticator) -> None:
     assert auth.login("qnib", "pw") == Identity("qnib", None)
     assert auth.machine_type(Identity("qnib", "type2")).features == ("cpu:skylake",)
     for username, password, why in [
-        ("qnib-type1", "nope", "incorrect"),
-        ("ghost-type1", "pw", "incorrect"),
+        ("qnib-type1", "nope", "wrong password"),
+        ("ghost-type1", "pw", "wrong password"),  # checked against a dummy hash: same time
+        ("ghost", "", "unknown account"),  # the dummy hash is of ""
         ("qnib-type9", "pw", "unknown machine type"),
-        ("ci-type2", "pw", "may not use machine type"),
+        ("ci-type2", "pw", "not among the account's"),
     ]:
-        with pytest.raises(errors.RegistryError) as err:
+        with pytest.raises(LoginRefused) as err:
             auth.login(username, password)
-        assert (err.value.status, err.value.code) == (401, "UNAUTHORIZED")
-        assert why in err.value.message and "pw" not in err.value.message.split()
+        # The right password with a wrong machine type reads exactly like a wrong password: no
+        # answer may confirm a guessed password. The reason is only for the server's log.
+        assert (err.value.status, err.value.code, err.value.body()) == (401, "UNAUTHORIZED", WRONG_PASSWORD)
+        assert why in err.value.reason
 
 
 def test_tokens_round_trip_expire_and_resist_tampering(auth: Authenticator, clock: Clock) -> None:
@@ -93,6 +100,23 @@ def test_tokens_round_trip_expire_and_resist_tampering(auth: Authenticator, cloc
     with pytest.raises(errors.RegistryError) as err:
         auth.verify(token)
     assert "expired" in err.value.message
+
+
+def test_tokens_must_be_canonical_base64url(auth: Authenticator) -> None:
+    token, _ = auth.issue(Identity("qnib", "type1"))
+    payload, signature = token.split(".")
+    # 32 signature bytes are 43 characters: the last carries 2 unused bits, which a lenient decoder
+    # ignores. Flipping them, padding, or a stray character keeps the bytes but not the encoding.
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(signature[-1])
+    same_bytes = signature[:-1] + alphabet[last ^ 1]
+    assert base64.urlsafe_b64decode(same_bytes + "=") == base64.urlsafe_b64decode(signature + "=")
+    for variant in [f"{payload}.{same_bytes}", f"{payload}.{signature}=", f"{payload}!.{signature}",
+                    f"{payload}.{signature[:10]}\n{signature[10:]}", f"{payload}.{signature}é"]:
+        with pytest.raises(errors.RegistryError) as err:
+            auth.verify(variant)
+        assert (err.value.status, err.value.message) == (401, "malformed bearer token")
+    assert auth.verify(token) == Identity("qnib", "type1")
 
 
 def test_anonymous_tokens_only_when_allowed(clock: Clock) -> None:
@@ -165,3 +189,47 @@ def test_token_requests_reuse_a_recent_login(auth: Authenticator) -> None:
         answer = json.loads(ensureDeferred(login.token(request, auth, in_thread)).result)
         assert auth.verify(answer["token"]) == Identity("qnib", "type1")
     assert kdf_runs == ["qnib-type1"]  # one scrypt run for a pull's several token requests
+
+
+def token_answer(auth: Authenticator, username: str, password: str, method: bytes = b"GET") -> tuple[int, bytes]:
+    """``/token`` with a Basic login (GET) or a password grant (POST): (status, body)."""
+    request = DummyRequest([b"token"])
+    request.method = method
+    if method == b"GET":
+        request.requestHeaders.setRawHeaders(b"authorization", [b"Basic " + base64.b64encode(f"{username}:{password}".encode())])
+    else:
+        request.content = io.BytesIO(f"grant_type=password&username={username}&password={password}".encode())
+    done = ensureDeferred(login.token(request, auth, lambda function, *args: succeed(function(*args))))
+    if isinstance(done.result, Failure):
+        error = done.result.trap(errors.RegistryError) and done.result.value
+        done.addErrback(lambda _: None)
+        return error.status, error.body()
+    return 200, done.result
+
+
+def test_a_wrong_machine_type_is_answered_as_a_wrong_password(auth: Authenticator) -> None:
+    for method in (b"GET", b"POST"):
+        wrong_password = token_answer(auth, "qnib-type1", "guess", method)
+        assert wrong_password == (401, WRONG_PASSWORD)
+        assert token_answer(auth, "qnib-type9", "pw", method) == wrong_password  # unknown type
+        assert token_answer(auth, "ci-type2", "pw", method) == wrong_password  # not the account's type
+        assert token_answer(auth, "qnib-type1", "pw", method)[0] == 200
+
+
+def test_a_refused_login_is_remembered_without_another_kdf_run(auth: Authenticator) -> None:
+    kdf_runs: list[str] = []
+
+    def in_thread(function, *args):
+        kdf_runs.append(args[0])
+        return succeed(function(*args))
+
+    basic = b"Basic " + base64.b64encode(b"qnib-type1:wrong")
+    for _ in range(3):  # a node with a stale password retrying
+        request = DummyRequest([b"token"])
+        request.method = b"GET"
+        request.requestHeaders.setRawHeaders(b"authorization", [basic])
+        done = ensureDeferred(login.token(request, auth, in_thread))
+        assert done.result.value.body() == WRONG_PASSWORD
+        done.addErrback(lambda _: None)
+    assert kdf_runs == ["qnib-type1"]
+    assert len(auth.limiter.addresses) == 1 and auth.limiter.addresses.wait("local") == 0
