@@ -233,3 +233,21 @@ def test_a_refused_login_is_remembered_without_another_kdf_run(auth: Authenticat
         done.addErrback(lambda _: None)
     assert kdf_runs == ["qnib-type1"]
     assert len(auth.limiter.addresses) == 1 and auth.limiter.addresses.wait("local") == 0
+
+
+def test_a_verified_token_is_remembered_until_it_expires_and_the_table_is_bounded(monkeypatch) -> None:
+    clock = Clock()
+    auth = Authenticator(make_config("allow"), b"k" * 32, clock)
+    token, lifetime = auth.issue(ANONYMOUS)
+    checks: list[str] = []
+    original = auth._verify
+    monkeypatch.setattr(auth, "_verify", lambda t: checks.append(t) or original(t))
+    assert auth.verify(token) == auth.verify(token) == ANONYMOUS
+    assert len(checks) == 1  # the second request cost a lookup
+    clock.now += lifetime
+    with pytest.raises(errors.RegistryError, match="expired"):
+        auth.verify(token)
+    for second in range(5000):  # tokens we signed, all valid: still the table stays bounded
+        clock.now += 1
+        auth.verify(auth.issue(Identity("qnib", "type1"))[0])
+    assert len(auth._verified) <= 4096
