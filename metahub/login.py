@@ -7,7 +7,6 @@ without when they don't, so one flow serves named logins and anonymous pulls ali
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from urllib.parse import parse_qs
 
@@ -15,19 +14,22 @@ from twisted.web.server import Request
 
 from . import errors
 from .auth import ANONYMOUS, SERVICE, Authenticator, Identity
+from .headers import HOST, header_text
 from .threads import ThreadRunner
 
 
 def challenge(request: Request) -> str:
     scheme = "https" if request.isSecure() else "http"
-    host = (request.getHeader("host") or "localhost").replace('"', "")
+    host = header_text(request, b"host")
+    if not host or not HOST.fullmatch(host):  # the realm is quoted: only a real host name goes in
+        host = "localhost"
     return f'Bearer realm="{scheme}://{host}/token",service="{SERVICE}"'
 
 
 def _basic_credentials(value: str) -> tuple[str, str]:
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError, as is non-ASCII input
         raise errors.unauthorized("malformed Basic credentials") from None
     username, sep, password = decoded.partition(":")
     if not sep or not username:
@@ -37,9 +39,11 @@ def _basic_credentials(value: str) -> tuple[str, str]:
 
 async def identify(request: Request, auth: Authenticator, in_thread: ThreadRunner) -> Identity:
     """Who sent ``request``; a 401 with the challenge when it must log in (or logged in wrongly)."""
-    header = request.getHeader("authorization")
+    header = header_text(request, b"authorization")
     try:
         if header:
+            if not header.isascii():  # credentials and tokens are ASCII by their grammar
+                raise errors.unauthorized("malformed Authorization header")
             scheme, _, value = header.partition(" ")
             if scheme.lower() == "bearer":
                 return auth.verify(value.strip())
@@ -81,9 +85,9 @@ async def token(request: Request, auth: Authenticator, in_thread: ThreadRunner) 
             identity = await _login(auth, in_thread, form.get("username", ""), form.get("password", ""))
         elif form.get("grant_type") not in (None, ""):
             raise errors.RegistryError(400, "UNSUPPORTED", "only the password grant is supported")
-    elif request.method != b"GET":
-        raise errors.unsupported(request.method.decode("latin-1"))
-    header = request.getHeader("authorization")
+    elif request.method not in (b"GET", b"HEAD"):
+        raise errors.unsupported(request.method.decode("latin-1")[:20])
+    header = header_text(request, b"authorization")
     if identity is None and header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "basic":

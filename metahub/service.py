@@ -92,7 +92,7 @@ class MetahubService(Service):
             in_thread=in_thread,
             virtual=VirtualImages(config),
         )
-        return registry_site(RegistryResource(registry), config.access_log)
+        return registry_site(RegistryResource(registry), config.access_log, config.http, reactor)
 
     def startService(self) -> Deferred[None]:
         super().startService()
