@@ -155,6 +155,18 @@ def test_huge_range_numbers_answer_the_whole_blob_and_leak_no_descriptor(face: F
     assert open_fds() <= before + 2  # (the fake reactor keeps nothing open; a little slack for pytest)
 
 
+def test_a_cached_blob_is_closed_whatever_fails_after_it_opened(face: Face, monkeypatch) -> None:
+    def broken(header: str | None, size: int) -> None:
+        raise RuntimeError("a bug in range handling")
+
+    monkeypatch.setattr("metahub.blobs.parse_range", broken)
+    face.cache_blob()
+    before = open_fds()
+    for _ in range(50):
+        assert face.request("GET", BLOB_PATH).status == 500
+    assert open_fds() <= before + 2
+
+
 def test_an_unsatisfiable_range_closes_the_file_too(face: Face) -> None:
     face.cache_blob()
     before = open_fds()
