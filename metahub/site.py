@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from http import HTTPStatus
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
@@ -127,7 +127,9 @@ class _Addresses:
 class RegistrySite(Site):
     """The site with its connection limits (``http:`` in the config) and optional access log."""
 
-    def __init__(self, resource: IResource, limits: HttpConfig, access_log: bool = True, reactor: object = None) -> None:
+    def __init__(
+        self, resource: IResource, limits: HttpConfig, access_log: bool = True, reactor: IReactorTime | None = None
+    ) -> None:
         super().__init__(resource, reactor=reactor)
         self.protocol = RegistryChannel
         self.displayTracebacks = False
@@ -225,8 +227,10 @@ class RegistryChannel(HTTPChannel):
             self._length_given = True
             if name == b"transfer-encoding":
                 self._body = None
-            elif len(value) > _LENGTH_DIGITS:  # refused whatever the request, before int() sees it
-                self._refuse(self._body_refusal(10**_LENGTH_DIGITS))
+            elif len(value) > _LENGTH_DIGITS:  # over every limit: refused now, before int() sees it
+                refusal = self._refusal_for(10**_LENGTH_DIGITS)
+                assert refusal is not None  # no request may send that much
+                self._refuse(refusal)
                 return False
             else:
                 self._body = int(value)
@@ -236,12 +240,14 @@ class RegistryChannel(HTTPChannel):
         return super().headerReceived(line)
 
     def allHeadersReceived(self) -> None:
-        refusal = self._body_refusal(self._body)
+        refusal = self._refusal_for(self._body)
         if refusal is not None:
             return self._refuse(refusal)
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
+        if self._refused:  # a refused request never reaches the resource
+            return
         self._stop_deadline()
         self._awaiting = False
         super().allContentReceived()
@@ -260,7 +266,7 @@ class RegistryChannel(HTTPChannel):
         self._length_given = False
         self._body: int | None = 0
 
-    def _body_refusal(self, length: int | None) -> errors.RegistryError | None:
+    def _refusal_for(self, length: int | None) -> errors.RegistryError | None:
         assert self._request_line is not None
         return _body_refusal(*self._request_line, length)
 
@@ -284,6 +290,6 @@ class RegistryChannel(HTTPChannel):
 
 
 def registry_site(
-    resource: IResource, access_log: bool = True, limits: HttpConfig | None = None, reactor: object = None
+    resource: IResource, access_log: bool = True, limits: HttpConfig | None = None, reactor: IReactorTime | None = None
 ) -> Site:
     return RegistrySite(resource, limits or HttpConfig(), access_log, reactor)
