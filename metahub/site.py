@@ -10,9 +10,9 @@ connection level, before any request reaches the resource.
   would hold a connection forever. An idle keep-alive connection is left to that idle timeout.
 - A cap on the connections one client address holds open (high by default: a cluster behind one
   NAT address, or a load test from loopback, must never be refused).
-- Bodies are refused before they are read: the registry takes none, except the small form of a
-  ``POST /token`` (containerd's OAuth2 password grant). Anything else announcing a body is
-  answered at once (405 for a method the registry does not serve, 413 otherwise) and the
+- Bodies are refused before they are read: the registry takes none, except the small urlencoded
+  form of a ``POST /token`` (containerd's OAuth2 password grant). Anything else announcing a body
+  is answered at once (405 for a method the registry does not serve, 413 otherwise) and the
   connection closed, so nothing is spooled to memory or disk.
 - A malformed request line or header gets the 400 as an OCI error body. Twisted answers those
   with a bare ``400 Bad Request`` from ``HTTPChannel._respondToBadRequestAndDisconnect``, which
@@ -73,7 +73,9 @@ def _request_line_problem(line: bytes) -> str | None:
     return None
 
 
-def _body_refusal(method: bytes, target: bytes, length: int | None) -> errors.RegistryError | None:
+def _body_refusal(
+    method: bytes, target: bytes, length: int | None, content_type: bytes = b""
+) -> errors.RegistryError | None:
     """Why a request announcing ``length`` body bytes (None: chunked) is answered before its body."""
     if length == 0:
         return None
@@ -82,6 +84,10 @@ def _body_refusal(method: bytes, target: bytes, length: int | None) -> errors.Re
             return errors.RegistryError(411, "LENGTH_REQUIRED", "send the token request's form with a Content-Length")
         if length > FORM_LIMIT:
             return errors.RegistryError(413, "CONTENT_TOO_LARGE", f"a token request's form is at most {FORM_LIMIT} bytes")
+        if content_type.lower().startswith(b"multipart/"):
+            # The form is urlencoded. Twisted would parse a multipart one itself, and answer a
+            # malformed one with a bare 400 from a private method.
+            return errors.RegistryError(415, "UNSUPPORTED", "the token request's form is application/x-www-form-urlencoded")
         return None
     if method in (b"GET", b"HEAD"):
         return errors.RegistryError(413, "CONTENT_TOO_LARGE", "the registry accepts no request body")
@@ -189,12 +195,16 @@ class RegistryChannel(HTTPChannel):
             return self._refuse(errors.RegistryError(
                 431, "HEADERS_TOO_LARGE", f"the request line and headers exceed {self.totalHeadersSize} bytes"
             ))
-        if self._request_line is None and line:  # (Twisted skips one empty line before a request)
-            problem = _request_line_problem(line)
+        if self._request_line is None:
+            # Twisted skips one empty line before a request line (old clients sent one after a
+            # POST body), and answers a second with its bare 400.
+            self._blank_lines += not line
+            problem = _request_line_problem(line) if line or self._blank_lines > 1 else None
             if problem is not None:
                 return self._refuse(errors.RegistryError(400, "BAD_REQUEST", problem))
-            method, target, _ = line.split(b" ")
-            self._request_line = (method, target)
+            if line:
+                method, target, _ = line.split(b" ")
+                self._request_line = (method, target)
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -217,6 +227,8 @@ class RegistryChannel(HTTPChannel):
             return False
         self._header_count += 1
         name = name.lower()
+        if name == b"content-type":
+            self._content_type = value
         if name == b"content-length" or (name == b"transfer-encoding" and value.lower() == b"chunked"):
             if self._length_given:
                 self._refuse(errors.RegistryError(400, "BAD_REQUEST", "the request's body length is given twice"))
@@ -263,12 +275,14 @@ class RegistryChannel(HTTPChannel):
         self._request_line: tuple[bytes, bytes] | None = None
         self._head_bytes = 0
         self._header_count = 0
+        self._blank_lines = 0
         self._length_given = False
         self._body: int | None = 0
+        self._content_type = b""
 
     def _refusal_for(self, length: int | None) -> errors.RegistryError | None:
         assert self._request_line is not None
-        return _body_refusal(*self._request_line, length)
+        return _body_refusal(*self._request_line, length, self._content_type)
 
     def _too_slow(self) -> None:
         self._deadline = None

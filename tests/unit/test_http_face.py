@@ -247,6 +247,7 @@ def test_header_text_decodes_every_byte_as_latin1() -> None:
     b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: 12x\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+    b"\r\n\r\nGET / HTTP/1.1\r\n\r\n",  # Twisted skips one empty line before a request, not two
 ])
 def test_a_request_twisted_would_refuse_gets_an_oci_400(face: Face, raw: bytes) -> None:
     answer, transport = face.send(raw)
@@ -414,6 +415,7 @@ def test_the_default_cap_takes_a_load_test_from_one_address(face: Face) -> None:
     (b"POST /token?x=1 HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n", 413, "CONTENT_TOO_LARGE"),
     (b"POST /token HTTP/1.1\r\nTransfer-Encoding: chunked\r\n", 411, "LENGTH_REQUIRED"),
     (b"POST /token HTTP/1.1\r\nTransfer-Encoding: gzip\r\n", 501, "UNSUPPORTED"),
+    (b"POST /token HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=x\r\nContent-Length: 9\r\n", 415, "UNSUPPORTED"),
 ])
 def test_a_body_is_refused_before_it_is_read(face: Face, head: bytes, status: int, code: str) -> None:
     channel, transport = face.connect()
@@ -426,6 +428,11 @@ def test_a_body_is_refused_before_it_is_read(face: Face, head: bytes, status: in
     channel.dataReceived(b"x" * 100_000)  # whatever still arrives is not read
     assert channel.requests[-1].content is None
     channel.connectionLost(Failure(ConnectionDone()))
+
+
+def test_one_empty_line_before_a_request_is_still_skipped(face: Face) -> None:
+    raw, _ = face.send(b"\r\nGET /v2/ HTTP/1.1\r\n\r\n")
+    assert parse(raw).status == 200
 
 
 def test_the_token_form_is_still_read(tmp_path: Path) -> None:
