@@ -22,22 +22,26 @@ from .blobs import Blobs
 from . import inspect, login
 from .addresses import require_allowed
 from .grammar import split_reference
+from .headers import API_VERSION, check_host
 from .auth import Authenticator
 from .config import Config, MachineType
 from .threads import ThreadRunner
 from .manifests import ManifestBody, Manifests
-from .metrics import Metrics
+from .metrics import Metrics, method_label, status_label
 from .names import Route, check_digest, check_name, check_reference, is_tag, route
 from .upstream import UpstreamClient
 from .virtual import VirtualImage, VirtualImages, store_index
 
 log = Logger()
 
-API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 # ``rest`` may hold anything (``sha256:../x``): it is checked as a reference, so a malformed one is
 # a DIGEST_INVALID or MANIFEST_UNKNOWN rather than an unknown endpoint.
 _ROUTE = re.compile(r"/v2/(?P<name>.+)/(?P<kind>manifests|blobs|tags)/(?P<rest>.+)")
 _READ_METHODS = (b"GET", b"HEAD")
+#: ``n`` of a tags list: ASCII digits only (str.isdigit() also takes "²", which int() refuses),
+#: and few enough that int() is cheap and the number fits an upstream's integer.
+_PAGE_SIZE_DIGITS = 9
+_PAGE_SIZE = re.compile(f"[0-9]{{1,{_PAGE_SIZE_DIGITS}}}")
 
 
 @dataclass
@@ -85,30 +89,31 @@ class RegistryResource(Resource):
         kind = match.group("kind") if match else None
         request.notifyFinish().addBoth(
             lambda _: self.registry.metrics.requests.labels(
-                _route_label(kind, path), request.method.decode("latin-1"), str(request.code)
+                _route_label(kind, path), method_label(request.method), status_label(request.code)
             ).inc()
         )
+        check_host(request)
         registry = self.registry
         if path == "/token":
             return self._json(request, 200, await login.token(request, registry.auth, registry.in_thread))
+        # Everything else is read-only: GET, and HEAD answering exactly what GET would.
+        self._require_read(request)
         if path in ("/v2/", "/v2"):
-            self._require_read(request)
             await login.identify(request, registry.auth, registry.in_thread)
             return self._json(request, 200, b"{}")
         if path == "/_metahub/v1/resolve":
-            self._require_read(request)
             return await self._resolve_query(request)
-        if path == "/metrics" and request.method == b"GET":
+        if path == "/metrics":
             require_allowed(request, registry.config.metrics.allow, "/metrics")
+            body = self.registry.metrics.render()
             request.setHeader("Content-Type", "text/plain; version=0.0.4")
-            request.write(self.registry.metrics.render())
+            request.setHeader("Content-Length", str(len(body)))
+            if request.method != b"HEAD":
+                request.write(body)
             request.finish()
             return
         if match is None:
-            if path.startswith("/v2/") and request.method not in _READ_METHODS:
-                raise errors.unsupported(request.method.decode("latin-1"))
             raise errors.RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": path[:200]})
-        self._require_read(request)
         identity = await login.identify(request, registry.auth, registry.in_thread)
         name = check_name(match.group("name"))
         registry.auth.check_repository(identity, name)
@@ -129,7 +134,7 @@ class RegistryResource(Resource):
 
     def _require_read(self, request: Request) -> None:
         if request.method not in _READ_METHODS:
-            raise errors.unsupported(request.method.decode("latin-1"))
+            raise errors.unsupported(request.method.decode("latin-1")[:20])
 
     async def _manifest(
         self, request: Request, name: str, target: Route, reference: str, machine_type: MachineType | None, head: bool
@@ -204,8 +209,11 @@ class RegistryResource(Resource):
 
     async def _tags(self, request: Request, name: str, target: Route, query: dict[str, str]) -> None:
         n_text, last = query.get("n"), query.get("last")
-        if n_text is not None and not n_text.isdigit():
-            raise errors.RegistryError(400, "PAGINATION_NUMBER_INVALID", "n must be a non-negative integer", {"n": n_text[:50]})
+        if n_text is not None and not _PAGE_SIZE.fullmatch(n_text):
+            raise errors.RegistryError(
+                400, "PAGINATION_NUMBER_INVALID", f"n must be a whole number of at most {_PAGE_SIZE_DIGITS} digits",
+                {"n": n_text[:50]},
+            )
         n = int(n_text) if n_text is not None else None
         client = self.registry.clients[target.upstream.name]
         self.registry.metrics.upstream_fetches.labels(target.upstream.name, "tags").inc()

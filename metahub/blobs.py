@@ -17,6 +17,7 @@ from storage import BlobFollower, BlobNotFound, BlobRecord, BlobStore, FollowSta
 
 from . import errors
 from .downloads import AlreadyStored, Download, Downloads
+from .headers import header_text
 from .memory import Releaser
 from .metrics import Metrics
 from .names import Route
@@ -101,7 +102,9 @@ class Blobs:
         self.metrics.cache.labels("blob", "miss").inc()
         if head:
             size = await self.clients[route.upstream.name].head_blob(route.repository, digest)
-            self._headers(request, digest, 200, size)
+            # Exactly what a GET would answer: the same range rules, on the size upstream gives.
+            wanted = parse_range(_range_header(request), size) if size is not None else None
+            self._range_headers(request, digest, wanted, size)
             request.finish()
             return
         try:
@@ -124,7 +127,8 @@ class Blobs:
         follower = await self._follower(download)
         if follower is None:
             raise errors.bad_gateway(f"upstream {route.upstream.name} failed to deliver {digest}")
-        self._headers(request, digest, 200, download.size)
+        # ``wanted`` is None or the whole blob (``bytes=0-``: a 206 of every byte, as when cached).
+        self._range_headers(request, digest, wanted, download.size)
         await send(
             request, follower, self.in_thread, lambda n: self.metrics.bytes_served.labels("upstream").inc(n),
             wait_for_more(follower, download), download.size,
@@ -154,27 +158,31 @@ class Blobs:
         except BlobNotFound:
             self.storage.forget(digest)
             return False
-        self.metrics.cache.labels("blob", "hit").inc()
-        self.storage.record_access(digest, self.clock.seconds())
-        size = reader.size
-        try:
+        try:  # the reader is closed on every path, whatever ends the response
+            self.metrics.cache.labels("blob", "hit").inc()
+            self.storage.record_access(digest, self.clock.seconds())
+            size = reader.size
             wanted = parse_range(_range_header(request), size)
-        except errors.RegistryError:
+            if wanted is not None:
+                reader.close()
+                reader = await self.in_thread(self.storage.blobs.open, digest, *wanted)
+            self._range_headers(request, digest, wanted, size)
+            if head:
+                request.finish()
+                return True
+            await send(request, reader, self.in_thread, lambda n: self.metrics.bytes_served.labels("cache").inc(n))
+            return True
+        finally:
             reader.close()
-            raise
+
+    def _range_headers(self, request: Request, digest: str, wanted: tuple[int, int] | None, size: int | None) -> None:
+        """200 with the whole size, or 206 with ``Content-Range`` for ``wanted``."""
         if wanted is None:
             self._headers(request, digest, 200, size)
-        else:
-            reader.close()
-            reader = await self.in_thread(self.storage.blobs.open, digest, *wanted)
-            self._headers(request, digest, 206, wanted[1] - wanted[0])
-            request.setHeader("Content-Range", content_range(wanted[0], wanted[1], size))
-        if head:
-            reader.close()
-            request.finish()
-            return True
-        await send(request, reader, self.in_thread, lambda n: self.metrics.bytes_served.labels("cache").inc(n))
-        return True
+            return
+        assert size is not None
+        self._headers(request, digest, 206, wanted[1] - wanted[0])
+        request.setHeader("Content-Range", content_range(wanted[0], wanted[1], size))
 
 
 def wait_for_more(follower: BlobFollower, download: Download) -> Callable[[], Deferred[None]]:
@@ -197,5 +205,4 @@ def _vouch(follower: BlobFollower, download: Download) -> bool:
 
 
 def _range_header(request: Request) -> str | None:
-    value = request.getHeader("range")
-    return value if isinstance(value, str) else None
+    return header_text(request, b"range")

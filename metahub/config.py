@@ -36,6 +36,7 @@ __all__ = [
     "Account",
     "Config",
     "ConfigError",
+    "HttpConfig",
     "MachineType",
     "StorageConfig",
     "UpstreamConfig",
@@ -143,11 +144,20 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """Limits on the HTTP connections clients make (the ``http:`` section)."""
+
+    header_timeout: float = 30.0  # seconds for a request line and headers, however they trickle in
+    max_connections_per_address: int = 4096  # open connections from one client address
+
+
+@dataclass(frozen=True)
 class Config:
     storage: StorageConfig
     upstreams: dict[str, UpstreamConfig]
     default_upstream: str
     listen: str = "tcp:5000"
+    http: HttpConfig = field(default_factory=HttpConfig)
     tag_ttl: float = 300.0  # seconds
     anonymous: str = "deny"  # or "allow"
     machine_types: dict[str, MachineType] = field(default_factory=dict)
@@ -348,6 +358,7 @@ def parse_config(data: object, base_dir: str) -> Config:
         upstreams=upstreams,
         default_upstream=default,
         listen=values.get("listen", Config.listen),
+        http=values.get("http", HttpConfig()),
         tag_ttl=cache.get("tag_ttl", Config.tag_ttl),
         anonymous=values.get("anonymous", Config.anonymous),
         machine_types=machine_types,
@@ -776,6 +787,22 @@ def _upstreams(value: object, path: str, ctx: _Context) -> dict[str, UpstreamCon
     return upstreams
 
 
+def _count(value: object, path: str, ctx: _Context) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(path, f"expected a whole number of at least 1, got {_describe(value)}")
+    return value
+
+
+_HTTP = {
+    "header_timeout": _Key(_duration(0, strict=True)),
+    "max_connections_per_address": _Key(_count),
+}
+
+
+def _http(value: object, path: str, ctx: _Context) -> HttpConfig:
+    return HttpConfig(**_fields(value, path, _HTTP, ctx))
+
+
 _CACHE = {"tag_ttl": _Key(_duration(0, strict=False))}
 
 
@@ -939,6 +966,7 @@ def _metrics(value: object, path: str, ctx: _Context) -> MetricsConfig:
 
 _TOP = {
     "listen": _Key(_endpoint),
+    "http": _Key(_http),
     "storage": _Key(_storage, required=True),
     "upstreams": _Key(_upstreams, required=True),
     "default_upstream": _Key(_string),

@@ -8,7 +8,6 @@ exist every request without credentials is challenged, even under ``anonymous: a
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from urllib.parse import parse_qs
 
@@ -18,6 +17,7 @@ from twisted.web.server import Request
 from . import errors
 from .addresses import limit_key
 from .auth import ANONYMOUS, SERVICE, Authenticator, Identity, LoginRefused
+from .headers import HOST, header_text
 from .threads import ThreadRunner
 
 log = Logger()
@@ -25,14 +25,16 @@ log = Logger()
 
 def challenge(request: Request) -> str:
     scheme = "https" if request.isSecure() else "http"
-    host = (request.getHeader("host") or "localhost").replace('"', "")
+    host = header_text(request, b"host")
+    if not host or not HOST.fullmatch(host):  # the realm is quoted: only a real host name goes in
+        host = "localhost"
     return f'Bearer realm="{scheme}://{host}/token",service="{SERVICE}"'
 
 
 def _basic_credentials(value: str) -> tuple[str, str]:
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError, as is non-ASCII input
         raise errors.unauthorized("malformed Basic credentials") from None
     username, sep, password = decoded.partition(":")
     if not sep or not username:
@@ -43,9 +45,11 @@ def _basic_credentials(value: str) -> tuple[str, str]:
 async def identify(request: Request, auth: Authenticator, kdf: ThreadRunner) -> Identity:
     """Who sent ``request``; a 401 with the challenge when it must log in (or logged in wrongly).
     ``kdf`` runs the password check (the KDF's own pool, :class:`metahub.threads.BoundedPool`)."""
-    header = request.getHeader("authorization")
+    header = header_text(request, b"authorization")
     try:
         if header:
+            if not header.isascii():  # credentials and tokens are ASCII by their grammar
+                raise errors.unauthorized("malformed Authorization header")
             scheme, _, value = header.partition(" ")
             if scheme.lower() == "bearer":
                 return auth.verify(value.strip())
@@ -104,9 +108,9 @@ async def token(request: Request, auth: Authenticator, kdf: ThreadRunner) -> byt
             identity = await _login(request, auth, kdf, form.get("username", ""), form.get("password", ""))
         elif form.get("grant_type") not in (None, ""):
             raise errors.RegistryError(400, "UNSUPPORTED", "only the password grant is supported")
-    elif request.method != b"GET":
-        raise errors.unsupported(request.method.decode("latin-1"))
-    header = request.getHeader("authorization")
+    elif request.method not in (b"GET", b"HEAD"):
+        raise errors.unsupported(request.method.decode("latin-1")[:20])
+    header = header_text(request, b"authorization")
     if identity is None and header:
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "basic":

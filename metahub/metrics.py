@@ -1,7 +1,26 @@
 """Prometheus metrics, in a registry per server so tests (and several servers in one process) don't mix."""
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+#: Label values come only from fixed sets: each distinct value is a time series held forever, so a
+#: client choosing them (a made-up method, say) could grow /metrics and memory without bound.
+_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+
+
+def method_label(method: bytes) -> str:
+    """The request method for a label: one of the standard ones a registry client uses, else other."""
+    return method.decode("ascii") if method in _METHODS else "other"
+
+
+def status_label(code: int) -> str:
+    """The status code for a label: one the standard library's table names, else its class (5xx)."""
+    try:
+        return str(HTTPStatus(code).value)
+    except ValueError:
+        return f"{code // 100}xx" if 1 <= code // 100 <= 5 else "other"
 
 
 class Metrics:

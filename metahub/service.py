@@ -112,7 +112,7 @@ class MetahubService(Service):
             in_thread=self.kdf,
             virtual=VirtualImages(config),
         )
-        return registry_site(RegistryResource(registry), config.access_log)
+        return registry_site(RegistryResource(registry), config.access_log, config.http, reactor)
 
     def startService(self) -> None:
         super().startService()
