@@ -23,6 +23,7 @@ from storage.store import DEFAULT_TEMP_GRACE
 from .api import Registry, RegistryResource
 from .auth import Authenticator, load_token_key
 from .blobs import Blobs
+from .capacity import StoreCapacity
 from .config import Config, config_summary
 from .downloads import Downloads
 from .eviction import run_collection
@@ -77,14 +78,16 @@ class MetahubService(Service):
         leases = self.leases = Leases(config.storage.path, clock=reactor.seconds)
         self.shared_tags = SharedTags(config.storage.path)
         self.node_records = NodeRecords(config.storage.path)
+        capacity = self.capacity = StoreCapacity(reactor, metrics, self._make_room)
         downloads = self.downloads = Downloads(
-            self.storage, clients, reactor, in_thread, metrics, leases, thread_lanes(reactor), config.storage.lease_timeout
+            self.storage, clients, reactor, in_thread, metrics, leases, thread_lanes(reactor),
+            config.storage.lease_timeout, capacity,
         )
         registry = Registry(
             config=config,
             clients=clients,
             manifests=Manifests(
-                self.storage, clients, reactor, in_thread, metrics, config.tag_ttl, self.shared_tags
+                self.storage, clients, reactor, in_thread, metrics, config.tag_ttl, self.shared_tags, capacity
             ),
             blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics, Releaser(reactor)),
             metrics=metrics,
@@ -146,6 +149,13 @@ class MetahubService(Service):
         if removed:
             log.info("removed {count} files dead writers left in the store", count=removed)
 
+    def _make_room(self) -> None:
+        """The store refused a file: collect now rather than at the next interval (if bounded)."""
+        if self.config.storage.max_size is None:
+            log.warn("the store is full and storage.max_size is not set: nothing is evicted to make room")
+            return
+        ensureDeferred(self.collect())
+
     async def collect(self) -> None:
         """One collection attempt; the cluster lease makes it a no-op while another node collects."""
         try:
@@ -159,6 +169,7 @@ class MetahubService(Service):
             return
         self.storage.forget(*result.removed)
         if result.removed:
+            self.capacity.retry()
             log.info(
                 "evicted {count} blobs ({size} bytes); store now {after} bytes",
                 count=len(result.removed), size=result.removed_bytes, after=result.after_bytes,

@@ -179,7 +179,7 @@ def test_a_dead_holders_lease_is_taken_over(tmp_path) -> None:
     ensureDeferred(node_a.join(ROUTE, digest))
     client_a.answer.callback(dead_response)
     dead_response.protocol.dataReceived(data[:500])
-    node_a._active[digest].heartbeat.stop()  # node A dies: no more heartbeats
+    node_a.active(digest).heartbeat.stop()  # node A dies: no more heartbeats
     following = ensureDeferred(node_b.join(ROUTE, digest)).result
     assert following.writer is None
     clock.advance(31)  # silent past lease_timeout: node B's watcher gives up on it
