@@ -134,7 +134,10 @@ class MetahubService(Service):
         storage.forget(*await self.in_thread(storage.stamps.flush, storage.blobs, self.reactor.seconds()))
         hits, misses = self.metrics.hits_and_misses()
         record = NodeRecord(self.node_name, self.reactor.seconds(), hits, misses)
-        await self.in_thread(self.node_records.write, record)
+        try:
+            await self.in_thread(self.node_records.write, record)
+        except OSError as error:  # a full or read-only store: try again next time, keep flushing
+            log.warn("could not write this node's record to the store: {error}", error=error)
 
     async def tidy(self) -> None:
         """Remove crash leftovers of any node, in a thread (the shared directory may be slow)."""
