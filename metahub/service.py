@@ -131,13 +131,13 @@ class MetahubService(Service):
         cluster's eviction) in a thread. Files found gone were evicted elsewhere: forget them."""
         storage = self.storage
         storage.index.flush_access()
-        storage.forget(*await self.in_thread(storage.stamps.flush, storage.blobs, self.reactor.seconds()))
         hits, misses = self.metrics.hits_and_misses()
         record = NodeRecord(self.node_name, self.reactor.seconds(), hits, misses)
         try:
+            storage.forget(*await self.in_thread(storage.stamps.flush, storage.blobs, self.reactor.seconds()))
             await self.in_thread(self.node_records.write, record)
-        except OSError as error:  # a full or read-only store: try again next time, keep flushing
-            log.warn("could not write this node's record to the store: {error}", error=error)
+        except OSError as error:  # a full or read-only store: an error here would end the flush loop
+            log.warn("could not write access times or this node's record to the store: {error}", error=error)
 
     async def tidy(self) -> None:
         """Remove crash leftovers of any node, in a thread (the shared directory may be slow)."""

@@ -151,3 +151,17 @@ def test_a_full_store_asks_eviction_for_room_and_then_keeps_blobs_again(tmp_path
         assert store_files(store, "tmp") == [] and metric(hub, "metahub_store_full") == 0
         status, _, body = request(hub.host, "GET", "/v2/team/app/manifests/1", {"Accept": MANIFEST})
         assert status == 200 and json.loads(body)["layers"][0]["digest"] == pushed.layers[0].digest
+
+
+def test_a_read_only_store_is_bypassed_too(tmp_path, image) -> None:
+    pushed, layout, registry = image
+    with small_filesystem(tmp_path / "store") as store, Metahub(
+        tmp_path / "metahub", {"local": {"url": registry.url}}, default_upstream="local",
+        storage={"path": str(store), "index": str(tmp_path / "index")},
+    ) as hub:
+        subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)
+        pull(hub, pushed, layout)
+        assert store_files(store, "blobs") == [] and store_files(store, "tmp") == []
+        assert metric(hub, 'metahub_store_write_failures_total{reason="read_only"}') >= 1
+        assert metric(hub, "metahub_store_full") == 0  # not full: read-only, as the log says
+        assert "Read-only file system" in hub.log()

@@ -677,3 +677,27 @@ def test_a_store_that_starts_refusing_asks_once_for_room(tmp_path) -> None:
     capacity.stored()
     capacity.failed(OSError(errno.ENOSPC, "full"), "a blob")
     assert asked == [0, 0]
+
+
+def test_a_follower_of_another_nodes_fetch_that_failed_before_a_byte_fetches_for_itself(tmp_path) -> None:
+    data = os.urandom(3000)
+    digest = sha256_digest(data)
+    clock = Clock()
+    response = FakeResponse(len(data))
+    node_a, client_a, _, _ = make(tmp_path, FakeResponse(len(data)), "a", clock)
+    node_b, client_b, _, storage_b = make(tmp_path, response, "b", clock)
+    blobs_b = Blobs(storage_b, {"local": client_b}, node_b, clock, lambda f, *a: succeed(f(*a)), Metrics())
+    stuck = ensureDeferred(node_a.join(ROUTE, digest))  # node A holds the lease; its upstream hangs
+    request = Served()
+    served = ensureDeferred(blobs_b.serve(request, ROUTE, digest, head=False))
+    clock.advance(0.1)
+    assert client_b.calls == 0 and client_b.heads == 1  # node B follows node A
+    client_a.answer.errback(errors.gateway_timeout("upstream local did not answer"))
+    stuck.addErrback(lambda _: None)
+    clock.advance(0.1)  # node B sees the lease released with nothing written
+    assert client_b.calls == 1  # and fetches for itself rather than answering node A's failure
+    client_b.answer.callback(response)
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    clock.advance(0.1)
+    assert served.called and request.finished and b"".join(request.written) == data
