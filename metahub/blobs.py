@@ -178,6 +178,7 @@ class Blobs:
         )
         response.deliverBody(relay)
         await relay.done
+        self.metrics.upstream_bytes.labels(upstream.name).inc(relay.received)
 
     async def _follower(self, download: Download) -> BlobFollower | None:
         """A reader of the download; another node's file may take a moment to appear."""

@@ -8,8 +8,8 @@ through an upstream outage. Confirmed tags are also written to the shared store 
 upstream is unreachable any node can serve a tag that any node resolved.
 
 A store that cannot take the manifest (full, read-only, failing: :mod:`metahub.capacity`) does not
-fail the request: the body upstream sent, already checked against its digest, is served without
-being kept.
+fail the request: the body upstream sent, already checked against its digest, is served and kept
+only in the bounded memory cache.
 """
 from __future__ import annotations
 
@@ -132,9 +132,23 @@ class Manifests:
         """Keep a manifest (verified by construction: its digest is computed here) and link what it references."""
         digest = sha256_digest(body)
         manifest = ManifestBody(body, media_type, digest)
-        if not self.capacity.can_store():
+        if not await self._write(digest, body):
+            # Not in the store, but this repository's all the same: kept in memory only (bounded),
+            # so a client's next request by digest (a virtual index's, too) is still answered.
             self.capacity.bypassed("manifest")
+            self.storage.index.link([digest, *media.references(body)], route.key)
+            self._remember(manifest)
             return manifest
+        now = self.clock.seconds()
+        self.storage.index.put_blob(digest, len(body), now, media_type=media_type, repository=route.key)
+        self.storage.index.link(media.references(body), route.key)
+        self._remember(manifest)
+        return manifest
+
+    async def _write(self, digest: str, body: bytes) -> bool:
+        """Put the manifest in the store; False if the store cannot take it (full, read-only, failing)."""
+        if not self.capacity.can_store():
+            return False
         try:
             await self.in_thread(_write_blob, self.storage, digest, body)
         except (OSError, BlobWriteError) as failure:
@@ -142,14 +156,9 @@ class Manifests:
             if refused is None:
                 raise
             self.capacity.failed(refused, f"manifest {digest}")
-            self.capacity.bypassed("manifest")
-            return manifest
+            return False
         self.capacity.stored()
-        now = self.clock.seconds()
-        self.storage.index.put_blob(digest, len(body), now, media_type=media_type, repository=route.key)
-        self.storage.index.link(media.references(body), route.key)
-        self._remember(manifest)
-        return manifest
+        return True
 
     async def _fetch(self, route: Route, reference: str) -> ManifestBody:
         upstream = route.upstream.name

@@ -53,7 +53,7 @@ class VerifyingRelay(Protocol):
         self.on_bytes = on_bytes
         self.done: Deferred[bool] = Deferred()
         self._hash = hashlib.sha256()
-        self._received = 0
+        self.received = 0  # from upstream
         self._held = b""
         self._why: str | None = None  # set when the body must not complete the response
         self._client_gone = False
@@ -75,10 +75,10 @@ class VerifyingRelay(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.reset(self.idle_timeout)
-        offset = self._received
-        self._received += len(data)
+        offset = self.received
+        self.received += len(data)
         self._hash.update(data)
-        if self.size is not None and self._received > self.size:
+        if self.size is not None and self.received > self.size:
             self._why = f"upstream sent more than the {self.size} bytes it announced"
             self.transport.stopProducing()
             return
@@ -86,7 +86,7 @@ class VerifyingRelay(Protocol):
             data, self._held = self._held, data
         else:
             data = data[max(self.start - offset, 0):max(self.end - offset, 0)]
-            if data and offset < self.end <= self._received:  # the range's last byte waits for the verdict
+            if data and offset < self.end <= self.received:  # the range's last byte waits for the verdict
                 data, self._held = data[:-1], data[-1:]
         if data and not self._client_gone:
             self.request.write(data)
@@ -97,8 +97,8 @@ class VerifyingRelay(Protocol):
             self._timer.cancel()
         if self._why is None and not reason.check(ResponseDone):
             self._why = f"the upstream body ended early: {reason.getErrorMessage()}"
-        if self._why is None and self.size is not None and self._received != self.size:
-            self._why = f"upstream sent {self._received} of the {self.size} bytes it announced"
+        if self._why is None and self.size is not None and self.received != self.size:
+            self._why = f"upstream sent {self.received} of the {self.size} bytes it announced"
         actual = "sha256:" + self._hash.hexdigest()
         if self._why is None and actual != self.digest:
             self._why = f"upstream sent wrong bytes (got {actual})"

@@ -147,7 +147,7 @@ def test_a_full_store_asks_eviction_for_room_and_then_keeps_blobs_again(tmp_path
         assert "evicted" in hub.log() and "collecting without the cluster's gc lease" in hub.log()
         pull(hub, pushed, layout)  # eviction made room: kept this time
         kept = store_files(store, "blobs")
-        assert pushed.layers[0].digest[7:] in kept and pushed.digest[7:] in kept
+        assert pushed.layers[0].digest[7:] in kept and pushed.config.digest[7:] in kept
         assert store_files(store, "tmp") == [] and metric(hub, "metahub_store_full") == 0
         status, _, body = request(hub.host, "GET", "/v2/team/app/manifests/1", {"Accept": MANIFEST})
         assert status == 200 and json.loads(body)["layers"][0]["digest"] == pushed.layers[0].digest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -70,7 +71,7 @@ class HangingUpstream(LoopbackServer):
 
 
 @pytest.fixture
-def layer(tmp_path) -> tuple[str, bytes, Registry]:
+def layer(tmp_path) -> Iterator[tuple[str, bytes, Registry]]:
     """A 3 MB layer pushed to a real docker-registry as team/app:1."""
     registry = Registry(tmp_path / "upstream")
     try:
