@@ -5,7 +5,7 @@ unable to store for ``RETRY_AFTER`` seconds. Meanwhile requests are served strai
 verified and not kept, without trying the store again: a download that ran out of space midway
 aborts its clients, and their retries must not run into the same wall. After that time (or once a
 collection has made room) the next request tries the store again, and a write that lands clears the
-state. Going from "can store" to "cannot" logs a warning and asks eviction to make room.
+state. Every failure logs a warning; the first of each period also asks eviction to make room.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class StoreCapacity:
         why = reason(error)
         self.metrics.store_write_failures.labels(why).inc()
         self.metrics.store_full.set(1 if why == "no_space" else 0)
-        was_storing = self._refused_until is None
+        was_storing = self.can_store()  # once per refusal period, not per concurrent failure
         self._refused_until = self.clock.seconds() + self.retry_after
         log.warn(
             "the store cannot take {what} ({error}): serving straight from upstream, not keeping it, "

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -677,6 +678,29 @@ def test_a_store_that_starts_refusing_asks_once_for_room(tmp_path) -> None:
     capacity.stored()
     capacity.failed(OSError(errno.ENOSPC, "full"), "a blob")
     assert asked == [0, 0]
+    clock.advance(31)  # still refusing when tried again: ask again
+    capacity.failed(OSError(errno.ENOSPC, "full"), "a blob")
+    assert asked == [0, 0, 31]
+
+
+def test_a_client_that_cannot_keep_up_pauses_the_upstream_of_a_pass_through(tmp_path, monkeypatch) -> None:
+    data = os.urandom(3000)
+    client = Answers(FakeResponse(len(data)))
+    blobs, _, _, _ = blobs_over(tmp_path, client)
+    no_space(monkeypatch)
+    request = Served()
+    served = ensureDeferred(blobs.serve(request, ROUTE, sha256_digest(data), head=False))
+    response = FakeResponse(len(data))
+    response.transport = PausableTransport()
+    client.answers[-1].callback(response)
+    request.producer.pauseProducing()  # the client's socket buffer is full
+    assert response.transport.paused
+    request.producer.resumeProducing()
+    assert not response.transport.paused
+    request.processingFailed(Failure(ConnectionDone()))  # the client hangs up
+    assert response.transport.stopped
+    response.protocol.connectionLost(Failure(PotentialDataLoss()))
+    assert served.called and not request.finished and not request.transport.aborted
 
 
 def test_a_follower_of_another_nodes_fetch_that_failed_before_a_byte_fetches_for_itself(tmp_path) -> None:
