@@ -397,14 +397,22 @@ class Downloads:
             except FileNotFoundError:
                 continue
 
-    def _newest(self, paths: list[str]) -> str | None:
-        """The temp file written to most recently: the live holder's, not a dead one's."""
+    def _newest(self, paths: list[str], since: float | None) -> str | None:
+        """The temp file written to most recently, if written to after ``since``: the live holder's.
+
+        A holder that took the lease over from a dead one creates its file a moment after taking
+        it, and removes the dead one's only after that: a file last written before the take-over
+        (``since``: the lease's ``taken_at`` less a third of ``lease_timeout`` for clock skew, well
+        after the dead holder's last write) is the dead one's, and following it would fail.
+        """
         dated = []
         for path in paths:
             try:
-                dated.append((os.stat(path).st_mtime, path))
+                mtime = os.stat(path).st_mtime
             except FileNotFoundError:
                 continue
+            if since is None or mtime >= since:
+                dated.append((mtime, path))
         return max(dated)[1] if dated else None
 
     def _remote_state(self, digest: str) -> tuple[str, str | None]:
@@ -415,7 +423,9 @@ class Downloads:
         temps = self.storage.blobs.in_progress(digest)
         alive = lease is not None and lease.age(self.leases.clock()) <= self.lease_timeout
         if alive or (lease is not None and temps and lease.holder is None):
-            return "writing", self._newest(temps)
+            assert lease is not None
+            since = None if lease.taken_at is None else lease.taken_at - self.lease_timeout / 3
+            return "writing", self._newest(temps, since)
         # Released or dead. Look at the blob's name once more: release comes right after commit.
         return ("committed" if self.storage.blobs.stat(digest) is not None else "gone"), None
 

@@ -725,3 +725,24 @@ def test_a_follower_of_another_nodes_fetch_that_failed_before_a_byte_fetches_for
     response.protocol.connectionLost(Failure(ResponseDone()))
     clock.advance(0.1)
     assert served.called and request.finished and b"".join(request.written) == data
+
+
+def test_a_follower_never_picks_the_dead_holders_file_once_the_lease_was_taken_over(tmp_path) -> None:
+    data = os.urandom(2000)
+    digest = sha256_digest(data)
+    clock = Clock()
+    clock.advance(1000)
+    dead_response = FakeResponse(len(data))
+    node_a, client_a, _, _ = make(tmp_path, dead_response, "a", clock)
+    node_b, _, _, _ = make(tmp_path, FakeResponse(len(data)), "b", clock)
+    node_c, _, _, _ = make(tmp_path, FakeResponse(len(data)), "c", clock)
+    ensureDeferred(node_a.join(ROUTE, digest))
+    client_a.answer.callback(dead_response)
+    dead_response.protocol.dataReceived(data[:500])
+    dead = node_a.active(digest)
+    dead.heartbeat.stop()  # node A dies mid-download: its lease and file stay
+    os.utime(dead.temp_path, (1000, 1000))  # the file's last write, on the leases' clock
+    clock.advance(31)
+    assert node_b.leases.try_take(digest[7:], 30.0) is not None  # node B takes over...
+    # ...and has not created its own file yet: node C must wait for it, not follow node A's.
+    assert node_c._remote_state(digest) == ("writing", None)
