@@ -1,4 +1,5 @@
-"""Blob requests: from the store when cached, else through the single-flight download.
+"""Blob requests: from the store when cached, else through the single-flight download, else (when
+the store cannot take a file) straight from upstream, verified and not kept.
 
 A cached blob is served for repository R only if R is linked to it (R's manifest referenced it, or it
 was fetched through R) or upstream confirms R has it: a digest alone must not let one repository's
@@ -11,16 +12,19 @@ from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request
 
 from storage import BlobFollower, BlobNotFound, BlobRecord, BlobStore, FollowState, Storage
 
 from . import errors
+from .capacity import StoreUnavailable
 from .downloads import AlreadyStored, Download, Downloads
 from .headers import header_text
 from .memory import Releaser
 from .metrics import Metrics
 from .names import Route
+from .passthrough import Discard, VerifyingRelay
 from .ranges import content_range, parse_range
 from .streaming import send
 from .threads import ThreadRunner
@@ -107,32 +111,72 @@ class Blobs:
             self._range_headers(request, digest, wanted, size)
             request.finish()
             return
-        try:
-            download = await self.downloads.join(route, digest)
-        except AlreadyStored:  # another node committed it a moment ago, through some repository
-            await self.confirm(route, digest)
-            if not await self._serve_cached(request, digest, head):
-                raise errors.blob_unknown(digest) from None
-            return
-        if download.route.key != route.key:  # joined a download another repository asked for
-            await self.confirm(route, digest)
-        wanted = parse_range(_range_header(request), download.size) if download.size is not None else None
-        if wanted is not None and wanted != (0, download.size):
-            # A partial range of a blob still downloading: serve it once verified.
-            if not await download.outcome():
+        retried = False
+        while True:
+            try:
+                download = await self.downloads.join(route, digest)
+            except AlreadyStored:  # another node committed it a moment ago, through some repository
+                await self.confirm(route, digest)
+                if not await self._serve_cached(request, digest, head):
+                    raise errors.blob_unknown(digest) from None
+                return
+            except StoreUnavailable:
+                await self._pass_through(request, route, digest)
+                return
+            if download.route.key != route.key:  # joined a download another repository asked for
+                await self.confirm(route, digest)
+            # Another node's download (through whichever upstream) or another repository's failed
+            # before this client got a byte: not this route's failure, so fetch once for itself.
+            may_retry = not retried and (download.writer is None or download.route.key != route.key)
+            wanted = parse_range(_range_header(request), download.size) if download.size is not None else None
+            if wanted is not None and wanted != (0, download.size):
+                # A partial range of a blob still downloading: serve it once verified.
+                if not await download.outcome():
+                    if may_retry:
+                        retried = True
+                        continue
+                    raise errors.bad_gateway(f"upstream {route.upstream.name} failed to deliver {digest}")
+                if not await self._serve_cached(request, digest, head):
+                    raise errors.blob_unknown(digest)
+                return
+            follower = await self._follower(download)
+            if follower is not None:
+                break
+            if not may_retry:
                 raise errors.bad_gateway(f"upstream {route.upstream.name} failed to deliver {digest}")
-            if not await self._serve_cached(request, digest, head):
-                raise errors.blob_unknown(digest)
-            return
-        follower = await self._follower(download)
-        if follower is None:
-            raise errors.bad_gateway(f"upstream {route.upstream.name} failed to deliver {digest}")
+            retried = True
         # ``wanted`` is None or the whole blob (``bytes=0-``: a 206 of every byte, as when cached).
         self._range_headers(request, digest, wanted, download.size)
         await send(
             request, follower, self.in_thread, lambda n: self.metrics.bytes_served.labels("upstream").inc(n),
             wait_for_more(follower, download), download.size,
         )
+
+    async def _pass_through(self, request: Request, route: Route, digest: str) -> None:
+        """The store cannot take the blob: relay it from upstream to this client alone, verified."""
+        upstream = route.upstream
+        self.downloads.capacity.bypassed("blob")
+        self.metrics.upstream_fetches.labels(upstream.name, "blob").inc()
+        try:
+            response = await self.clients[upstream.name].get_blob(route.repository, digest)
+        except errors.RegistryError:
+            self.metrics.upstream_failures.labels(upstream.name).inc()
+            raise
+        size = None if response.length is UNKNOWN_LENGTH else int(response.length)
+        try:
+            wanted = parse_range(_range_header(request), size) if size is not None else None
+        except errors.RegistryError:
+            response.deliverBody(Discard())
+            raise
+        self._range_headers(request, digest, wanted, size)
+        start, end = wanted if wanted is not None else (0, size)
+        relay = VerifyingRelay(
+            request, digest, size, start, end, self.clock, upstream.read_timeout,
+            lambda n: self.metrics.bytes_served.labels("upstream").inc(n),
+        )
+        response.deliverBody(relay)
+        await relay.done
+        self.metrics.upstream_bytes.labels(upstream.name).inc(relay.received)
 
     async def _follower(self, download: Download) -> BlobFollower | None:
         """A reader of the download; another node's file may take a moment to appear."""

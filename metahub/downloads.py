@@ -14,6 +14,13 @@ exclusive create, heartbeated) downloads; the others follow its growing temporar
 A lease whose holder fell silent for ``lease_timeout`` is taken over by one node, which starts the
 download again. Correctness never rests on the lease: if two nodes did fetch, both verify and the
 store ends with one correct file.
+
+On a node, single flight is per upstream and digest: one upstream hanging or refusing must not reach
+the clients of another, so a request through another upstream fetches for itself (without the lease,
+which this node's other download holds). A request through another repository of the same upstream
+joins, and if the start fails (that repository may lack the blob, this one may not) fetches for
+itself. A store that cannot take the file (:mod:`metahub.capacity`) raises StoreUnavailable, and the
+caller serves the blob straight from upstream.
 """
 from __future__ import annotations
 
@@ -31,9 +38,11 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from storage import BlobWriteError, BlobWriter, DigestMismatch, Lease, Leases, SizeMismatch, Storage
 
 from . import errors
+from .capacity import StoreCapacity, StoreUnavailable, store_error
 from .lane import Lane, LaneFactory
 from .metrics import Metrics
 from .names import Route
+from .passthrough import Discard
 from .threads import ThreadRunner
 from .upstream import UpstreamClient
 
@@ -206,8 +215,12 @@ class Download:
         self._wake()
 
 
+#: A node's downloads are keyed by upstream name and digest: what can fail together.
+_Key = tuple[str, str]
+
+
 class Downloads:
-    """The downloads under way on this node, keyed by digest."""
+    """The downloads under way on this node, keyed by upstream and digest."""
 
     def __init__(
         self,
@@ -219,8 +232,10 @@ class Downloads:
         leases: Leases,
         lanes: LaneFactory,
         lease_timeout: float = 30.0,
+        capacity: StoreCapacity | None = None,
     ) -> None:
         self.storage = storage
+        self.capacity = capacity or StoreCapacity(clock, metrics)
         self.lanes = lanes
         self.leases = leases
         self.lease_timeout = lease_timeout
@@ -228,11 +243,15 @@ class Downloads:
         self.clock = clock
         self.in_thread = in_thread
         self.metrics = metrics
-        self._active: dict[str, Download] = {}
-        self._starting: dict[str, list[Deferred[Download]]] = {}
+        self._active: dict[_Key, Download] = {}
+        #: Downloads being started: the route of the request that started each, and who waits.
+        self._starting: dict[_Key, tuple[Route, list[Deferred[Download]]]] = {}
 
-    def active(self, digest: str) -> Download | None:
-        return self._active.get(digest)
+    def active(self, digest: str, upstream: str | None = None) -> Download | None:
+        """The download of ``digest`` under way through ``upstream`` (None: through any)."""
+        if upstream is not None:
+            return self._active.get((upstream, digest))
+        return next((d for (_, other), d in self._active.items() if other == digest), None)
 
     def committing(self) -> Deferred[list[bool]]:
         """Fires once every download whose bytes have verified is committed. A clean stop waits
@@ -240,31 +259,67 @@ class Downloads:
         return gatherResults([d.outcome() for d in self._active.values() if d.verified])
 
     async def join(self, route: Route, digest: str) -> Download:
-        """The download of ``digest``: the one under way, or a new one through ``route``.
+        """The download of ``digest`` through ``route``'s upstream: the one under way, or a new one.
 
-        Raises the upstream's RegistryError (404, 401, 502, ...) when the upstream refuses.
+        Raises the upstream's RegistryError (404, 401, 502, ...) when the upstream refuses this
+        route, and StoreUnavailable when the store cannot take the file.
         """
-        if digest in self._active:
-            return self._active[digest]
-        waiter: Deferred[Download] = Deferred()
-        if digest in self._starting:
-            self._starting[digest].append(waiter)
-        else:
-            self._starting[digest] = [waiter]
-            ensureDeferred(self._start(route, digest)).addBoth(self._started, digest)
-        return await waiter
+        key = (route.upstream.name, digest)
+        while True:
+            if key in self._active:
+                return self._active[key]
+            waiter: Deferred[Download] = Deferred()
+            if key not in self._starting:
+                if not self.capacity.can_store():
+                    raise StoreUnavailable(f"the store refused a file less than {self.capacity.retry_after:g} s ago")
+                self._starting[key] = (route, [waiter])
+                ensureDeferred(self._start(route, digest)).addBoth(self._started, key)
+                return await waiter
+            starter, waiters = self._starting[key]
+            waiters.append(waiter)
+            try:
+                return await waiter
+            except (AlreadyStored, StoreUnavailable):
+                raise  # true whichever repository asked
+            except Exception:
+                if starter.key == route.key:
+                    raise
+            # The starter's repository was refused (or its fetch failed); this one's may hold the
+            # blob: fetch for itself, so its own access check decides.
 
-    def _started(self, result: Download | Failure, digest: str) -> None:
-        for waiter in self._starting.pop(digest):
+    def _started(self, result: Download | Failure, key: _Key) -> None:
+        for waiter in self._starting.pop(key)[1]:
             if isinstance(result, Failure):
                 waiter.errback(result)
             else:
                 waiter.callback(result)
 
+    def _fetching_elsewhere(self, route: Route, digest: str) -> bool:
+        """Whether this node is fetching ``digest`` through another upstream (so holds its lease)."""
+        upstream = route.upstream.name
+        return any(u != upstream and d == digest for u, d in [*self._active, *self._starting])
+
+    def _unavailable(self, error: OSError, what: str) -> StoreUnavailable:
+        self.capacity.failed(error, what)
+        return StoreUnavailable(f"the store cannot take {what}: {error}")
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await self.in_thread(lease.release)
+        except OSError as error:  # a read-only store: the lease goes stale and is taken over
+            log.warn("could not release the lease {name}: {error}", name=lease.name, error=error)
+
     async def _start(self, route: Route, digest: str) -> Download:
-        lease = await self.in_thread(self.leases.try_take, digest[7:], self.lease_timeout)
-        if lease is None:
-            return await self._follow_remote(route, digest)
+        lease: Lease | None = None
+        # Another upstream's fetch of this digest here holds the lease; it may hang or fail
+        # without this route's clients: fetch beside it, unleased (the store keeps one file).
+        if not self._fetching_elsewhere(route, digest):
+            try:
+                lease = await self.in_thread(self.leases.try_take, digest[7:], self.lease_timeout)
+            except OSError as error:  # the lease is the first file this download writes
+                raise self._unavailable(error, f"a lease for {digest}") from error
+            if lease is None:
+                return await self._follow_remote(route, digest)
         upstream = route.upstream.name
         try:
             if await self.in_thread(self.storage.blobs.stat, digest) is not None:
@@ -279,17 +334,23 @@ class Downloads:
                 self.metrics.upstream_failures.labels(upstream).inc()
                 raise
             size = None if response.length is UNKNOWN_LENGTH else int(response.length)
-            writer = await self.in_thread(self.storage.blobs.writer, digest, size)
+            try:
+                writer = await self.in_thread(self.storage.blobs.writer, digest, size)
+            except OSError as error:
+                response.deliverBody(Discard())
+                raise self._unavailable(error, f"blob {digest}") from error
         except BaseException:
-            await self.in_thread(lease.release)
+            if lease is not None:
+                await self._release(lease)
             raise
         download = Download(digest, route, size, writer, self.clock, self.lanes(f"download {digest[7:19]}"))
-        download.lease = lease
-        download.heartbeat = LoopingCall(self.in_thread, lease.heartbeat)
-        download.heartbeat.clock = self.clock
-        download.heartbeat.start(self.lease_timeout / 3, now=False)
+        if lease is not None:
+            download.lease = lease
+            download.heartbeat = LoopingCall(self.in_thread, lease.heartbeat)
+            download.heartbeat.clock = self.clock
+            download.heartbeat.start(self.lease_timeout / 3, now=False)
         sink = _BodySink(download, self.clock, route.upstream.read_timeout)
-        self._active[digest] = download
+        self._active[(upstream, digest)] = download
         self.metrics.in_flight.inc()
         # From here every outcome, even an exception while starting the body, ends in _finish,
         # which unregisters the download: a stuck "active" entry would hang every later request.
@@ -307,7 +368,7 @@ class Downloads:
         size = await self.clients[route.upstream.name].head_blob(route.repository, digest)
         self.storage.index.link([digest], route.key)
         download = Download(digest, route, size, None, self.clock)
-        self._active[digest] = download
+        self._active[(route.upstream.name, digest)] = download
         ensureDeferred(self._watch_remote(download))
         return download
 
@@ -324,7 +385,7 @@ class Downloads:
                 download._wake()
                 await deferLater(self.clock, REMOTE_POLL, lambda: None)
         finally:
-            del self._active[download.digest]
+            del self._active[(download.route.upstream.name, download.digest)]
             download._end(committed)
 
     def _drop_stale_temps(self, digest: str) -> None:
@@ -336,14 +397,22 @@ class Downloads:
             except FileNotFoundError:
                 continue
 
-    def _newest(self, paths: list[str]) -> str | None:
-        """The temp file written to most recently: the live holder's, not a dead one's."""
+    def _newest(self, paths: list[str], since: float | None) -> str | None:
+        """The temp file written to most recently, if written to after ``since``: the live holder's.
+
+        A holder that took the lease over from a dead one creates its file a moment after taking
+        it, and removes the dead one's only after that: a file last written before the take-over
+        (``since``: the lease's ``taken_at`` less a third of ``lease_timeout`` for clock skew, well
+        after the dead holder's last write) is the dead one's, and following it would fail.
+        """
         dated = []
         for path in paths:
             try:
-                dated.append((os.stat(path).st_mtime, path))
+                mtime = os.stat(path).st_mtime
             except FileNotFoundError:
                 continue
+            if since is None or mtime >= since:
+                dated.append((mtime, path))
         return max(dated)[1] if dated else None
 
     def _remote_state(self, digest: str) -> tuple[str, str | None]:
@@ -354,7 +423,9 @@ class Downloads:
         temps = self.storage.blobs.in_progress(digest)
         alive = lease is not None and lease.age(self.leases.clock()) <= self.lease_timeout
         if alive or (lease is not None and temps and lease.holder is None):
-            return "writing", self._newest(temps)
+            assert lease is not None
+            since = None if lease.taken_at is None else lease.taken_at - self.lease_timeout / 3
+            return "writing", self._newest(temps, since)
         # Released or dead. Look at the blob's name once more: release comes right after commit.
         return ("committed" if self.storage.blobs.stat(digest) is not None else "gone"), None
 
@@ -374,9 +445,14 @@ class Downloads:
                 now = self.clock.seconds()
                 self.storage.index.put_blob(download.digest, download.received_bytes, now, repository=download.route.key)
                 committed = True
+                self.capacity.stored()
             else:
                 await lane.run(writer.abort)
-                self.metrics.upstream_failures.labels(upstream).inc()
+                refused = store_error(download.write_error) if download.write_error is not None else None
+                if refused is not None:  # out of space midway: the clients' retries go straight through
+                    self.capacity.failed(refused, f"blob {download.digest}")
+                else:
+                    self.metrics.upstream_failures.labels(upstream).inc()
                 log.warn(
                     "download of {digest} from {upstream} failed: {why}",
                     digest=download.digest, upstream=upstream,
@@ -391,13 +467,16 @@ class Downloads:
         except BlobWriteError as failure:
             self.metrics.upstream_failures.labels(upstream).inc()
             log.error("download of {digest} not committed: {why}", digest=download.digest, why=str(failure))
+        except OSError as error:  # the fsync or rename of the commit: a full or read-only store
+            await lane.run(writer.abort)
+            self.capacity.failed(error, f"blob {download.digest}")
         finally:
             lane.close()
             if download.heartbeat is not None and download.heartbeat.running:
                 download.heartbeat.stop()
             if download.lease is not None:
-                await self.in_thread(download.lease.release)
-            del self._active[download.digest]
+                await self._release(download.lease)
+            del self._active[(upstream, download.digest)]
             self.metrics.in_flight.dec()
             download._end(committed)
 

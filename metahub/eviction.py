@@ -7,12 +7,18 @@ node's view of the tags at collection time.
 """
 from __future__ import annotations
 
+import errno
+
+from twisted.logger import Logger
+
 from storage import BlobNotFound, GcResult, Leases, SharedTags, Storage, collect, collect_with_lease
 
 from . import media
 from .config import Config
 from .grammar import split_reference
 from .names import route
+
+log = Logger()
 
 
 def pinned_digests(config: Config, storage: Storage, shared_tags: SharedTags) -> set[str]:
@@ -59,4 +65,12 @@ def run_collection(
     pinned = pinned_digests(config, storage, shared_tags)
     if dry_run:
         return collect(storage.blobs, config.storage.max_size, now, config.storage.gc_grace, pinned, dry_run=True)
-    return collect_with_lease(storage.blobs, leases, config.storage.max_size, now, config.storage.gc_grace, pinned)
+    try:
+        return collect_with_lease(storage.blobs, leases, config.storage.max_size, now, config.storage.gc_grace, pinned)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+    # A full store cannot take even the lease file, and it is when room is needed most. Two
+    # collectors at once are safe (they pick the same oldest blobs), only wasteful: collect unleased.
+    log.warn("the store is full: collecting without the cluster's gc lease")
+    return collect(storage.blobs, config.storage.max_size, now, config.storage.gc_grace, pinned)

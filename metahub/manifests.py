@@ -6,6 +6,10 @@ older than ``tag_ttl`` a HEAD upstream revalidates it; when upstream cannot answ
 limited) the last known digest is served and a warning logged, which is what keeps pulls working
 through an upstream outage. Confirmed tags are also written to the shared store directory, so when
 upstream is unreachable any node can serve a tag that any node resolved.
+
+A store that cannot take the manifest (full, read-only, failing: :mod:`metahub.capacity`) does not
+fail the request: the body upstream sent, already checked against its digest, is served and kept
+only in the bounded memory cache.
 """
 from __future__ import annotations
 
@@ -15,9 +19,10 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from storage import BlobNotFound, SharedTags, Storage, TagRecord, sha256_digest
+from storage import BlobNotFound, BlobWriteError, SharedTags, Storage, TagRecord, sha256_digest
 
 from . import errors, media
+from .capacity import StoreCapacity, store_error
 from .threads import ThreadRunner
 from .config import MachineType
 from .metrics import Metrics
@@ -74,8 +79,10 @@ class Manifests:
         metrics: Metrics,
         tag_ttl: float,
         shared_tags: SharedTags,
+        capacity: StoreCapacity | None = None,
     ) -> None:
         self.storage = storage
+        self.capacity = capacity or StoreCapacity(clock, metrics)
         self.shared_tags = shared_tags
         self.clients = clients
         self.clock = clock
@@ -124,13 +131,34 @@ class Manifests:
     async def store(self, route: Route, body: bytes, media_type: str) -> ManifestBody:
         """Keep a manifest (verified by construction: its digest is computed here) and link what it references."""
         digest = sha256_digest(body)
-        await self.in_thread(_write_blob, self.storage, digest, body)
+        manifest = ManifestBody(body, media_type, digest)
+        if not await self._write(digest, body):
+            # Not in the store, but this repository's all the same: kept in memory only (bounded),
+            # so a client's next request by digest (a virtual index's, too) is still answered.
+            self.capacity.bypassed("manifest")
+            self.storage.index.link([digest, *media.references(body)], route.key)
+            self._remember(manifest)
+            return manifest
         now = self.clock.seconds()
         self.storage.index.put_blob(digest, len(body), now, media_type=media_type, repository=route.key)
         self.storage.index.link(media.references(body), route.key)
-        manifest = ManifestBody(body, media_type, digest)
         self._remember(manifest)
         return manifest
+
+    async def _write(self, digest: str, body: bytes) -> bool:
+        """Put the manifest in the store; False if the store cannot take it (full, read-only, failing)."""
+        if not self.capacity.can_store():
+            return False
+        try:
+            await self.in_thread(_write_blob, self.storage, digest, body)
+        except (OSError, BlobWriteError) as failure:
+            refused = store_error(failure)
+            if refused is None:
+                raise
+            self.capacity.failed(refused, f"manifest {digest}")
+            return False
+        self.capacity.stored()
+        return True
 
     async def _fetch(self, route: Route, reference: str) -> ManifestBody:
         upstream = route.upstream.name
@@ -198,7 +226,12 @@ class Manifests:
     async def _confirmed(self, route: Route, tag: str, digest: str, now: float) -> None:
         """Upstream confirmed tag -> digest: remember it here and for the other nodes."""
         self.storage.index.set_tag(route.upstream.name, route.repository, tag, digest, now)
-        await self.in_thread(self.shared_tags.write, route.upstream.name, route.repository, tag, digest, now)
+        if not self.capacity.can_store():
+            return  # the other nodes resolve the tag themselves meanwhile
+        try:
+            await self.in_thread(self.shared_tags.write, route.upstream.name, route.repository, tag, digest, now)
+        except OSError as error:
+            self.capacity.failed(error, f"the shared record of {route.key}:{tag}")
 
     async def for_machine_type(
         self, route: Route, index: ManifestBody, machine_type: MachineType, reference: str

@@ -56,6 +56,19 @@ class Metrics:
         self.in_flight = Gauge(
             "metahub_downloads_in_flight", "Upstream blob downloads under way on this node", registry=self.registry,
         )
+        self.store_write_failures = Counter(
+            "metahub_store_write_failures",
+            "Files the store refused (reason: no_space, read_only, io); requests then bypass it for a while",
+            ["reason"], registry=self.registry,
+        )
+        self.store_full = Gauge(
+            "metahub_store_full", "1 while the store is out of space and requests are served without keeping them",
+            registry=self.registry,
+        )
+        self.store_bypassed = Counter(
+            "metahub_store_bypassed", "Blobs and manifests served from upstream without being kept, by kind",
+            ["kind"], registry=self.registry,
+        )
 
     def hits_and_misses(self) -> tuple[int, int]:
         """Cache lookups that were answered from the store, and those that went upstream."""

@@ -16,6 +16,7 @@ from twisted.internet.task import deferLater
 from storage import Leases, SharedTags, Storage
 
 from . import errors, media
+from .capacity import StoreUnavailable
 from .config import Config
 from .downloads import AlreadyStored, Downloads
 from .grammar import split_reference
@@ -85,6 +86,8 @@ async def prefetch(reactor, config: Config, image: str, machine_type: str | None
                     download = await downloads.join(source, digest)
                 except AlreadyStored:
                     download = None
+                except StoreUnavailable as error:  # warming a store that takes nothing: say so
+                    raise errors.RegistryError(507, "UNKNOWN", str(error)) from error
                 while download is not None and not download.finished.called:
                     show(progress.done_bytes + download.received_bytes)  # 0 while another node fetches
                     await deferLater(reactor, 0.2, lambda: None)

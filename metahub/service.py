@@ -27,6 +27,7 @@ from storage.store import DEFAULT_TEMP_GRACE
 from .api import Registry, RegistryResource
 from .auth import Authenticator, load_token_key
 from .blobs import Blobs
+from .capacity import StoreCapacity
 from .config import Config, config_summary, endpoint_problem
 from .downloads import Downloads
 from .eviction import run_collection
@@ -97,14 +98,16 @@ class MetahubService(Service):
         leases = self.leases = Leases(config.storage.path, node=self.node_name, clock=reactor.seconds)
         self.shared_tags = SharedTags(config.storage.path)
         self.node_records = NodeRecords(config.storage.path)
+        capacity = self.capacity = StoreCapacity(reactor, metrics, self._make_room)
         downloads = self.downloads = Downloads(
-            self.storage, clients, reactor, in_thread, metrics, leases, thread_lanes(reactor), config.storage.lease_timeout
+            self.storage, clients, reactor, in_thread, metrics, leases, thread_lanes(reactor),
+            config.storage.lease_timeout, capacity,
         )
         registry = Registry(
             config=config,
             clients=clients,
             manifests=Manifests(
-                self.storage, clients, reactor, in_thread, metrics, config.tag_ttl, self.shared_tags
+                self.storage, clients, reactor, in_thread, metrics, config.tag_ttl, self.shared_tags, capacity
             ),
             blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics, Releaser(reactor)),
             metrics=metrics,
@@ -182,10 +185,13 @@ class MetahubService(Service):
         cluster's eviction) in a thread. Files found gone were evicted elsewhere: forget them."""
         storage = self.storage
         storage.index.flush_access()
-        storage.forget(*await self.in_thread(storage.stamps.flush, storage.blobs, self.reactor.seconds()))
         hits, misses = self.metrics.hits_and_misses()
         record = NodeRecord(self.node_name, self.reactor.seconds(), hits, misses)
-        await self.in_thread(self.node_records.write, record)
+        try:
+            storage.forget(*await self.in_thread(storage.stamps.flush, storage.blobs, self.reactor.seconds()))
+            await self.in_thread(self.node_records.write, record)
+        except OSError as error:  # a full or read-only store: an error here would end the flush loop
+            log.warn("could not write access times or this node's record to the store: {error}", error=error)
 
     async def tidy(self) -> None:
         """Remove crash leftovers of any node, in a thread (the shared directory may be slow)."""
@@ -201,6 +207,13 @@ class MetahubService(Service):
         if removed:
             log.info("removed {count} files dead writers left in the store", count=removed)
 
+    def _make_room(self) -> None:
+        """The store refused a file: collect now rather than at the next interval (if bounded)."""
+        if self.config.storage.max_size is None:
+            log.warn("the store is full and storage.max_size is not set: nothing is evicted to make room")
+            return
+        ensureDeferred(self.collect())
+
     async def collect(self) -> None:
         """One collection attempt; the cluster lease makes it a no-op while another node collects."""
         try:
@@ -214,6 +227,7 @@ class MetahubService(Service):
             return
         self.storage.forget(*result.removed)
         if result.removed:
+            self.capacity.retry()
             log.info(
                 "evicted {count} blobs ({size} bytes); store now {after} bytes",
                 count=len(result.removed), size=result.removed_bytes, after=result.after_bytes,

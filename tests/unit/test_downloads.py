@@ -1,10 +1,12 @@
 """Single flight on a fake clock and a fake upstream: one fetch, verified, never stuck."""
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -13,12 +15,16 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from metahub import errors
 from metahub.blobs import Blobs, _follow, wait_for_more
+from metahub.capacity import StoreCapacity
 from metahub.config import UpstreamConfig
 from metahub.downloads import QUEUED_LIMIT, Download, Downloads
 from metahub.metrics import Metrics
 from metahub.names import Route
 from metahub.streaming import send
 from storage import Leases, Storage, sha256_digest
+from storage import blobstore as storage_blobstore
+from storage import files as storage_files
+from storage import lease as storage_lease
 
 from .test_streaming import FakeRequest
 
@@ -179,7 +185,7 @@ def test_a_dead_holders_lease_is_taken_over(tmp_path) -> None:
     ensureDeferred(node_a.join(ROUTE, digest))
     client_a.answer.callback(dead_response)
     dead_response.protocol.dataReceived(data[:500])
-    node_a._active[digest].heartbeat.stop()  # node A dies: no more heartbeats
+    node_a.active(digest).heartbeat.stop()  # node A dies: no more heartbeats
     following = ensureDeferred(node_b.join(ROUTE, digest)).result
     assert following.writer is None
     clock.advance(31)  # silent past lease_timeout: node B's watcher gives up on it
@@ -427,3 +433,316 @@ def test_a_repository_joining_another_ones_download_must_be_confirmed_first(tmp_
         request.addErrback(lambda _: None)
         assert isinstance(failure.value, errors.RegistryError) and failure.value.status == 404, stage
     assert client.calls == 1 and client.heads == 2 and not storage.index.is_linked(digest, other.key)
+
+
+SLOW = UpstreamConfig("slow", "http://127.0.0.1:2", read_timeout=30.0)
+
+
+class Answers(FakeClient):
+    """An upstream whose every GET is answered by the test, in order (``answers[n]`` for call n)."""
+
+    def __init__(self, response: FakeResponse) -> None:
+        super().__init__(response)
+        self.answers: list[Deferred] = []
+
+    def get_blob(self, repository: str, digest: str) -> Deferred:
+        self.calls += 1
+        self.answers.append(Deferred())
+        return self.answers[-1]
+
+
+def two_upstreams(tmp_path, data: bytes):
+    """Downloads over a hanging upstream ``slow`` and a healthy ``local`` that holds ``data``."""
+    clock = Clock()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
+    response = FakeResponse(len(data))
+    healthy, hanging = FakeClient(response), FakeClient(FakeResponse(len(data)))
+    downloads = Downloads(storage, {"local": healthy, "slow": hanging}, clock, lambda f, *a: succeed(f(*a)),
+                          Metrics(), Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: InlineLane())
+    return downloads, healthy, hanging, response, storage
+
+
+def test_a_hanging_upstream_does_not_hold_up_another_upstreams_clients(tmp_path) -> None:
+    data = os.urandom(4000)
+    digest = sha256_digest(data)
+    downloads, healthy, hanging, response, storage = two_upstreams(tmp_path, data)
+    stuck = ensureDeferred(downloads.join(Route(SLOW, "team/app"), digest))  # never answers
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    assert hanging.calls == 1 and healthy.calls == 1  # the healthy route fetches for itself at once
+    healthy.answer.callback(response)
+    download = joined.result
+    assert download.lease is None  # the hanging fetch holds the digest's lease: fetched beside it
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert download.finished.result is True and storage.lookup(digest).size == len(data)
+    hanging.answer.errback(errors.gateway_timeout("upstream slow did not answer"))
+    assert isinstance(stuck.result.value, errors.RegistryError) and stuck.result.value.status == 504
+    stuck.addErrback(lambda _: None)
+    assert downloads.leases.holder(digest[7:]) is None  # the hanging fetch's lease is released
+
+
+def test_twenty_clients_through_one_route_share_one_fetch(tmp_path) -> None:
+    data = os.urandom(3000)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    downloads, client, _, storage = make(tmp_path, response)
+    joined = [ensureDeferred(downloads.join(ROUTE, digest)) for _ in range(20)]
+    client.answer.callback(response)
+    joined += [ensureDeferred(downloads.join(ROUTE, digest)) for _ in range(20)]
+    assert client.calls == 1 and len({id(j.result) for j in joined}) == 1
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert joined[0].result.finished.result is True
+
+
+def test_another_repositorys_failed_start_is_not_handed_to_this_one(tmp_path) -> None:
+    data = os.urandom(3000)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    clock = Clock()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
+    client = Answers(response)
+    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics(),
+                          Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: InlineLane())
+    other = Route(UPSTREAM, "team/other")
+    refused = ensureDeferred(downloads.join(other, digest))  # team/other lacks the blob
+    same_repo = ensureDeferred(downloads.join(other, digest))
+    joined = ensureDeferred(downloads.join(ROUTE, digest))  # team/app has it
+    client.answers[0].errback(errors.blob_unknown(digest))
+    for waiter in (refused, same_repo):  # the starter's own repository gets its own answer
+        assert waiter.result.value.status == 404
+        waiter.addErrback(lambda _: None)
+    assert client.calls == 2 and not joined.called  # team/app asks upstream itself
+    client.answers[1].callback(response)
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert joined.result.finished.result is True and storage.index.is_linked(digest, ROUTE.key)
+
+
+class Aborting:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class Served(DummyRequest):
+    """A DummyRequest that takes a push producer (as twisted.web's Request does) and can be aborted."""
+
+    def __init__(self, range_header: str | None = None) -> None:
+        super().__init__([b""])
+        self.transport = Aborting()
+        self.producer = None
+        if range_header is not None:
+            self.requestHeaders.setRawHeaders(b"range", [range_header])
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+def no_space(monkeypatch, after: int = 0) -> None:
+    """The store's filesystem fills up once ``after`` more bytes are written (files can still be made)."""
+    budget = [after]
+
+    def write_all(fd: int, data) -> None:
+        if len(data) > budget[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        budget[0] -= len(data)
+        os.write(fd, data)
+
+    for module in (storage_files, storage_blobstore, storage_lease):
+        monkeypatch.setattr(module, "write_all", write_all)
+
+
+def blobs_over(tmp_path, client: FakeClient):
+    clock = Clock()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
+    inline = lambda f, *a: succeed(f(*a))  # noqa: E731
+    metrics = Metrics()
+    downloads = Downloads(storage, {"local": client}, clock, inline, metrics,
+                          Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: InlineLane())
+    return Blobs(storage, {"local": client}, downloads, clock, inline, metrics), storage, clock, metrics
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_a_full_store_serves_a_cold_blob_from_upstream_verified_and_not_kept(tmp_path, monkeypatch) -> None:
+    data = os.urandom(3000)
+    digest = sha256_digest(data)
+    client = Answers(FakeResponse(len(data)))
+    blobs, storage, clock, metrics = blobs_over(tmp_path, client)
+    no_space(monkeypatch)
+    for attempt in range(2):  # the first finds the store full; the second does not try it again
+        request = Served()
+        served = ensureDeferred(blobs.serve(request, ROUTE, digest, head=False))
+        response = FakeResponse(len(data))
+        client.answers[-1].callback(response)
+        response.protocol.dataReceived(data[:1000])
+        response.protocol.dataReceived(data[1000:])
+        assert b"".join(request.written) == data[:-1] and not request.finished  # the verdict's byte waits
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        assert served.called and request.finished and b"".join(request.written) == data
+        assert request.responseCode == 200 and request.responseHeaders.getRawHeaders(b"content-length") == [b"3000"]
+    assert client.calls == 2 and storage.lookup(digest) is None
+    assert os.listdir(storage.blobs.tmp_dir) == [] and os.listdir(blobs.downloads.leases.dir) == []
+    assert sample(metrics, "metahub_store_full") == 1
+    assert sample(metrics, "metahub_store_write_failures_total", reason="no_space") == 1  # only the first tried
+    assert sample(metrics, "metahub_store_bypassed_total", kind="blob") == 2
+    clock.advance(31)  # the store is tried again
+    monkeypatch.undo()
+    request = Served()
+    ensureDeferred(blobs.serve(request, ROUTE, digest, head=False))
+    response = FakeResponse(len(data))
+    client.answers[-1].callback(response)
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert storage.lookup(digest).size == len(data) and sample(metrics, "metahub_store_full") == 0
+
+
+def test_wrong_bytes_from_upstream_abort_a_response_that_bypasses_the_store(tmp_path, monkeypatch) -> None:
+    digest = sha256_digest(b"right")
+    client = Answers(FakeResponse(5))
+    blobs, storage, _, _ = blobs_over(tmp_path, client)
+    no_space(monkeypatch)
+    request = Served()
+    ensureDeferred(blobs.serve(request, ROUTE, digest, head=False))
+    response = FakeResponse(5)
+    client.answers[-1].callback(response)
+    response.protocol.dataReceived(b"wrong")
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert request.transport.aborted and not request.finished and b"".join(request.written) == b"wron"
+
+
+def test_a_range_bypassing_the_store_is_cut_from_the_verified_body(tmp_path, monkeypatch) -> None:
+    data = os.urandom(3000)
+    client = Answers(FakeResponse(len(data)))
+    blobs, _, _, _ = blobs_over(tmp_path, client)
+    no_space(monkeypatch)
+    request = Served("bytes=1000-1999")
+    ensureDeferred(blobs.serve(request, ROUTE, sha256_digest(data), head=False))
+    response = FakeResponse(len(data))
+    client.answers[-1].callback(response)
+    response.protocol.dataReceived(data[:2500])
+    assert b"".join(request.written) == data[1000:1999]  # the range's last byte waits for the rest
+    response.protocol.dataReceived(data[2500:])
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert request.responseCode == 206 and b"".join(request.written) == data[1000:2000] and request.finished
+    assert request.responseHeaders.getRawHeaders(b"content-range") == [b"bytes 1000-1999/3000"]
+
+
+def test_a_download_out_of_space_midway_aborts_its_clients_and_their_retry_is_served(tmp_path, monkeypatch) -> None:
+    data = os.urandom(3 << 20)
+    digest = sha256_digest(data)
+    client = Answers(FakeResponse(len(data)))
+    blobs, storage, _, metrics = blobs_over(tmp_path, client)
+    no_space(monkeypatch, after=(1 << 20) + 4096)  # the lease, then a megabyte, fit
+    first = Served()
+    ensureDeferred(blobs.serve(first, ROUTE, digest, head=False))
+    response = FakeResponse(len(data))
+    response.transport = PausableTransport()
+    client.answers[-1].callback(response)
+    for offset in range(0, len(data), 1 << 20):
+        if response.transport.stopped:
+            break
+        response.protocol.dataReceived(data[offset:offset + (1 << 20)])
+    assert response.transport.stopped  # the second megabyte did not fit: upstream is let go
+    response.protocol.connectionLost(Failure(PotentialDataLoss()))
+    assert first.transport.aborted and not first.finished
+    assert os.listdir(storage.blobs.tmp_dir) == [] and storage.lookup(digest) is None
+    assert sample(metrics, "metahub_store_full") == 1
+    retry = Served()
+    ensureDeferred(blobs.serve(retry, ROUTE, digest, head=False))
+    assert client.calls == 2  # straight to upstream: the store is not tried again at once
+    response = FakeResponse(len(data))
+    client.answers[-1].callback(response)
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert retry.finished and b"".join(retry.written) == data
+
+
+def test_a_store_that_starts_refusing_asks_once_for_room(tmp_path) -> None:
+    clock = Clock()
+    asked = []
+    capacity = StoreCapacity(clock, Metrics(), lambda: asked.append(clock.seconds()))
+    for _ in range(3):
+        capacity.failed(OSError(errno.EROFS, "read-only"), "a blob")
+    assert asked == [0] and not capacity.can_store()
+    capacity.retry()  # a collection made room
+    assert capacity.can_store()
+    capacity.stored()
+    capacity.failed(OSError(errno.ENOSPC, "full"), "a blob")
+    assert asked == [0, 0]
+    clock.advance(31)  # still refusing when tried again: ask again
+    capacity.failed(OSError(errno.ENOSPC, "full"), "a blob")
+    assert asked == [0, 0, 31]
+
+
+def test_a_client_that_cannot_keep_up_pauses_the_upstream_of_a_pass_through(tmp_path, monkeypatch) -> None:
+    data = os.urandom(3000)
+    client = Answers(FakeResponse(len(data)))
+    blobs, _, _, _ = blobs_over(tmp_path, client)
+    no_space(monkeypatch)
+    request = Served()
+    served = ensureDeferred(blobs.serve(request, ROUTE, sha256_digest(data), head=False))
+    response = FakeResponse(len(data))
+    response.transport = PausableTransport()
+    client.answers[-1].callback(response)
+    request.producer.pauseProducing()  # the client's socket buffer is full
+    assert response.transport.paused
+    request.producer.resumeProducing()
+    assert not response.transport.paused
+    request.processingFailed(Failure(ConnectionDone()))  # the client hangs up
+    assert response.transport.stopped
+    response.protocol.connectionLost(Failure(PotentialDataLoss()))
+    assert served.called and not request.finished and not request.transport.aborted
+
+
+def test_a_follower_of_another_nodes_fetch_that_failed_before_a_byte_fetches_for_itself(tmp_path) -> None:
+    data = os.urandom(3000)
+    digest = sha256_digest(data)
+    clock = Clock()
+    response = FakeResponse(len(data))
+    node_a, client_a, _, _ = make(tmp_path, FakeResponse(len(data)), "a", clock)
+    node_b, client_b, _, storage_b = make(tmp_path, response, "b", clock)
+    blobs_b = Blobs(storage_b, {"local": client_b}, node_b, clock, lambda f, *a: succeed(f(*a)), Metrics())
+    stuck = ensureDeferred(node_a.join(ROUTE, digest))  # node A holds the lease; its upstream hangs
+    request = Served()
+    served = ensureDeferred(blobs_b.serve(request, ROUTE, digest, head=False))
+    clock.advance(0.1)
+    assert client_b.calls == 0 and client_b.heads == 1  # node B follows node A
+    client_a.answer.errback(errors.gateway_timeout("upstream local did not answer"))
+    stuck.addErrback(lambda _: None)
+    clock.advance(0.1)  # node B sees the lease released with nothing written
+    assert client_b.calls == 1  # and fetches for itself rather than answering node A's failure
+    client_b.answer.callback(response)
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    clock.advance(0.1)
+    assert served.called and request.finished and b"".join(request.written) == data
+
+
+def test_a_follower_never_picks_the_dead_holders_file_once_the_lease_was_taken_over(tmp_path) -> None:
+    data = os.urandom(2000)
+    digest = sha256_digest(data)
+    clock = Clock()
+    clock.advance(1000)
+    dead_response = FakeResponse(len(data))
+    node_a, client_a, _, _ = make(tmp_path, dead_response, "a", clock)
+    node_b, _, _, _ = make(tmp_path, FakeResponse(len(data)), "b", clock)
+    node_c, _, _, _ = make(tmp_path, FakeResponse(len(data)), "c", clock)
+    ensureDeferred(node_a.join(ROUTE, digest))
+    client_a.answer.callback(dead_response)
+    dead_response.protocol.dataReceived(data[:500])
+    dead = node_a.active(digest)
+    dead.heartbeat.stop()  # node A dies mid-download: its lease and file stay
+    os.utime(dead.temp_path, (1000, 1000))  # the file's last write, on the leases' clock
+    clock.advance(31)
+    assert node_b.leases.try_take(digest[7:], 30.0) is not None  # node B takes over...
+    # ...and has not created its own file yet: node C must wait for it, not follow node A's.
+    assert node_c._remote_state(digest) == ("writing", None)

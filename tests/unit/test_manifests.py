@@ -1,7 +1,9 @@
 """The manifest cache on a fake clock: tags within tag_ttl, revalidation, and bodies from memory."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 from twisted.internet.defer import ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
@@ -13,6 +15,8 @@ from metahub.metrics import Metrics
 from metahub.names import Route
 from metahub.upstream import Manifest, ManifestHead
 from storage import SharedTags, Storage, sha256_digest
+from storage import blobstore as storage_blobstore
+from storage import files as storage_files
 
 BODY = json.dumps({"schemaVersion": 2, "mediaType": media.OCI_MANIFEST, "layers": []}).encode()
 DIGEST = sha256_digest(BODY)
@@ -99,3 +103,31 @@ def test_storing_a_manifest_already_in_the_store_writes_nothing(tmp_path) -> Non
     manifests.storage.blobs.writer = lambda *args: writes.append(args)  # a virtual index, rebuilt per pull
     stored = ensureDeferred(manifests.store(ROUTE, BODY, media.OCI_MANIFEST)).result
     assert stored.digest == DIGEST and writes == []
+
+
+def test_a_full_store_serves_the_manifest_without_keeping_it(tmp_path, monkeypatch) -> None:
+    manifests, upstream, clock, _ = make(tmp_path)
+
+    def no_space(fd, data) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    for module in (storage_files, storage_blobstore):  # blob files and shared tag records
+        monkeypatch.setattr(module, "write_all", no_space)
+    for _ in range(2):  # the second from memory
+        served = ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result
+        assert served.body == BODY and served.digest == DIGEST
+    assert upstream.gets == 1
+    assert manifests.storage.blobs.stat(DIGEST) is None and os.listdir(manifests.storage.blobs.tmp_dir) == []
+    assert manifests.shared_tags.read("local", ROUTE.repository, "1.0") is None
+    registry = manifests.metrics.registry
+    assert registry.get_sample_value("metahub_store_full") == 1
+    assert registry.get_sample_value("metahub_store_write_failures_total", {"reason": "no_space"}) == 1
+    assert registry.get_sample_value("metahub_store_bypassed_total", {"kind": "manifest"}) == 1
+    other = b'{"schemaVersion": 2, "layers": []}'  # found full a moment ago: the store is not tried
+    assert ensureDeferred(manifests.store(ROUTE, other, media.OCI_MANIFEST)).result.body == other
+    assert registry.get_sample_value("metahub_store_write_failures_total", {"reason": "no_space"}) == 1
+    monkeypatch.undo()
+    clock.advance(31)
+    ensureDeferred(manifests.store(ROUTE, other, media.OCI_MANIFEST)).result
+    assert manifests.storage.blobs.stat(sha256_digest(other)) is not None
+    assert registry.get_sample_value("metahub_store_full") == 0
