@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -265,8 +266,16 @@ def test_a_cached_blob_does_not_leak_to_another_repository(tmp_path, upstream, p
 def test_metrics_count_hits_misses_and_upstream_fetches(tmp_path, upstream, proxy) -> None:
     image = make_image(tmp_path / "m", "v1", layers=[os.urandom(10_000)])
     skopeo.push(tmp_path / "m", "v1", f"{upstream.host}/team/m:v1")
-    for _ in range(3):
-        assert request(proxy.host, "GET", f"/v2/team/m/blobs/{image.layers[0].digest}")[0] == 200
+    digest = image.layers[0].digest
+    assert request(proxy.host, "GET", f"/v2/team/m/blobs/{digest}")[0] == 200
+    # The client has every byte once they verified; the fsync and rename come after. A request
+    # before the rename would follow the download rather than hit the cache.
+    stored = proxy.workdir / "store" / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    deadline = time.monotonic() + 10
+    while not stored.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for _ in range(2):
+        assert request(proxy.host, "GET", f"/v2/team/m/blobs/{digest}")[0] == 200
     status, headers, body = request(proxy.host, "GET", "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     lines = body.decode().splitlines()
