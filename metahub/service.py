@@ -31,6 +31,7 @@ from .lane import thread_lanes
 from .manifests import Manifests
 from .memory import Releaser
 from .site import registry_site
+from .status import NodeFacts, StatusPage
 from .threads import thread_runner
 from .metrics import Metrics
 from .upstream import UpstreamClient, make_http_client
@@ -101,6 +102,11 @@ class MetahubService(Service):
             in_thread=in_thread,
             virtual=VirtualImages(config),
         )
+        node = NodeFacts(
+            self.node_name, reactor.seconds(), self.listen_address, self.storage, self.node_records,
+            live_within=3 * ACCESS_FLUSH_INTERVAL,  # records are rewritten at every flush
+        )
+        registry.status = StatusPage(registry, node, reactor.seconds)
         return registry_site(RegistryResource(registry), config.access_log)
 
     def startService(self) -> None:
@@ -153,6 +159,13 @@ class MetahubService(Service):
         self.port = port
         address = port.getHost()
         log.info("metahub serving the registry API on {host}:{port}", host=address.host, port=address.port)
+
+    def listen_address(self) -> str:
+        if self.port is None:
+            return self.listen
+        address = self.port.getHost()
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        return f"{self.listen} ({host}:{port})" if host is not None else self.listen
 
     def _cannot_listen_later(self, failure: Failure) -> None:
         log.error("metahub: cannot listen on {listen}: {why}", listen=self.listen, why=failure.getErrorMessage())
