@@ -20,7 +20,7 @@ from metahub.auth import hash_password
 from metahub.config import UpstreamConfig, parse_config
 from metahub.errors import RegistryError
 from metahub.service import MetahubService
-from metahub.status import MachineTypeRow, PullCounts, StatusData, UpstreamRow, render_page
+from metahub.status import FIGURES_TTL, MachineTypeRow, PullCounts, StatusData, UpstreamRow, render_page
 from metahub.upstream import UpstreamClient
 from storage.nodes import NodeRecord
 
@@ -254,3 +254,24 @@ def test_an_upstream_client_remembers_its_last_success_and_error() -> None:
     down = UpstreamClient(config, _Unreachable(), clock)
     failureResultOf(ensureDeferred(down.head_blob("ok", digest)), RegistryError)
     assert down.last_success is None and "unreachable" in down.last_error[1]
+
+
+def test_the_store_is_scanned_in_a_thread_at_most_every_few_seconds(tmp_path) -> None:
+    service, built = site(tmp_path, anonymous="allow")
+    registry = built.resource.registry
+    scans: list[str] = []
+
+    def in_thread(function, *args):
+        scans.append(function.__name__)
+        return succeed(function(*args))
+
+    registry.in_thread = in_thread
+    try:
+        for _ in range(3):
+            assert get(built, "/")[0] == 200
+        assert scans == ["_scan"]
+        service.reactor.advance(FIGURES_TTL)
+        assert get(built, "/")[0] == 200
+        assert scans == ["_scan", "_scan"]
+    finally:
+        service.storage.close()
