@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from metahub.auth import hash_password
+from metahub.config import format_size
 from tests.peers import chromium, skopeo
 from tests.peers.oci import make_bench_index, make_image
 from tests.peers.registry import Registry
@@ -59,16 +60,18 @@ def texts(dom: str) -> dict[str, str]:
     return {key: " ".join(value.split()) for key, value in parser.texts.items()}
 
 
-def cache_lookups(host: str) -> tuple[int, int]:
+def metrics(host: str) -> tuple[int, int, int]:
+    """Cache hits and misses (all kinds), and blob bytes served from the store, as /metrics says."""
     status, _, body = request(host, "GET", "/metrics")
     assert status == 200
-    counts = {"hit": 0, "miss": 0}
+    counts = {"hit": 0, "miss": 0, "cache": 0}
     for family in text_string_to_metric_families(body.decode()):
-        if family.name == "metahub_cache_lookups":
-            for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    counts[sample.labels["result"]] += int(sample.value)
-    return counts["hit"], counts["miss"]
+        for sample in family.samples:
+            if sample.name == "metahub_cache_lookups_total":
+                counts[sample.labels["result"]] += int(sample.value)
+            elif sample.name == "metahub_bytes_served_total" and sample.labels["source"] == "cache":
+                counts["cache"] += int(sample.value)
+    return counts["hit"], counts["miss"], counts["cache"]
 
 
 def store_blob_count(hub: Metahub) -> int:
@@ -94,14 +97,15 @@ def test_chromium_shows_the_figures_the_metrics_say(tmp_path, upstream) -> None:
                  machine_types=MACHINE_TYPES) as hub:
         for attempt in range(2):  # the first pull fills the store, the second is served from it
             skopeo.copy_to_dir(f"{hub.host}/team/app:1.0", tmp_path / f"pull-{attempt}")
-        hits, misses = cache_lookups(hub.host)
-        assert hits > 0 and misses > 0
+        hits, misses, from_store = metrics(hub.host)
+        assert hits > 0 and misses > 0 and from_store > 120_000
 
         page = texts(chromium.dump_dom(f"http://{hub.host}/"))
         assert (page["hits"], page["misses"]) == (str(hits), str(misses))
         assert page["hit-ratio"] == f"{100 * hits / (hits + misses):.1f}%"
         assert page["blob-count"] == str(store_blob_count(hub)) != "0"
         assert "of 1GiB" in page["size"]
+        assert page["bytes-saved"].startswith(f"{format_size(from_store)} served from the store")
         assert page["version"] == "0.1.0"
         assert str(hub.port) in page["listen"]
         assert page["store-path"] == str(tmp_path / "hub" / "store")
