@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from twisted.internet.defer import ensureDeferred
@@ -23,12 +24,13 @@ from . import inspect, login
 from .addresses import require_allowed
 from .grammar import split_reference
 from .headers import API_VERSION, check_host
-from .auth import Authenticator
+from .auth import Authenticator, Identity
 from .config import Config, MachineType
 from .threads import ThreadRunner
 from .manifests import ManifestBody, Manifests
 from .metrics import Metrics, method_label, status_label
 from .names import Route, check_digest, check_name, check_reference, is_tag, route
+from .status import PullCounts, StatusPage
 from .upstream import UpstreamClient
 from .virtual import VirtualImage, VirtualImages, store_index
 
@@ -56,6 +58,8 @@ class Registry:
     auth: Authenticator
     in_thread: ThreadRunner  # for the logins' KDF: its own small pool (threads.BoundedPool)
     virtual: VirtualImages
+    pulls: PullCounts = field(default_factory=PullCounts)
+    status: StatusPage | None = None  # the page at / (wired by the service)
 
 
 def _query(request: Request) -> dict[str, str]:
@@ -94,6 +98,8 @@ class RegistryResource(Resource):
         )
         check_host(request)
         registry = self.registry
+        if path in ("/", "/_metahub/") and registry.status is not None:
+            return await registry.status.serve(request, self.resolve)
         if path == "/token":
             return self._json(request, 200, await login.token(request, registry.auth, registry.in_thread))
         # Everything else is read-only: GET, and HEAD answering exactly what GET would.
@@ -159,6 +165,8 @@ class RegistryResource(Resource):
         request.setHeader("Content-Length", str(len(manifest.body)))
         if not head:
             request.write(manifest.body)
+            if manifest.media_type not in media.INDEX_TYPES:  # each platform's pull ends with one of these
+                self.registry.pulls.add(target.key)
         request.finish()
 
     async def _resolve_query(self, request: Request) -> None:
@@ -167,7 +175,12 @@ class RegistryResource(Resource):
         identity = await login.identify(request, registry.auth, registry.in_thread)
         if identity.anonymous and registry.auth.enabled:
             raise errors.unauthorized("log in to query resolutions", login.challenge(request))
-        image = _query(request).get("image", "")
+        result = await self.resolve(identity, _query(request).get("image", ""))
+        self._json(request, 200, json.dumps(result).encode())
+
+    async def resolve(self, identity: Identity, image: str) -> dict[str, Any]:
+        """The resolve report for ``NAME[:TAG]`` as ``identity`` may see it (JSON API and status page)."""
+        registry = self.registry
         try:
             name, reference = split_reference(image)
         except ValueError as error:
@@ -178,8 +191,7 @@ class RegistryResource(Resource):
             manifest = await self._virtual_manifest(target, reference)
         else:
             manifest = await registry.manifests.get(target, reference)
-        result = inspect.report(image, manifest.body, manifest.media_type, manifest.digest, registry.config)
-        self._json(request, 200, json.dumps(result).encode())
+        return inspect.report(image, manifest.body, manifest.media_type, manifest.digest, registry.config)
 
     async def _build_virtual(self, target: Route, image: VirtualImage) -> ManifestBody:
         registry = self.registry

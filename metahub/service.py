@@ -35,6 +35,7 @@ from .lane import thread_lanes
 from .manifests import Manifests
 from .memory import Releaser
 from .site import registry_site
+from .status import NodeFacts, StatusPage
 from .threads import BoundedPool, thread_runner
 from .metrics import Metrics
 from .metrics_port import metrics_site
@@ -115,6 +116,11 @@ class MetahubService(Service):
             in_thread=self.kdf,
             virtual=VirtualImages(config),
         )
+        node = NodeFacts(
+            self.node_name, reactor.seconds(), self.listen_address, self.storage, self.node_records,
+            live_within=3 * ACCESS_FLUSH_INTERVAL,  # records are rewritten at every flush
+        )
+        registry.status = StatusPage(registry, node, reactor.seconds)
         return registry_site(RegistryResource(registry), config.access_log, config.http, reactor)
 
     def startService(self) -> None:
@@ -168,6 +174,13 @@ class MetahubService(Service):
             host = f"[{address.host}]" if isinstance(address, IPv6Address) else address.host
             log.info("point clients at {url} (e.g. docker pull {where}/library/alpine)",
                      url=f"{scheme}://{host}:{address.port}", where=f"{host}:{address.port}")
+
+    def listen_address(self) -> str:
+        if self.port is None:
+            return self.listen
+        address = self.port.getHost()
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        return f"{self.listen} ({host}:{port})" if host is not None else self.listen
 
     def _give_up(self, message: str) -> NoReturn:
         if self.port is not None:  # the registry's port, when the metrics port failed

@@ -212,6 +212,9 @@ class UpstreamClient:
         # asking anonymously and collecting a 401 for every new repository.
         self._challenge: Challenge | None = None
         self._tokens: dict[str, _Token] = {}  # scope -> bearer token
+        # For the status page: when upstream last answered, and the last failure and why.
+        self.last_success: float | None = None
+        self.last_error: tuple[float, str] | None = None
 
     async def get_manifest(self, repo: str, reference: str, accept: list[str]) -> Manifest:
         """Fetch a manifest by tag or digest; a body that does not match its digest is a 502."""
@@ -277,10 +280,20 @@ class UpstreamClient:
         request_headers = Headers()
         for name, value in headers.items():
             request_headers.setRawHeaders(name, [value])
-        response = await self._authorized(method, url, request_headers, f"repository:{target.repo}:pull")
-        if 200 <= response.code < 300:
-            return response
-        raise await self._failure(response, target, request_headers)
+        try:
+            response = await self._authorized(method, url, request_headers, f"repository:{target.repo}:pull")
+            if 200 <= response.code < 300:
+                self.last_success = self._clock.seconds()
+                return response
+            error = await self._failure(response, target, request_headers)
+        except RegistryError as failed:
+            self.last_error = (self._clock.seconds(), failed.message)
+            raise
+        if error.status == 404:  # the upstream answered; the name or reference does not exist
+            self.last_success = self._clock.seconds()
+        else:
+            self.last_error = (self._clock.seconds(), error.message)
+        raise error
 
     async def _authorized(self, method: str, url: str, headers: Headers, scope: str) -> IResponse:
         """Send with the authorization we already have; on a 401, answer its challenge and retry once.
