@@ -4,7 +4,7 @@
 ``twisted/plugins/metahub_plugin.py`` is installed where ``twistd`` looks for plugins, for both
 ``pip install .`` and ``pip install -e .``.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="metahub",
@@ -12,8 +12,8 @@ setup(
     description="Pull-through caching proxy for container registries with per-machine-type images",
     python_requires=">=3.11",
     package_dir={"": "."},
-    packages=["storage", "metahub", "twisted.plugins"],
-    package_data={"twisted.plugins": ["metahub_plugin.py"], "metahub": ["example.yaml"]},
+    packages=["storage", "twisted.plugins", *find_packages(include=["metahub", "metahub.*"])],
+    package_data={"twisted.plugins": ["metahub_plugin.py"], "metahub.config": ["example.yaml"]},
     install_requires=[
         "twisted[tls]>=24.3",
         "treq>=23.11",
@@ -28,5 +28,5 @@ setup(
     ],
     # wheel: the install test builds metahub without build isolation, as an offline user would.
     extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "wheel", "bcrypt", "cryptography"]},
-    entry_points={"console_scripts": ["metahub = metahub.cli:main"]},
+    entry_points={"console_scripts": ["metahub = metahub.app.cli:main"]},
 )

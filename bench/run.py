@@ -39,8 +39,15 @@ from . import machine
 from .blobs import PushedBlob, push_random_blob
 from .load import LoadResult, run_load
 from .profile import Profiler, py_spy, summarise
-from .servers import (DistributionServer, MetahubServer, SendfileServer, cpu_seconds,
-                      missing_programs, peak_rss_mb, reset_peak_rss)
+from .servers import (
+    DistributionServer,
+    MetahubServer,
+    SendfileServer,
+    cpu_seconds,
+    missing_programs,
+    peak_rss_mb,
+    reset_peak_rss,
+)
 
 MiB = 1 << 20
 ACCEPT = ", ".join([INDEX, MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json",

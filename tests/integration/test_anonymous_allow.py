@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from metahub.auth import hash_password
+from metahub.web.auth import hash_password
 from tests.peers import containerd, podman, skopeo
 from tests.peers.dockerd import Dockerd
 from tests.peers.oci import build_text, make_bench_index

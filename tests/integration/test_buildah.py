@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from metahub.auth import hash_password
+from metahub.web.auth import hash_password
 from tests.peers import buildah, skopeo
 from tests.peers.oci import make_bench_index
 from tests.peers.registry import Registry

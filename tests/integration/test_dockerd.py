@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from metahub.auth import hash_password
+from metahub.web.auth import hash_password
 from storage import sha256_digest
 from tests.peers import skopeo
 from tests.peers.dockerd import Dockerd

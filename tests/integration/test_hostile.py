@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from metahub.auth import hash_password
+from metahub.web.auth import hash_password
 from tests.peers import containerd as ctr
 from tests.peers import skopeo
 from tests.peers.oci import Image, make_image

@@ -24,7 +24,7 @@ from collections import Counter
 
 import pytest
 
-from metahub.auth import hash_password
+from metahub.web.auth import hash_password
 from tests.peers import skopeo
 from tests.peers.oci import make_image
 from tests.peers.ports import LOOPBACK

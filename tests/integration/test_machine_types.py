@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from metahub.auth import hash_password
+from metahub.web.auth import hash_password
 from storage import sha256_digest
 from tests.peers import containerd, podman, skopeo
 from tests.peers.oci import build_text, make_bench_index, make_image

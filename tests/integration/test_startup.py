@@ -98,7 +98,7 @@ def test_plugin_is_found_after_a_non_editable_install(tmp_path) -> None:
         "from twisted.plugin import getPlugins; from twisted.application.service import IServiceMaker;"
         "import twisted.plugins;"
         "print([p.tapname for p in getPlugins(IServiceMaker) if p.tapname == 'metahub']);"
-        "import metahub.tap; print(metahub.tap.__file__)"
+        "import metahub.app.tap; print(metahub.app.tap.__file__)"
     )
     result = subprocess.run([sys.executable, "-c", probe, str(target)], capture_output=True, text=True,
                             cwd=tmp_path, timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})

@@ -10,8 +10,8 @@ from urllib.parse import quote
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from metahub.auth import hash_password
-from metahub.config import format_size
+from metahub.config.file import format_size
+from metahub.web.auth import hash_password
 from tests.peers import chromium, skopeo
 from tests.peers.oci import make_bench_index, make_image
 from tests.peers.registry import Registry

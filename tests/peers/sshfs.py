@@ -42,8 +42,7 @@ from typing import Self
 
 from .ports import LOOPBACK, free_port
 from .process import Daemon, PeerError, run
-from .require import missing
-from .require import require_binary
+from .require import missing, require_binary
 
 STARTUP_ATTEMPTS = 3
 SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")

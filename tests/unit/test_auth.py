@@ -12,11 +12,25 @@ from twisted.internet.defer import ensureDeferred, succeed
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from metahub import errors, login
-from metahub.auth import (
-    ANONYMOUS, Authenticator, Identity, LoginRefused, check_password, hash_password, load_token_key, repository_pattern,
+from metahub.config.file import (
+    Account,
+    Config,
+    MachineType,
+    StorageConfig,
+    UpstreamConfig,
 )
-from metahub.config import Account, Config, MachineType, StorageConfig, UpstreamConfig
+from metahub.oci import errors
+from metahub.web import login
+from metahub.web.auth import (
+    ANONYMOUS,
+    Authenticator,
+    Identity,
+    LoginRefused,
+    check_password,
+    hash_password,
+    load_token_key,
+    repository_pattern,
+)
 
 HASH = hash_password("pw")
 WRONG_PASSWORD = b'{"errors": [{"code": "UNAUTHORIZED", "message": "incorrect username or password"}]}'

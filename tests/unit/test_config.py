@@ -11,8 +11,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from metahub.auth import hash_password
-from metahub.config import (
+from metahub.config.file import (
     Account,
     Config,
     ConfigError,
@@ -28,6 +27,7 @@ from metahub.config import (
     parse_duration,
     parse_size,
 )
+from metahub.web.auth import hash_password
 from tests.peers.tls import make_ca
 
 REPO = Path(__file__).resolve().parents[2]

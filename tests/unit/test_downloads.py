@@ -13,14 +13,14 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.test.requesthelper import DummyRequest
 
-from metahub import errors
-from metahub.blobs import Blobs, _follow, wait_for_more
-from metahub.capacity import StoreCapacity
-from metahub.config import UpstreamConfig
-from metahub.downloads import QUEUED_LIMIT, Download, Downloads
-from metahub.metrics import Metrics
-from metahub.names import Route
-from metahub.streaming import send
+from metahub.cache.capacity import StoreCapacity
+from metahub.cache.downloads import QUEUED_LIMIT, Download, Downloads
+from metahub.cache.routing import Route
+from metahub.config.file import UpstreamConfig
+from metahub.oci import errors
+from metahub.runtime.metrics import Metrics
+from metahub.web.blobs import Blobs, _follow, wait_for_more
+from metahub.web.streaming import send
 from storage import Leases, Storage, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files

@@ -21,14 +21,14 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from metahub import errors
-from metahub.auth import hash_password
-from metahub.config import ConfigError, HttpConfig, parse_config
-from metahub.headers import header_text
-from metahub.names import route
-from metahub.ranges import parse_range
-from metahub.service import MetahubService
-from metahub.site import FORM_LIMIT, RegistrySite
+from metahub.app.service import MetahubService
+from metahub.cache.routing import route
+from metahub.config.file import ConfigError, HttpConfig, parse_config
+from metahub.oci import errors
+from metahub.web.auth import hash_password
+from metahub.web.headers import header_text
+from metahub.web.ranges import parse_range
+from metahub.web.site import FORM_LIMIT, RegistrySite
 from storage import sha256_digest
 
 from .test_config import minimal
@@ -164,7 +164,7 @@ def test_a_cached_blob_is_closed_whatever_fails_after_it_opened(face: Face, monk
     def broken(header: str | None, size: int) -> None:
         raise RuntimeError("a bug in range handling")
 
-    monkeypatch.setattr("metahub.blobs.parse_range", broken)
+    monkeypatch.setattr("metahub.web.blobs.parse_range", broken)
     face.cache_blob()
     before = open_fds()
     for _ in range(50):
@@ -296,7 +296,7 @@ def test_random_methods_do_not_grow_the_metrics(face: Face) -> None:
 
 
 def test_status_and_method_labels() -> None:
-    from metahub.metrics import method_label, status_label
+    from metahub.runtime.metrics import method_label, status_label
 
     assert [method_label(m) for m in (b"GET", b"HEAD", b"get", b"BREW", b"\xff")] == ["GET", "HEAD", "other", "other", "other"]
     assert [status_label(c) for c in (200, 206, 429, 431, 599, 0)] == ["200", "206", "429", "431", "5xx", "other"]

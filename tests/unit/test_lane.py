@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from metahub.lane import ThreadLane
+from metahub.runtime.lane import ThreadLane
 
 
 class CollectingReactor:

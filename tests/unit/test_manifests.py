@@ -8,12 +8,12 @@ import os
 from twisted.internet.defer import ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 
-from metahub import errors, media
-from metahub.config import UpstreamConfig
-from metahub.manifests import Manifests
-from metahub.metrics import Metrics
-from metahub.names import Route
-from metahub.upstream import Manifest, ManifestHead
+from metahub.cache.manifests import Manifests
+from metahub.cache.routing import Route
+from metahub.config.file import UpstreamConfig
+from metahub.oci import errors, media
+from metahub.runtime.metrics import Metrics
+from metahub.upstream.client import Manifest, ManifestHead
 from storage import SharedTags, Storage, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files

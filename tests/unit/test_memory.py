@@ -6,12 +6,12 @@ import sys
 
 from twisted.internet.task import Clock
 
-from metahub.memory import QUIET, Releaser
+from metahub.runtime.memory import QUIET, Releaser
 
 
 def test_glibc_accepts_the_malloc_settings() -> None:
     # In a child: the cap is process-wide, and this test process keeps its defaults.
-    code = "from metahub.memory import tune_malloc; print(tune_malloc())"
+    code = "from metahub.runtime.memory import tune_malloc; print(tune_malloc())"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "True\n"
 
 
@@ -46,7 +46,7 @@ def test_memory_is_trimmed_once_blob_traffic_has_been_quiet() -> None:
 
 
 _FREED_BUT_KEPT = """
-from metahub.memory import malloc_trim
+from metahub.runtime.memory import malloc_trim
 
 def anon_kib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1])
@@ -70,8 +70,8 @@ def test_trimming_hands_freed_heap_memory_back() -> None:
 
 _LOGINS = """
 import sys, threading
-from metahub.auth import check_password, hash_password
-from metahub.memory import tune_malloc
+from metahub.web.auth import check_password, hash_password
+from metahub.runtime.memory import tune_malloc
 
 if sys.argv[1] == "tuned":
     assert tune_malloc()

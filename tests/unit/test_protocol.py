@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from metahub import errors, media
-from metahub.config import Config, StorageConfig, UpstreamConfig
-from metahub.names import check_digest, check_name, check_reference, route
-from metahub.ranges import content_range, parse_range
+from metahub.cache.routing import route
+from metahub.config.file import Config, StorageConfig, UpstreamConfig
+from metahub.oci import errors, media
+from metahub.oci.names import check_digest, check_name, check_reference
+from metahub.web.ranges import content_range, parse_range
 
 GOOD = "sha256:" + "ab" * 32
 

@@ -16,12 +16,13 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from metahub import errors, login
-from metahub.addresses import limit_key, require_allowed
-from metahub.auth import Authenticator, Identity
-from metahub.config import LOCAL_NETWORKS, LoginLimits, parse_config
-from metahub.ratelimit import Buckets, FailureLimiter
-from metahub.threads import KDF_NICE, BoundedPool
+from metahub.config.file import LOCAL_NETWORKS, LoginLimits, parse_config
+from metahub.oci import errors
+from metahub.runtime.threads import KDF_NICE, BoundedPool
+from metahub.web import login
+from metahub.web.addresses import limit_key, require_allowed
+from metahub.web.auth import Authenticator, Identity
+from metahub.web.ratelimit import Buckets, FailureLimiter
 
 from .test_auth import make_config
 from .test_config import error, minimal

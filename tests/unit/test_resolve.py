@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metahub import media
-from metahub.config import MachineType
-from metahub.errors import RegistryError
-from metahub.resolve import Entry, choose, entries, explain, resolve
+from metahub.config.file import MachineType
+from metahub.hardware.resolve import Entry, choose, entries, explain, resolve
+from metahub.oci import media
+from metahub.oci.errors import RegistryError
 
 
 def digest(label: str) -> str:

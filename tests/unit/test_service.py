@@ -7,8 +7,8 @@ import time
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.task import Clock
 
-from metahub.config import parse_config
-from metahub.service import MetahubService
+from metahub.app.service import MetahubService
+from metahub.config.file import parse_config
 from storage import Leases, Storage
 
 from .test_config import minimal

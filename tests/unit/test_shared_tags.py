@@ -8,7 +8,14 @@ import time
 
 import pytest
 
-from storage import BlobStore, InvalidDigest, InvalidTagPath, SharedTags, TagRecord, sha256_digest
+from storage import (
+    BlobStore,
+    InvalidDigest,
+    InvalidTagPath,
+    SharedTags,
+    TagRecord,
+    sha256_digest,
+)
 
 D1 = sha256_digest(b"one")
 D2 = sha256_digest(b"two")

@@ -16,12 +16,19 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from metahub.auth import hash_password
-from metahub.config import UpstreamConfig, parse_config
-from metahub.errors import RegistryError
-from metahub.service import MetahubService
-from metahub.status import FIGURES_TTL, MachineTypeRow, PullCounts, StatusData, UpstreamRow, render_page
-from metahub.upstream import UpstreamClient
+from metahub.app.service import MetahubService
+from metahub.config.file import UpstreamConfig, parse_config
+from metahub.oci.errors import RegistryError
+from metahub.upstream.client import UpstreamClient
+from metahub.web.auth import hash_password
+from metahub.web.status import (
+    FIGURES_TTL,
+    MachineTypeRow,
+    PullCounts,
+    StatusData,
+    UpstreamRow,
+    render_page,
+)
 from storage.nodes import NodeRecord
 
 from .test_config import minimal

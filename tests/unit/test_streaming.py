@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 
-from metahub.streaming import CHUNK, FOLLOW_CHUNK, send
+from metahub.web.streaming import CHUNK, FOLLOW_CHUNK, send
 from storage import BlobStore, DigestMismatch, sha256_digest
 
 

@@ -19,7 +19,11 @@ import treq
 from OpenSSL import SSL
 from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import (
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -31,10 +35,16 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from metahub.config import UpstreamConfig
-from metahub.errors import RegistryError
-from metahub.upstream import READ_SIZE, Manifest, ManifestHead, UpstreamClient, make_http_clients
-from metahub.upstream_tls import CertificateRejected
+from metahub.config.file import UpstreamConfig
+from metahub.oci.errors import RegistryError
+from metahub.upstream.client import (
+    READ_SIZE,
+    Manifest,
+    ManifestHead,
+    UpstreamClient,
+    make_http_clients,
+)
+from metahub.upstream.tls import CertificateRejected
 from tests.peers.tls import make_ca
 
 T = TypeVar("T")

@@ -15,7 +15,7 @@ from service_identity.hazmat import DNS_ID, IPAddress_ID
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from metahub.upstream_tls import CertificateRejected, _Check, handshake_failure
+from metahub.upstream.tls import CertificateRejected, _Check, handshake_failure
 from tests.peers.tls import make_ca
 
 

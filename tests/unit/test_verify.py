@@ -5,7 +5,15 @@ import os
 
 import pytest
 
-from storage import BlobStore, Leases, parse_digest, quarantine_dir, sha256_digest, stats, verify
+from storage import (
+    BlobStore,
+    Leases,
+    parse_digest,
+    quarantine_dir,
+    sha256_digest,
+    stats,
+    verify,
+)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metahub.wwwauth import Challenge, WWWAuthenticateError, parse_challenges
+from metahub.upstream.wwwauth import Challenge, WWWAuthenticateError, parse_challenges
 
 
 @pytest.mark.parametrize(

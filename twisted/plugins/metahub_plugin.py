@@ -3,7 +3,7 @@ from twisted.application.service import ServiceMaker
 
 metahub = ServiceMaker(
     "metahub",
-    "metahub.tap",
+    "metahub.app.tap",
     "Pull-through caching registry proxy serving each machine type its own image",
     "metahub",
 )

@@ -1,0 +1,297 @@
+"""The ``metahub`` command for operators (the server itself runs under ``twistd metahub``)."""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from metahub.app.prefetch import prefetch
+from metahub.cache.eviction import run_collection
+from metahub.cache.manifests import ManifestBody
+from metahub.cache.routing import Route, route
+from metahub.cache.virtual import VirtualImages, build_index
+from metahub.config.file import (
+    Config,
+    ConfigError,
+    config_summary,
+    example_text,
+    load_config,
+)
+from metahub.hardware import inspect
+from metahub.oci import errors, media
+from metahub.oci.grammar import split_reference
+from metahub.upstream.client import UpstreamClient, make_http_clients
+from metahub.web.auth import hash_password
+from storage import (
+    IndexInUse,
+    IndexLock,
+    Leases,
+    SharedTags,
+    Storage,
+    sha256_digest,
+    stats,
+    verify,
+)
+from storage.nodes import NodeRecords
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        raise SystemExit(f"metahub: {error}") from None
+
+
+def config_example(args: argparse.Namespace) -> int:
+    """Print the commented example configuration, to start a file from."""
+    sys.stdout.write(example_text())
+    return 0
+
+
+def check_config(args: argparse.Namespace) -> int:
+    print(config_summary(_load(args.config)))
+    print("configuration OK")
+    return 0
+
+
+def cache_reindex(args: argparse.Namespace) -> int:
+    """Rebuild this node's index from the blob files (run while this node's server is stopped)."""
+    config = _load(args.config)
+    try:
+        alone = IndexLock(config.storage.index, exclusive=True)
+    except IndexInUse:
+        raise SystemExit(f"metahub: cache reindex: a metahub server is running on {config.storage.index}; "
+                         "stop it first") from None
+    storage = Storage(config.storage.path, config.storage.index)
+    try:
+        result = storage.reindex()
+    finally:
+        storage.close()
+        alone.release()
+    print(f"reindexed {result.total} blobs: {result.added} added, {result.removed} removed")
+    return 0
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def cache_stats(args: argparse.Namespace) -> int:
+    """Size and counts of the (shared) store, and what this node's index knows."""
+    config = _load(args.config)
+    storage = Storage(config.storage.path, config.storage.index)
+    try:
+        found = stats(storage.blobs)
+        indexed = storage.index.count_blobs()
+        holders = sorted({lease.holder.rsplit("-", 2)[0] for lease in Leases(config.storage.path).iter_leases() if lease.holder})
+    finally:
+        storage.close()
+    bound = _human(config.storage.max_size) if config.storage.max_size else "unbounded"
+    print(f"store:       {config.storage.path}")
+    print(f"size:        {_human(found.total_bytes)} in {found.blob_count} blobs (max_size: {bound})")
+    print(f"index:       {indexed} blobs known to this node ({config.storage.index})")
+    print(f"in progress: {found.temp_files} temporary files, {found.leases} leases")
+    print(f"quarantined: {found.quarantined}")
+    print(f"nodes now holding leases: {', '.join(holders) or 'none'}")
+    nodes = NodeRecords(config.storage.path).read_all()
+    hits, misses = sum(n.hits for n in nodes), sum(n.misses for n in nodes)
+    ratio = f"{100 * hits / (hits + misses):.1f}%" if hits + misses else "n/a"
+    print(f"hit ratio:   {ratio} ({hits} hits, {misses} misses, as last reported by each node)")
+    print(f"nodes seen:  {len(nodes)}")
+    for node in nodes:
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(node.last_seen))
+        print(f"  {node.node:<40} last seen {seen}, {node.hits} hits, {node.misses} misses")
+    return 0
+
+
+def cache_gc(args: argparse.Namespace) -> int:
+    """Evict least recently used blobs down to storage.max_size (under the cluster's gc lease)."""
+    config = _load(args.config)
+    if config.storage.max_size is None:
+        raise SystemExit("metahub: storage.max_size is not set: nothing to collect toward")
+    storage = Storage(config.storage.path, config.storage.index)
+    try:
+        result = run_collection(
+            config, storage, Leases(config.storage.path), SharedTags(config.storage.path), time.time(), args.dry_run
+        )
+        if result is None:
+            print("another node is collecting right now; try again later")
+            return 1
+        if not args.dry_run:
+            storage.forget(*result.removed)
+    finally:
+        storage.close()
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(result.removed)} blobs ({_human(result.removed_bytes)}): "
+          f"{_human(result.before_bytes)} -> {_human(result.after_bytes)}; "
+          f"kept {len(result.kept_pinned)} pinned, {len(result.kept_recent)} recently used")
+    return 0
+
+
+def cache_verify(args: argparse.Namespace) -> int:
+    """Re-hash every blob; corrupt ones move to <store>/quarantine. Exit 1 if any was corrupt."""
+    config = _load(args.config)
+    storage = Storage(config.storage.path, config.storage.index)
+
+    def progress(step) -> None:
+        if sys.stderr.isatty():
+            print(f"\rverified {step.checked} blobs, {_human(step.bytes_checked)}", end="", file=sys.stderr)
+
+    try:
+        result = verify(storage.blobs, quarantine=True, progress=progress)
+        storage.forget(*result.corrupt)
+    finally:
+        storage.close()
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(f"verified {result.checked} blobs: {len(result.corrupt)} corrupt")
+    for digest in result.corrupt:
+        print(f"  quarantined {digest}")
+    return 1 if result.corrupt else 0
+
+
+def prefetch_command(args: argparse.Namespace) -> int:
+    """Fetch an image's blobs into the store (shared: for every node) with a progress bar."""
+    config = _load(args.config)
+
+    async def warm(reactor: Any) -> None:
+        done = await prefetch(reactor, config, args.image, args.machine_type)
+        print(f"prefetched {args.image}: {done.blobs} blobs, {_human(done.total_bytes)}")
+
+    return _react(args.image, warm)
+
+
+def hash_password_command(args: argparse.Namespace) -> int:
+    """Print a ``password_hash`` for the config; the password comes from stdin or a prompt."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise SystemExit("metahub: the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise SystemExit("metahub: refusing an empty password")
+    print(hash_password(password))
+    return 0
+
+
+def _react(image: str, work: Callable[[Any], Awaitable[None]]) -> int:
+    """Run ``work(reactor)`` on a reactor; an upstream's refusal or a bad reference is one line."""
+    from twisted.internet import task
+    from twisted.internet.defer import ensureDeferred
+
+    failed: list[str] = []
+
+    async def run(reactor: Any) -> None:
+        try:
+            await work(reactor)
+        except errors.RegistryError as error:
+            failed.append(f"metahub: {image}: {error.status} {error.code}: {error.message}")
+        except ValueError as error:  # a malformed image reference
+            failed.append(f"metahub: {error}")
+
+    try:
+        task.react(lambda reactor: ensureDeferred(run(reactor)))
+    except SystemExit as exit_:  # react always exits; keep our own status
+        if exit_.code:
+            return int(exit_.code)
+    if failed:
+        print(failed[0], file=sys.stderr)
+        return 1
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    """Fetch IMAGE's index from its upstream (no cache involved) and show what each machine type gets."""
+    config = _load(args.config)
+
+    async def report_on(reactor: Any) -> None:
+        name, reference = split_reference(args.image)
+        http = make_http_clients(reactor, list(config.upstreams.values()))
+        clients = {n: UpstreamClient(u, http[n], reactor) for n, u in config.upstreams.items()}
+
+        async def fetch(target: Route, ref: str) -> ManifestBody:
+            got = await clients[target.upstream.name].get_manifest(target.repository, ref, media.UPSTREAM_ACCEPT)
+            return ManifestBody(got.body, got.media_type or media.sniff_media_type(got.body), got.digest)
+
+        target = route(config, name)
+        virtual = VirtualImages(config).find(target, reference)
+        if virtual is not None:
+            body, _ = await build_index(config, virtual, fetch)
+            manifest = ManifestBody(body, media.OCI_INDEX, sha256_digest(body))
+        else:
+            manifest = await fetch(target, reference)
+        result = inspect.report(args.image, manifest.body, manifest.media_type, manifest.digest, config)
+        print(json.dumps(result, indent=2) if args.json else inspect.render(result))
+
+    return _react(args.image, report_on)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="metahub", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True)
+
+    example = commands.add_parser("config-example", help="print a commented example configuration file")
+    example.set_defaults(run=config_example)
+
+    check = commands.add_parser("check-config", help="validate a configuration file and summarise it")
+    check.add_argument("--config", "-c", required=True)
+    check.set_defaults(run=check_config)
+
+    inspecting = commands.add_parser("inspect", help="show the builds an image offers and what each machine type gets")
+    inspecting.add_argument("--config", "-c", required=True)
+    inspecting.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspecting.add_argument("image", help="NAME[:TAG], routed like a client's name (e.g. ghcr.io/org/app:1.0)")
+    inspecting.set_defaults(run=inspect_command)
+
+    prefetching = commands.add_parser("prefetch", help="warm the store with an image (all builds, or one machine type's)")
+    prefetching.add_argument("--config", "-c", required=True)
+    prefetching.add_argument("--machine-type", "-m", help="fetch only the build this machine type resolves to")
+    prefetching.add_argument("image", help="NAME[:TAG], routed like a client's name")
+    prefetching.set_defaults(run=prefetch_command)
+
+    hashing = commands.add_parser("hash-password", help="print a password_hash (scrypt) for an account")
+    hashing.set_defaults(run=hash_password_command)
+
+    cache = commands.add_parser("cache", help="maintain the blob store and this node's index")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True)
+    reindex = cache_commands.add_parser("reindex", help="rebuild the index from the store's files")
+    reindex.add_argument("--config", "-c", required=True)
+    reindex.set_defaults(run=cache_reindex)
+    stats_parser = cache_commands.add_parser("stats", help="size, blob count, leases and index of the store")
+    stats_parser.add_argument("--config", "-c", required=True)
+    stats_parser.set_defaults(run=cache_stats)
+    gc = cache_commands.add_parser("gc", help="evict least recently used blobs down to storage.max_size")
+    gc.add_argument("--config", "-c", required=True)
+    gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    gc.set_defaults(run=cache_gc)
+    verifying = cache_commands.add_parser("verify", help="re-hash every blob, quarantine corrupt ones")
+    verifying.add_argument("--config", "-c", required=True)
+    verifying.set_defaults(run=cache_verify)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        status = int(args.run(args))
+        sys.stdout.flush()  # here, inside the try: piped output is buffered until exit
+        return status
+    except BrokenPipeError:
+        # `metahub cache stats | head`: the reader left, which is no error. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again (Python's signal docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

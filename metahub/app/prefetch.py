@@ -1,0 +1,113 @@
+"""``metahub prefetch``: warm the (shared) store with an image before a job lands on a node.
+
+It runs the server's own machinery (manifest cache, single-flight downloads under the cluster's
+leases) in a short-lived process, so a prefetch and a live pull of the same blob still fetch it
+once. With ``--machine-type`` only that build of a multi-platform image is fetched; without, all.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+from twisted.internet.task import deferLater
+
+from metahub.cache.capacity import StoreUnavailable
+from metahub.cache.downloads import AlreadyStored, Downloads
+from metahub.cache.manifests import ManifestBody, Manifests
+from metahub.cache.routing import route
+from metahub.cache.virtual import VirtualImages, store_index
+from metahub.config.file import Config
+from metahub.oci import errors, media
+from metahub.oci.grammar import split_reference
+from metahub.runtime.lane import thread_lanes
+from metahub.runtime.metrics import Metrics
+from metahub.runtime.threads import thread_runner
+from metahub.upstream.client import UpstreamClient, make_http_clients
+from storage import Leases, SharedTags, Storage
+
+
+@dataclass
+class Progress:
+    total_bytes: int = 0
+    done_bytes: int = 0
+    blobs: int = 0
+    blobs_done: int = 0
+
+
+def progress_line(progress: Progress, width: int = 30) -> str:
+    fraction = progress.done_bytes / progress.total_bytes if progress.total_bytes else 1.0
+    bar = "#" * int(fraction * width)
+    mib = 1 << 20
+    return (f"[{bar:<{width}}] {fraction:6.1%}  {progress.done_bytes / mib:.1f}/{progress.total_bytes / mib:.1f} MiB"
+            f"  {progress.blobs_done}/{progress.blobs} blobs")
+
+
+async def prefetch(reactor, config: Config, image: str, machine_type: str | None, out: TextIO = sys.stderr) -> Progress:
+    name, reference = split_reference(image)
+    if machine_type is not None and machine_type not in config.machine_types:
+        raise errors.unauthorized(f"unknown machine type {machine_type!r}")
+    in_thread = thread_runner(reactor)
+    storage = Storage(config.storage.path, config.storage.index, clock=reactor.seconds)
+    try:
+        http = make_http_clients(reactor, list(config.upstreams.values()))
+        clients = {n: UpstreamClient(u, http[n], reactor) for n, u in config.upstreams.items()}
+        metrics = Metrics()
+        manifests = Manifests(storage, clients, reactor, in_thread, metrics, config.tag_ttl, SharedTags(config.storage.path))
+        downloads = Downloads(storage, clients, reactor, in_thread, metrics, Leases(config.storage.path, clock=reactor.seconds),
+                              thread_lanes(reactor), config.storage.lease_timeout)
+        target = route(config, name)
+        virtual = VirtualImages(config).find(target, reference)
+        if virtual is not None:
+            top, sources = await store_index(config, virtual, manifests, target)
+        else:
+            sources = {}
+            top = await manifests.get(target, reference)
+        images: list[ManifestBody] = [top]
+        if top.media_type in media.INDEX_TYPES:
+            if machine_type is not None:
+                images = [await manifests.for_machine_type(target, top, config.machine_types[machine_type], image)]
+            else:
+                images = [await manifests.by_digest(sources.get(d, target), d) for d in media.references(top.body)]
+        layers: dict[str, int] = {}
+        for manifest in images:
+            doc = media.load(manifest.body)
+            for descriptor in [doc.get("config"), *(doc.get("layers") or [])]:
+                if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+                    layers[descriptor["digest"]] = int(descriptor.get("size") or 0)
+        progress = Progress(total_bytes=sum(layers.values()), blobs=len(layers))
+        show = _printer(out, progress)
+        for digest, size in layers.items():
+            source = sources.get(digest, target)
+            if await in_thread(storage.blobs.stat, digest) is None:
+                try:
+                    download = await downloads.join(source, digest)
+                except AlreadyStored:
+                    download = None
+                except StoreUnavailable as error:  # warming a store that takes nothing: say so
+                    raise errors.RegistryError(507, "UNKNOWN", str(error)) from error
+                while download is not None and not download.finished.called:
+                    show(progress.done_bytes + download.received_bytes)  # 0 while another node fetches
+                    await deferLater(reactor, 0.2, lambda: None)
+                if download is not None and not await download.outcome():
+                    raise errors.bad_gateway(f"upstream {source.upstream.name} failed to deliver {digest}")
+            progress.done_bytes += size
+            progress.blobs_done += 1
+            show(progress.done_bytes, final=progress.blobs_done == progress.blobs)
+        return progress
+    finally:
+        storage.close()
+
+
+def _printer(out: TextIO, progress: Progress) -> Callable[..., None]:
+    tty = out.isatty()
+
+    def show(done: int, final: bool = False) -> None:
+        shown = Progress(progress.total_bytes, min(done, progress.total_bytes), progress.blobs, progress.blobs_done)
+        if tty:
+            print("\r" + progress_line(shown), end="\n" if final else "", file=out, flush=True)
+        elif final or done == progress.done_bytes:
+            print(progress_line(shown), file=out, flush=True)
+
+    return show

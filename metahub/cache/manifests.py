@@ -1,0 +1,253 @@
+"""Manifests through the cache: by digest forever, by tag for ``tag_ttl`` and then revalidated.
+
+Manifests are blobs in the store (verified by digest like any blob) with their media type in the
+index. A tag maps to a digest in the index with the time upstream last confirmed it. When that is
+older than ``tag_ttl`` a HEAD upstream revalidates it; when upstream cannot answer (down, 5xx, rate
+limited) the last known digest is served and a warning logged, which is what keeps pulls working
+through an upstream outage. Confirmed tags are also written to the shared store directory, so when
+upstream is unreachable any node can serve a tag that any node resolved.
+
+A store that cannot take the manifest (full, read-only, failing: :mod:`metahub.cache.capacity`) does not
+fail the request: the body upstream sent, already checked against its digest, is served and kept
+only in the bounded memory cache.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from metahub.cache.capacity import StoreCapacity, store_error
+from metahub.cache.routing import Route
+from metahub.config.file import MachineType
+from metahub.hardware.resolve import resolve
+from metahub.oci import errors, media
+from metahub.runtime.metrics import Metrics
+from metahub.runtime.threads import ThreadRunner
+from metahub.upstream.client import UpstreamClient
+from storage import (
+    BlobNotFound,
+    BlobWriteError,
+    SharedTags,
+    Storage,
+    TagRecord,
+    sha256_digest,
+)
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class ManifestBody:
+    body: bytes
+    media_type: str
+    digest: str
+
+
+def _read_blob(storage: Storage, digest: str) -> bytes | None:
+    try:
+        with storage.blobs.open(digest) as reader:
+            if reader.size > media.MAX_MANIFEST_SIZE:
+                return None
+            return reader.read(reader.size)
+    except BlobNotFound:
+        return None
+
+
+def _write_blob(storage: Storage, digest: str, body: bytes) -> None:
+    if storage.blobs.stat(digest) is not None:  # content-addressed: the same digest, the same bytes
+        return
+    with storage.blobs.writer(digest, len(body)) as writer:
+        writer.write(body)
+        writer.commit()
+
+
+def _upstream_unavailable(error: errors.RegistryError) -> bool:
+    """Upstream could not answer (as opposed to answering "no"): serve what we know instead."""
+    return error.status >= 500 or error.status == 429
+
+
+#: Resolutions remembered per (index digest, machine type): a hot tag costs no re-parse.
+_RESOLUTION_CACHE_SIZE = 4096
+#: Manifest bodies kept in memory by digest (immutable, so never stale): a hot tag costs no file read.
+_BODY_CACHE_BYTES = 16 << 20
+
+
+class Manifests:
+    def __init__(
+        self,
+        storage: Storage,
+        clients: dict[str, UpstreamClient],
+        clock: IReactorTime,
+        in_thread: ThreadRunner,
+        metrics: Metrics,
+        tag_ttl: float,
+        shared_tags: SharedTags,
+        capacity: StoreCapacity | None = None,
+    ) -> None:
+        self.storage = storage
+        self.capacity = capacity or StoreCapacity(clock, metrics)
+        self.shared_tags = shared_tags
+        self.clients = clients
+        self.clock = clock
+        self.in_thread = in_thread
+        self.metrics = metrics
+        self.tag_ttl = tag_ttl
+        self._resolutions: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._bodies: OrderedDict[str, ManifestBody] = OrderedDict()
+        self._body_bytes = 0
+
+    async def get(self, route: Route, reference: str) -> ManifestBody:
+        if reference.startswith("sha256:"):
+            return await self.by_digest(route, reference)
+        return await self.by_tag(route, reference)
+
+    def _remember(self, manifest: ManifestBody) -> None:
+        if manifest.digest in self._bodies:
+            self._bodies.move_to_end(manifest.digest)
+            return
+        self._bodies[manifest.digest] = manifest
+        self._body_bytes += len(manifest.body)
+        while self._body_bytes > _BODY_CACHE_BYTES:
+            _, dropped = self._bodies.popitem(last=False)
+            self._body_bytes -= len(dropped.body)
+
+    async def _cached(self, route: Route, digest: str) -> ManifestBody | None:
+        """The stored manifest, if this repository is known to have it."""
+        if not self.storage.index.is_linked(digest, route.key):
+            return None
+        remembered = self._bodies.get(digest)
+        if remembered is not None:
+            self._bodies.move_to_end(digest)
+            self.storage.record_access(digest, self.clock.seconds())
+            return remembered
+        body = await self.in_thread(_read_blob, self.storage, digest)
+        if body is None:
+            self.storage.forget(digest)
+            return None
+        record = self.storage.index.get_blob(digest)
+        media_type = record.media_type if record and record.media_type else media.sniff_media_type(body)
+        self.storage.record_access(digest, self.clock.seconds())
+        manifest = ManifestBody(body, media_type, digest)
+        self._remember(manifest)
+        return manifest
+
+    async def store(self, route: Route, body: bytes, media_type: str) -> ManifestBody:
+        """Keep a manifest (verified by construction: its digest is computed here) and link what it references."""
+        digest = sha256_digest(body)
+        manifest = ManifestBody(body, media_type, digest)
+        if not await self._write(digest, body):
+            # Not in the store, but this repository's all the same: kept in memory only (bounded),
+            # so a client's next request by digest (a virtual index's, too) is still answered.
+            self.capacity.bypassed("manifest")
+            self.storage.index.link([digest, *media.references(body)], route.key)
+            self._remember(manifest)
+            return manifest
+        now = self.clock.seconds()
+        self.storage.index.put_blob(digest, len(body), now, media_type=media_type, repository=route.key)
+        self.storage.index.link(media.references(body), route.key)
+        self._remember(manifest)
+        return manifest
+
+    async def _write(self, digest: str, body: bytes) -> bool:
+        """Put the manifest in the store; False if the store cannot take it (full, read-only, failing)."""
+        if not self.capacity.can_store():
+            return False
+        try:
+            await self.in_thread(_write_blob, self.storage, digest, body)
+        except (OSError, BlobWriteError) as failure:
+            refused = store_error(failure)
+            if refused is None:
+                raise
+            self.capacity.failed(refused, f"manifest {digest}")
+            return False
+        self.capacity.stored()
+        return True
+
+    async def _fetch(self, route: Route, reference: str) -> ManifestBody:
+        upstream = route.upstream.name
+        self.metrics.upstream_fetches.labels(upstream, "manifest").inc()
+        try:
+            fetched = await self.clients[upstream].get_manifest(route.repository, reference, media.UPSTREAM_ACCEPT)
+        except errors.RegistryError as error:
+            if error.status >= 500:
+                self.metrics.upstream_failures.labels(upstream).inc()
+            raise
+        return await self.store(route, fetched.body, fetched.media_type or media.sniff_media_type(fetched.body))
+
+    async def by_digest(self, route: Route, digest: str) -> ManifestBody:
+        cached = await self._cached(route, digest)
+        self.metrics.cache.labels("manifest", "hit" if cached else "miss").inc()
+        if cached is not None:
+            return cached
+        return await self._fetch(route, digest)  # the client verifies the body against the digest
+
+    async def by_tag(self, route: Route, tag: str) -> ManifestBody:
+        upstream = route.upstream.name
+        known = self.storage.index.get_tag(upstream, route.repository, tag)
+        if known is None:  # another node may have resolved it
+            known = await self.in_thread(self.shared_tags.read, upstream, route.repository, tag)
+            if known is not None:
+                await self._adopt(route, tag, known)
+        now = self.clock.seconds()
+        if known is not None:
+            cached = await self._cached(route, known.digest)
+            if cached is not None and now - known.checked < self.tag_ttl:
+                self.metrics.cache.labels("tag", "hit").inc()
+                return cached
+            self.metrics.cache.labels("tag", "revalidate").inc()
+            try:
+                self.metrics.upstream_fetches.labels(upstream, "head").inc()
+                head = await self.clients[upstream].head_manifest(route.repository, tag, media.UPSTREAM_ACCEPT)
+            except errors.RegistryError as error:
+                if cached is None or not _upstream_unavailable(error):
+                    raise
+                self.metrics.upstream_failures.labels(upstream).inc()
+                log.warn(
+                    "upstream {upstream} unavailable ({status} {code}); serving {repo}:{tag} from cache as {digest}",
+                    upstream=upstream, status=error.status, code=error.code, repo=route.repository, tag=tag,
+                    digest=known.digest,
+                )
+                return cached
+            if cached is not None and head.digest == known.digest:
+                await self._confirmed(route, tag, known.digest, now)
+                return cached
+            manifest = await self.by_digest(route, head.digest) if head.digest else await self._fetch(route, tag)
+        else:
+            self.metrics.cache.labels("tag", "miss").inc()
+            manifest = await self._fetch(route, tag)
+        await self._confirmed(route, tag, manifest.digest, now)
+        return manifest
+
+    async def _adopt(self, route: Route, tag: str, known: TagRecord) -> None:
+        """A tag another node confirmed for this repository: its manifest and blobs are the repo's,
+        and the tag is recorded here too, so the next request does not read the shared copy again."""
+        body = await self.in_thread(_read_blob, self.storage, known.digest)
+        if body is not None:
+            self.storage.index.link([known.digest, *media.references(body)], route.key)
+            self.storage.index.set_tag(route.upstream.name, route.repository, tag, known.digest, known.checked)
+
+    async def _confirmed(self, route: Route, tag: str, digest: str, now: float) -> None:
+        """Upstream confirmed tag -> digest: remember it here and for the other nodes."""
+        self.storage.index.set_tag(route.upstream.name, route.repository, tag, digest, now)
+        if not self.capacity.can_store():
+            return  # the other nodes resolve the tag themselves meanwhile
+        try:
+            await self.in_thread(self.shared_tags.write, route.upstream.name, route.repository, tag, digest, now)
+        except OSError as error:
+            self.capacity.failed(error, f"the shared record of {route.key}:{tag}")
+
+    async def for_machine_type(
+        self, route: Route, index: ManifestBody, machine_type: MachineType, reference: str
+    ) -> ManifestBody:
+        """The manifest of ``index`` that fits ``machine_type``, byte for byte as upstream has it."""
+        key = (index.digest, machine_type.name)
+        digest = self._resolutions.get(key)
+        if digest is None:
+            digest = resolve(index.body, machine_type, reference).digest
+            self._resolutions[key] = digest
+            if len(self._resolutions) > _RESOLUTION_CACHE_SIZE:
+                self._resolutions.popitem(last=False)
+        return await self.by_digest(route, digest)

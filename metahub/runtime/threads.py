@@ -1,0 +1,74 @@
+"""Running blocking work off the reactor thread: file I/O on a store that may be NFS, and the KDF.
+
+Store I/O uses the reactor's thread pool. The password KDF gets a small pool of its own
+(:class:`BoundedPool`): scrypt is slow on purpose, and on the shared pool a flood of logins would
+queue ahead of every blob read.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+from functools import partial
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from metahub.oci import errors
+
+#: ``in_thread(function, *args)``: a Deferred of the result, computed in a thread pool.
+ThreadRunner = Callable[..., Deferred]
+
+
+def thread_runner(reactor) -> ThreadRunner:
+    return partial(deferToThreadPool, reactor, reactor.getThreadPool())
+
+
+#: The KDF threads' nice value: blob serving on the same machine wins the CPU about 9 times in 10,
+#: yet a busy machine still checks passwords in reasonable time (nice 19 would all but stop them).
+KDF_NICE = 10
+
+
+def _at_low_priority(function: Callable, *args: object) -> object:
+    """Run ``function`` with this thread at nice :data:`KDF_NICE` (never raising its priority, which
+    needs privileges). Linux keeps a nice value per thread (setpriority(2) on a thread id);
+    elsewhere that call would name a process, so it is not made there."""
+    if sys.platform == "linux":
+        thread = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, thread) < KDF_NICE:
+            os.setpriority(os.PRIO_PROCESS, thread, KDF_NICE)
+    return function(*args)
+
+
+class BoundedPool:
+    """A :data:`ThreadRunner` on ``threads`` threads of its own, at a low CPU priority, that
+    holds at most ``queue`` calls waiting: beyond that a call fails at once with 503 (work a flood
+    would pile up is refused instead of queued without end). Started and stopped by its service."""
+
+    def __init__(self, reactor, threads: int, queue: int, name: str) -> None:
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name=name)
+        self.limit = threads + queue
+        self.pending = 0
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+
+    def __call__(self, function: Callable, *args: object) -> Deferred:
+        if self.pending >= self.limit:
+            return fail(errors.RegistryError(
+                503, "UNAVAILABLE", "too many logins in progress; retry later", headers={"Retry-After": "1"}
+            ))
+        self.pending += 1
+        done = deferToThreadPool(self.reactor, self.pool, _at_low_priority, function, *args)
+        done.addBoth(self._settled)
+        return done
+
+    def _settled(self, result: object) -> object:
+        self.pending -= 1
+        return result

@@ -1,0 +1,49 @@
+"""The architecture as the tree shows it: layers of metahub/ import only layers below them, and
+storage/ imports neither Twisted nor metahub (design.md, "Layout")."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Each layer may import itself and the layers after it in this list, never one before it.
+LAYERS = ["app", "web", "cache", "upstream", "hardware", "config", "runtime", "oci"]
+#: Layers that are side by side: neither imports the other.
+SIBLINGS = {frozenset({"upstream", "hardware"}), frozenset({"config", "runtime"})}
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_metahub_has_only_its_layers_at_the_top() -> None:
+    top = sorted(p.name for p in (ROOT / "metahub").iterdir() if p.name != "__pycache__")
+    assert top == sorted(["__init__.py", *LAYERS])
+
+
+def test_each_layer_imports_only_layers_below_it() -> None:
+    wrong = []
+    for layer in LAYERS:
+        for path in (ROOT / "metahub" / layer).glob("*.py"):
+            for module in imports(path):
+                parts = module.split(".")
+                if parts[0] != "metahub" or len(parts) < 2:
+                    continue
+                other = parts[1]
+                below = LAYERS.index(other) > LAYERS.index(layer) and frozenset({layer, other}) not in SIBLINGS
+                if other != layer and not below:
+                    wrong.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert wrong == []
+
+
+def test_storage_imports_neither_twisted_nor_metahub() -> None:
+    wrong = [f"{path.name}: {module}" for path in (ROOT / "storage").glob("*.py") for module in imports(path)
+             if module.split(".")[0] in ("twisted", "metahub", "treq")]
+    assert wrong == []
