@@ -182,6 +182,10 @@ def make_image(directory: Path, tag: str | None = None, layers: Sequence[bytes |
     built = [layout.add_layer(content) for content in contents]
     config_json: dict[str, Any] = {key: platform[key] for key in ("os", "architecture", "variant") if key in platform}
     config_json["rootfs"] = {"type": "layers", "diff_ids": [diff_id for _, diff_id in built]}
+    # A container config and one history entry per layer, as builders write them: Charliecloud
+    # refuses an image config without either.
+    config_json["config"] = {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"]}
+    config_json["history"] = [{"created_by": f"metahub tests: layer {number}"} for number in range(len(built))]
     config = layout.add_blob(json.dumps(config_json).encode(), CONFIG)
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": MANIFEST, "config": config.descriptor(),
