@@ -50,3 +50,21 @@ def route(config: Config, name: str, ns: str | None = None) -> Route:
     if "/" not in repository and is_docker_hub(upstream):
         repository = f"library/{repository}"
     return Route(upstream, repository)
+
+
+def spellings(config: Config, target: Route) -> tuple[str, ...]:
+    """Every name a client may write for ``target``'s repository, for authorization.
+
+    An account's ``repositories`` patterns are matched against these, never against the name as
+    the request wrote it: ``?ns=`` and a name prefix both pick the upstream, so a check of the
+    written name alone let ``/v2/allowed/x?ns=other`` reach ``other``'s ``allowed/x``. The
+    upstream-qualified spelling always counts (``ghcr.io/org/app``); the bare repository counts
+    only on the default upstream, and there a Docker Hub official image also without ``library/``.
+    """
+    names = [f"{target.upstream.name}/{target.repository}"]
+    if target.upstream.name == config.default_upstream:
+        names.append(target.repository)
+        official = target.repository.removeprefix("library/")
+        if official != target.repository and "/" not in official and is_docker_hub(target.upstream):
+            names.append(official)
+    return tuple(names)

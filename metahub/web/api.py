@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from metahub.cache.manifests import ManifestBody, Manifests
-from metahub.cache.routing import Route, route
+from metahub.cache.routing import Route, route, spellings
 from metahub.cache.virtual import VirtualImage, VirtualImages, store_index
 from metahub.config.file import Config, MachineType
 from metahub.hardware import inspect
@@ -124,10 +124,11 @@ class RegistryResource(Resource):
             raise errors.RegistryError(404, "NOT_FOUND", "no such endpoint", {"path": path[:200]})
         identity = await login.identify(request, registry.auth, registry.in_thread)
         name = check_name(match.group("name"))
-        registry.auth.check_repository(identity, name)
         rest = match.group("rest")
         query = _query(request)
         target = route(registry.config, name, query.get("ns"))
+        # Against where the request really goes: ?ns= and a prefix both pick the upstream.
+        registry.auth.check_repository(identity, spellings(registry.config, target))
         head = request.method == b"HEAD"
         if kind == "manifests":
             machine_type = registry.auth.machine_type(identity)
@@ -187,8 +188,8 @@ class RegistryResource(Resource):
             name, reference = split_reference(image)
         except ValueError as error:
             raise errors.name_invalid(image[:200], str(error)) from None
-        registry.auth.check_repository(identity, name)
         target = route(registry.config, name)
+        registry.auth.check_repository(identity, spellings(registry.config, target))
         if registry.virtual.is_virtual(target):
             manifest = await self._virtual_manifest(target, reference)
         else:

@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from metahub.config.file import Account, Config, MachineType
@@ -259,8 +259,9 @@ class Authenticator:
 
     # -- authorization -----------------------------------------------------------------------
 
-    def check_repository(self, identity: Identity, name: str) -> None:
-        """403 DENIED when the account's ``repositories`` patterns do not cover ``name``."""
+    def check_repository(self, identity: Identity, names: Sequence[str]) -> None:
+        """403 DENIED unless one of the account's ``repositories`` patterns covers one of ``names``,
+        the spellings of one routed repository (:func:`metahub.cache.routing.spellings`)."""
         patterns = self._patterns.get(identity.account or "")
-        if patterns is not None and not any(p.fullmatch(name) for p in patterns):
-            raise errors.denied(f"account {identity.account!r} may not pull {name!r}")
+        if patterns is not None and not any(p.fullmatch(name) for p in patterns for name in names):
+            raise errors.denied(f"account {identity.account!r} may not pull {names[0]!r}")

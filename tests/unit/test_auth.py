@@ -156,10 +156,10 @@ def test_repository_patterns(auth: Authenticator) -> None:
     assert not repository_pattern("library/*").fullmatch("library/a/b")
     assert repository_pattern("myorg/**").fullmatch("myorg/a/b/c")
     assert repository_pattern("a.b/c?").fullmatch("a.b/cd") and not repository_pattern("a.b/c?").fullmatch("axb/cd")
-    auth.check_repository(Identity("ci", None), "library/alpine")
-    auth.check_repository(Identity("qnib", None), "anything/at/all")  # no patterns: everything
+    auth.check_repository(Identity("ci", None), ["hub/library/alpine", "library/alpine", "alpine"])
+    auth.check_repository(Identity("qnib", None), ["anything/at/all"])  # no patterns: everything
     with pytest.raises(errors.RegistryError) as err:
-        auth.check_repository(Identity("ci", None), "otherorg/app")
+        auth.check_repository(Identity("ci", None), ["hub/otherorg/app", "otherorg/app"])
     assert (err.value.status, err.value.code) == (403, "DENIED")
 
 
