@@ -25,6 +25,7 @@ from metahub.config.file import (
     parse_config,
 )
 from metahub.web.auth import hash_password
+from storage import BlobStore, sha256_digest, stamp_access
 
 # --- config --------------------------------------------------------------------------------------
 
@@ -67,6 +68,20 @@ def auth_config(anonymous: str = "deny") -> Config:
             "ci": Account("ci", AUTH_HASH, ("type1",), ("library/*", "myorg/**")),
         },
     )
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+
+def commit_blob(store: BlobStore, data: bytes, accessed: float | None = None) -> str:
+    """Commit ``data`` to ``store``, last accessed at ``accessed`` if given (its mtime); its digest."""
+    digest = sha256_digest(data)
+    with store.writer(digest) as writer:
+        writer.write(data)
+        writer.commit()
+    if accessed is not None:
+        assert stamp_access(store, [digest], accessed) == []
+    return digest
 
 
 # --- time and threads ----------------------------------------------------------------------------
