@@ -16,6 +16,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import treq
@@ -49,6 +50,18 @@ def image_manifest(*layers: bytes) -> bytes:
         "layers": [
             {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest_of(layer), "size": len(layer)}
             for layer in layers
+        ],
+    }).encode()
+
+
+def image_index(*builds: tuple[bytes, dict[str, Any]]) -> bytes:
+    """An OCI image index over (manifest body, platform) pairs, in order."""
+    return json.dumps({
+        "schemaVersion": 2,
+        "mediaType": media.OCI_INDEX,
+        "manifests": [
+            {"mediaType": media.OCI_MANIFEST, "digest": digest_of(body), "size": len(body), "platform": platform}
+            for body, platform in builds
         ],
     }).encode()
 
@@ -280,6 +293,21 @@ class InMemoryRegistry:
             self.service.storage.close()
 
 
+def fake_network(monkeypatch: Any, module: ModuleType, fakes: dict[str, FakeRegistry]) -> dict[str, StubTreq]:
+    """Make ``module`` (one that builds upstream clients) reach each upstream's fake registry
+    through a StubTreq, in place of the network; returns the StubTreqs by upstream name.
+
+    This is the one seam: the real code calls ``make_http_clients`` for treq clients on the network.
+    """
+    stubs = {name: StubTreq(fake) for name, fake in fakes.items()}
+
+    def http_clients(reactor: object, configs: list[UpstreamConfig]) -> dict[str, StubTreq]:
+        return {upstream.name: stubs[upstream.name] for upstream in configs}
+
+    monkeypatch.setattr(module, "make_http_clients", http_clients)
+    return stubs
+
+
 def in_memory_registry(
     tmp_path: Path, monkeypatch: Any, fakes: dict[str, FakeRegistry], **config: Any
 ) -> InMemoryRegistry:
@@ -289,13 +317,7 @@ def in_memory_registry(
         "upstreams": {name: {"url": f"http://{fake.host}"} for name, fake in fakes.items()},
         "default_upstream": next(iter(fakes)),
     } | config
-    stubs = {name: StubTreq(fake) for name, fake in fakes.items()}
-
-    def http_clients(reactor: object, configs: list[UpstreamConfig]) -> dict[str, StubTreq]:
-        return {upstream.name: stubs[upstream.name] for upstream in configs}
-
-    # The one seam: the real server builds treq clients on the network here.
-    monkeypatch.setattr(service_module, "make_http_clients", http_clients)
+    stubs = fake_network(monkeypatch, service_module, fakes)
     service = MetahubService(parse_config(data, str(tmp_path)), "tcp:0", reactor=FakeReactor())
     site = service.build_site()
     assert service.kdf is not None and service.downloads is not None
