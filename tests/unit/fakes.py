@@ -165,7 +165,7 @@ class FakeRequest:
         self.limit = limit
         self.written: list[bytes] = []
         self.unsent = 0
-        self.producer = None
+        self.producer: Any = None  # the IPushProducer send() registers
         self.finished = False
         self.transport = AbortRecorder()
         self._finish: Deferred[None] = Deferred()

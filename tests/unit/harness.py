@@ -19,6 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pytest
 import treq
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
@@ -139,7 +140,7 @@ class FakeRegistry(Resource):
             return self._answer(request, forced.status, forced.body, forced.headers)
         if path == "/token":
             return self._token(request)
-        if self.token and not self._authorized(request, path):
+        if self.token and not self._authorized(request):
             scope = f"repository:{m.group('repo')}:pull" if (m := _PATH.fullmatch(path)) else "registry:catalog:*"
             challenge = f'Bearer realm="http://{self.host}/token",service="{self.host}",scope="{scope}"'
             return self._answer(request, 401, oci_error("UNAUTHORIZED"), {"WWW-Authenticate": challenge})
@@ -168,7 +169,7 @@ class FakeRegistry(Resource):
         return self._answer(request, 200, json.dumps({"name": repo, "tags": tags}).encode(),
                             {"Content-Type": "application/json"})
 
-    def _authorized(self, request: Request, path: str) -> bool:
+    def _authorized(self, request: Request) -> bool:
         authorization = (request.getHeader(b"authorization") or b"").decode()
         return authorization.startswith("Bearer ") and authorization.removeprefix("Bearer ") in self.issued
 
@@ -231,7 +232,8 @@ class InMemoryRegistry:
         self.service = service
         self.resource = resource
         self.reactor: FakeReactor = service.reactor
-        self.http = StubTreq(resource)
+        # StubTreq sets treq's functions (request, get, ...) on itself at runtime: typed Any.
+        self.http: Any = StubTreq(resource)
         self._upstream_http = upstreams
 
     def start(self, method: str, path: str, headers: dict[str, str] | None = None) -> Pending:
@@ -293,7 +295,9 @@ class InMemoryRegistry:
             self.service.storage.close()
 
 
-def fake_network(monkeypatch: Any, module: ModuleType, fakes: dict[str, FakeRegistry]) -> dict[str, StubTreq]:
+def fake_network(
+    monkeypatch: pytest.MonkeyPatch, module: ModuleType, fakes: dict[str, FakeRegistry]
+) -> dict[str, StubTreq]:
     """Make ``module`` (one that builds upstream clients) reach each upstream's fake registry
     through a StubTreq, in place of the network; returns the StubTreqs by upstream name.
 
@@ -309,7 +313,7 @@ def fake_network(monkeypatch: Any, module: ModuleType, fakes: dict[str, FakeRegi
 
 
 def in_memory_registry(
-    tmp_path: Path, monkeypatch: Any, fakes: dict[str, FakeRegistry], **config: Any
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fakes: dict[str, FakeRegistry], **config: Any
 ) -> InMemoryRegistry:
     """metahub configured with ``minimal`` plus ``config``, one upstream per entry of ``fakes``
     (``http://<its host>``), each served by its fake registry."""

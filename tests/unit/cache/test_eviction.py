@@ -122,6 +122,12 @@ def test_without_a_bound_nothing_is_collected(tmp_path: Path, storage: Storage, 
     assert all(storage.blobs.stat(d) is not None for d in image.everything)
 
 
+def size_of(storage: Storage, digest: str) -> int:
+    found = storage.blobs.stat(digest)
+    assert found is not None
+    return found.size
+
+
 def fill(storage: Storage, count: int) -> list[str]:
     """Unpinned blobs of 1000 bytes each, accessed two to one days ago (oldest first)."""
     return [commit_blob(storage.blobs, bytes([i]) * 1000, NOW - 2 * DAY + i * 60) for i in range(count)]
@@ -132,7 +138,7 @@ def test_a_collection_evicts_the_oldest_unpinned_blobs_down_to_the_bound(
 ) -> None:
     loose = fill(storage, 5)
     recent = commit_blob(storage.blobs, b"read a minute ago" * 100, NOW - 60)
-    pinned_bytes = sum(storage.blobs.stat(d).size for d in image.everything | {OTHER_DIGEST})
+    pinned_bytes = sum(size_of(storage, d) for d in image.everything | {OTHER_DIGEST})
     bound = pinned_bytes + 2000 + 1700  # room for the pins, two loose blobs and the recent one
     leases = Leases(str(tmp_path / "store"), clock=lambda: NOW)
     result = run_collection(config(tmp_path, max_size=bound), storage, leases, SharedTags(str(tmp_path / "store")), NOW)

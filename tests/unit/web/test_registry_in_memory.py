@@ -180,6 +180,9 @@ _ACCOUNTS = (("accounts", {"ci": {"password_hash": HASH, "repositories": ["libra
 _CI = (("Authorization", basic("ci", PASSWORD)["Authorization"]),)
 
 ERROR_CASES = {
+    "BAD_REQUEST host": ErrorCase("GET", "/v2/alpine/manifests/3.20", 400, "BAD_REQUEST",
+                                  headers=(("Host", "not a host"),)),
+    "NOT_FOUND": ErrorCase("GET", "/v2/alpine/referrers/x", 404, "NOT_FOUND"),
     "NAME_INVALID": ErrorCase("GET", "/v2/Alpine/manifests/latest", 400, "NAME_INVALID"),
     "NAME_UNKNOWN ns": ErrorCase("GET", "/v2/org/app/manifests/1.0?ns=elsewhere.test", 404, "NAME_UNKNOWN"),
     "NAME_UNKNOWN upstream": ErrorCase("GET", "/v2/nobody/here/manifests/1.0", 404, "NAME_UNKNOWN"),
