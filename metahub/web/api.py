@@ -267,8 +267,10 @@ class RegistryResource(Resource):
             # Headers (and maybe bytes) are out: the only honest signal left is a broken connection.
             request.transport.abortConnection()
             return
-        for header, value in error.headers.items():
-            request.setHeader(header, value)
+        # Headers of the success that was being prepared go; the error's own (a 416's
+        # ``Content-Range: bytes */size``) are set after, so they stay.
         request.responseHeaders.removeHeader("Docker-Content-Digest")
         request.responseHeaders.removeHeader("Content-Range")
+        for header, value in error.headers.items():
+            request.setHeader(header, value)
         self._json(request, error.status, error.body())

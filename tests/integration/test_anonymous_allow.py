@@ -18,8 +18,8 @@ from tests.peers.oci import build_text, make_bench_index
 from tests.peers.process import PeerError
 from tests.peers.registry import Registry
 
+from .common import ACCEPT_ALL, request
 from .metahub_process import Metahub
-from .test_proxy import ACCEPT_ALL, request
 
 PASSWORD = "correct horse"
 MACHINE_TYPES = {

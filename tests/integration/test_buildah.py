@@ -8,8 +8,8 @@ from tests.peers import buildah, skopeo
 from tests.peers.oci import make_bench_index
 from tests.peers.registry import Registry
 
+from .common import BROADWELL, MACHINE_TYPES, PASSWORD, SKYLAKE
 from .metahub_process import Metahub
-from .test_machine_types import BROADWELL, MACHINE_TYPES, PASSWORD, SKYLAKE
 
 
 @pytest.mark.parametrize("machine_type, build", [("type1", BROADWELL), ("type2", SKYLAKE)])

@@ -20,8 +20,8 @@ from tests.peers.relay import Relay
 from tests.peers.sshfs import SshfsMount
 from tests.store_checks import assert_store_sound
 
+from .common import request, upstream_blob_path
 from .metahub_process import Metahub
-from .test_proxy import request, upstream_blob_path
 
 METAHUB_CLI = Path(sys.executable).with_name("metahub")
 

@@ -16,8 +16,8 @@ from tests.peers.oci import ImageIndex, make_bench_index, make_image
 from tests.peers.process import PeerError
 from tests.peers.registry import Registry
 
+from .common import BROADWELL, MACHINE_TYPES, PASSWORD, SKYLAKE
 from .metahub_process import Metahub
-from .test_machine_types import BROADWELL, MACHINE_TYPES, PASSWORD, SKYLAKE
 
 ACCOUNT = "qnib"
 Upstream = tuple[Registry, ImageIndex, Path]

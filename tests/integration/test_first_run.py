@@ -13,8 +13,8 @@ from tests.peers.ports import LOOPBACK, free_port
 from tests.peers.process import Daemon
 from tests.peers.registry import v2_status
 
+from .common import request
 from .metahub_process import TWISTD
-from .test_proxy import request
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -23,8 +23,8 @@ from tests.peers.oci import MANIFEST, Image, make_image
 from tests.peers.registry import Registry
 from tests.peers.require import missing
 
+from .common import request
 from .metahub_process import Metahub
-from .test_proxy import request
 
 TMPFS_SIZE = 2 << 20
 

@@ -25,8 +25,8 @@ from tests.peers.oci import Image, make_image
 from tests.peers.ports import LOOPBACK
 from tests.peers.registry import Registry
 
+from .common import request
 from .metahub_process import Metahub
-from .test_proxy import request
 
 #: One layer per range case that must meet a cold (uncached) blob, plus spares.
 RANGE_CASES = ["bytes=0-", "bytes=-0", "bytes=0-99", "bytes=-10", "bytes=100-", "bytes=999999-",

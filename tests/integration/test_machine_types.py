@@ -13,22 +13,20 @@ from tests.peers import containerd, podman, skopeo
 from tests.peers.oci import build_text, make_bench_index, make_image
 from tests.peers.registry import Registry
 
+from .common import (
+    ACCEPT_ALL,
+    ARM64,
+    BROADWELL,
+    BROADWELL_NVCAP,
+    EXPECTED,
+    GENERIC,
+    MACHINE_TYPES,
+    PASSWORD,
+    SKYLAKE,
+    SOURCE_TAGS,
+    request,
+)
 from .metahub_process import Metahub
-from .test_proxy import ACCEPT_ALL, request
-
-PASSWORD = "correct horse"
-MACHINE_TYPES = {
-    "type1": {"platform": {"os": "linux", "architecture": "amd64"}, "features": ["cpu:broadwell"]},
-    "type2": {"platform": {"os": "linux", "architecture": "amd64"}, "features": ["cpu:skylake"]},
-    "gpu": {"platform": {"os": "linux", "architecture": "amd64"}, "features": ["cpu:broadwell", "nvcap:5.2"]},
-    "zen": {"platform": {"os": "linux", "architecture": "amd64"}, "features": ["cpu:zen4"]},
-    "arm": {"platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
-    "power": {"platform": {"os": "linux", "architecture": "ppc64le"}},
-}
-# Index entries of make_bench_index, in order.
-GENERIC, SKYLAKE, BROADWELL, BROADWELL_NVCAP, ARM64 = range(5)
-EXPECTED = {"type1": BROADWELL, "type2": SKYLAKE, "gpu": BROADWELL_NVCAP, "zen": GENERIC, "arm": ARM64}
-SOURCE_TAGS = ["generic", "cpu-skylake", "cpu-broadwell", "cpu-broadwell-nvcap"]
 
 
 @pytest.fixture(scope="module")

@@ -6,40 +6,18 @@ import json
 import os
 import threading
 import time
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from storage import sha256_digest
 from tests.peers import containerd, podman, skopeo
-from tests.peers.oci import INDEX, MANIFEST, build_text, make_bench_index, make_image
+from tests.peers.oci import build_text, make_bench_index, make_image
 from tests.peers.registry import Registry
 from tests.peers.relay import Relay
 
+from .common import ACCEPT_ALL, request, upstream_blob_path
 from .metahub_process import Metahub
-
-ACCEPT_ALL = ", ".join(
-    [INDEX, MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json",
-     "application/vnd.docker.distribution.manifest.v2+json"]
-)
-
-
-def request(host: str, method: str, path: str, headers: dict[str, str] | None = None,
-            body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-    address, port = host.split(":")
-    connection = http.client.HTTPConnection(address, int(port), timeout=60)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        connection.close()
-
-
-def upstream_blob_path(registry: Registry, digest: str) -> Path:
-    hex_ = digest.split(":")[1]
-    return registry.storage / "docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from tests.peers.oci import make_image
 from tests.peers.registry import Registry
 from tests.peers.relay import Relay
 
+from .common import request
 from .metahub_process import Metahub
-from .test_proxy import request
 
 READ_TIMEOUT = 8.0
 

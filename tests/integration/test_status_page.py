@@ -16,9 +16,8 @@ from tests.peers import chromium, skopeo
 from tests.peers.oci import make_bench_index, make_image
 from tests.peers.registry import Registry
 
+from .common import EXPECTED, MACHINE_TYPES, request
 from .metahub_process import Metahub
-from .test_machine_types import EXPECTED, MACHINE_TYPES
-from .test_proxy import request
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

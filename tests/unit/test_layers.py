@@ -47,3 +47,22 @@ def test_storage_imports_neither_twisted_nor_metahub() -> None:
     wrong = [f"{path.name}: {module}" for path in (ROOT / "storage").glob("*.py") for module in imports(path)
              if module.split(".")[0] in ("twisted", "metahub", "treq")]
     assert wrong == []
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared fakes live in tests/unit/fakes.py and harness.py, integration helpers in
+    tests/integration/common.py: importing a test module runs its module-level setup and ties
+    unrelated tests together."""
+    wrong = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            # ``from .test_x import y``, ``import tests.unit.test_x`` and ``from . import test_x``
+            names = [alias.name for alias in node.names]
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *names]
+            if any(part.startswith("test_") for name in names for part in name.split(".")):
+                wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert wrong == []

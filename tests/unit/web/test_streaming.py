@@ -6,54 +6,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 
 from metahub.web.streaming import CHUNK, FOLLOW_CHUNK, send
 from storage import BlobStore, DigestMismatch, sha256_digest
-
-
-def inline(function, *args):
-    return succeed(function(*args))
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.aborted = False
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-
-
-class FakeRequest:
-    """Enough of twisted.web's Request: it pauses its producer when ``limit`` bytes are unsent."""
-
-    def __init__(self, limit: int | None = None) -> None:
-        self.limit = limit
-        self.written: list[bytes] = []
-        self.unsent = 0
-        self.producer = None
-        self.finished = False
-        self.transport = FakeTransport()
-        self._finish = Deferred()
-
-    def registerProducer(self, producer, streaming: bool) -> None:
-        assert streaming
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def notifyFinish(self) -> Deferred:
-        return self._finish
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-        self.unsent += len(data)
-        if self.limit is not None and self.unsent >= self.limit:
-            self.producer.pauseProducing()
-
-    def drain(self) -> None:
-        self.unsent = 0
-        self.producer.resumeProducing()
-
-    def finish(self) -> None:
-        self.finished = True
+from tests.unit.fakes import FakeRequest, inline
 
 
 class Wakeups:

@@ -11,26 +11,15 @@ import pytest
 
 from storage import InvalidLeaseName, Lease, Leases
 from storage.lease import _read
+from tests.unit.fakes import ManualClock
 
 NAME = "ab" * 32  # a digest's hex, as the fetch leases use
 
 
-class FakeClock:
-    """Starts at the real time (files are created with the real time) and moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    """Starts at the real time (files are created with the real time) and moves only when told."""
+    return ManualClock(time.time())
 
 
 @pytest.fixture

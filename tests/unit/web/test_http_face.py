@@ -16,7 +16,6 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -30,32 +29,11 @@ from metahub.web.headers import header_text
 from metahub.web.ranges import parse_range
 from metahub.web.site import FORM_LIMIT, RegistrySite
 from storage import sha256_digest
-
-from .test_config import minimal
+from tests.unit.fakes import FakeReactor, InlinePool, minimal
 
 BLOB = os.urandom(1000)
 DIGEST = sha256_digest(BLOB)
 BLOB_PATH = f"/v2/team/app/blobs/{DIGEST}"
-
-
-class _InlinePool:
-    """A thread pool that runs each job at once, on the caller's thread."""
-
-    def callInThreadWithCallback(self, on_result, function, *args, **kwargs) -> None:  # noqa: N802
-        try:
-            result = function(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class FakeReactor(Clock):
-    def getThreadPool(self) -> _InlinePool:  # noqa: N802
-        return _InlinePool()
-
-    def callFromThread(self, function, *args, **kwargs) -> None:  # noqa: N802
-        function(*args, **kwargs)
 
 
 @dataclass
@@ -120,7 +98,7 @@ def make_face(tmp_path: Path, **config: object) -> Face:
     site = service.build_site()
     assert isinstance(site, RegistrySite)
     assert service.kdf is not None
-    service.kdf.pool = _InlinePool()  # type: ignore[assignment]  # the logins' own pool, inline too
+    service.kdf.pool = InlinePool()  # type: ignore[assignment]  # the logins' own pool, inline too
     return Face(service, site, reactor)
 
 

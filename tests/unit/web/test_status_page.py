@@ -30,8 +30,7 @@ from metahub.web.status import (
     render_page,
 )
 from storage.nodes import NodeRecord
-
-from .test_config import minimal
+from tests.unit.fakes import FakeReactor, inline, minimal
 
 successResultOf = SynchronousTestCase().successResultOf
 failureResultOf = SynchronousTestCase().failureResultOf
@@ -130,18 +129,11 @@ def test_the_pull_counter_stays_bounded_and_keeps_the_popular() -> None:
 # --- the route, in-process ---------------------------------------------------------------------
 
 
-class _Reactor(Clock):
-    """A Clock with the thread pool ``build_site`` asks for; work runs inline (see ``site``)."""
-
-    def getThreadPool(self) -> None:
-        return None
-
-
 def site(tmp_path: Path, **config: Any):
     parsed = parse_config({**minimal(tmp_path), **config}, str(tmp_path))
-    service = MetahubService(parsed, "tcp:5000", reactor=_Reactor())
+    service = MetahubService(parsed, "tcp:5000", reactor=FakeReactor())
     built = service.build_site()
-    built.resource.registry.in_thread = lambda function, *args: succeed(function(*args))
+    built.resource.registry.in_thread = inline  # the logins' KDF runner
     return service, built
 
 

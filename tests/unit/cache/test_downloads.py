@@ -25,8 +25,7 @@ from storage import Leases, Storage, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files
 from storage import lease as storage_lease
-
-from .test_streaming import FakeRequest
+from tests.unit.fakes import FakeRequest, InlineLane
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -67,19 +66,6 @@ class FakeClient:
     def head_blob(self, repository: str, digest: str) -> Deferred:
         self.heads = getattr(self, "heads", 0) + 1
         return succeed(self.response.length)
-
-
-class InlineLane:
-    """Runs each job at once, like the in_thread stand-in: a disk as fast as the network."""
-
-    def run(self, job, *args) -> Deferred:
-        try:
-            return succeed(job(*args))
-        except Exception:
-            return fail()
-
-    def close(self) -> None:
-        pass
 
 
 def make(tmp_path, response: FakeResponse, node: str = "a", clock: Clock | None = None):

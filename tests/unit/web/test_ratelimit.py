@@ -23,9 +23,7 @@ from metahub.web import login
 from metahub.web.addresses import limit_key, require_allowed
 from metahub.web.auth import Authenticator, Identity
 from metahub.web.ratelimit import Buckets, FailureLimiter
-
-from .test_auth import make_config
-from .test_config import error, minimal
+from tests.unit.fakes import auth_config, config_error, minimal
 
 
 def limited(limiter: FailureLimiter, address: str, account: str) -> str | None:
@@ -141,7 +139,7 @@ def outcome(done: Deferred) -> errors.RegistryError | bytes:
 @pytest.mark.parametrize("method", [b"GET", b"POST"])
 def test_over_the_limit_token_answers_429_before_any_kdf_run(method: bytes) -> None:
     clock = Clock()
-    config = replace(make_config(), logins=LoginLimits(failures_per_minute=2, burst=3))
+    config = replace(auth_config(), logins=LoginLimits(failures_per_minute=2, burst=3))
     auth = Authenticator(config, b"k" * 32, clock.seconds)
     kdf_runs: list[str] = []
 
@@ -164,7 +162,7 @@ def test_over_the_limit_token_answers_429_before_any_kdf_run(method: bytes) -> N
 
 def test_basic_on_any_route_is_limited_too() -> None:
     clock = Clock()
-    config = replace(make_config(), logins=LoginLimits(failures_per_minute=1, burst=1))
+    config = replace(auth_config(), logins=LoginLimits(failures_per_minute=1, burst=1))
     auth = Authenticator(config, b"k" * 32, clock.seconds)
     kdf = lambda function, *args: succeed(function(*args))  # noqa: E731
     first = outcome(ensureDeferred(login.identify(token_request("ghost", "x", "192.0.2.7"), auth, kdf)))
@@ -198,7 +196,7 @@ def test_the_kdf_pool_refuses_work_beyond_its_queue_at_once() -> None:
 
 
 def test_a_busy_kdf_pool_costs_no_tokens() -> None:
-    config = replace(make_config(), logins=LoginLimits(failures_per_minute=1, burst=1))
+    config = replace(auth_config(), logins=LoginLimits(failures_per_minute=1, burst=1))
     auth = Authenticator(config, b"k" * 32, Clock().seconds)
     busy = lambda function, *args: Deferred.fromCoroutine(_raise(errors.RegistryError(503, "UNAVAILABLE", "busy")))  # noqa: E731
     assert outcome(ensureDeferred(login.token(token_request("qnib", "pw", "192.0.2.7"), auth, busy))).status == 503
@@ -266,4 +264,4 @@ def test_the_logins_and_metrics_sections(tmp_path) -> None:
         ("metrics", {"allow": ["everyone"]}, "metrics.allow[0]: expected an address or a CIDR block"),
         ("metrics", {"listen": "9100"}, "metrics.listen: not a Twisted endpoint string (Unknown endpoint type: '9100')"),
     ]:
-        assert message in error({**minimal(tmp_path), section: bad}, tmp_path)
+        assert message in config_error({**minimal(tmp_path), section: bad}, tmp_path)

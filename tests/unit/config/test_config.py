@@ -5,7 +5,6 @@ import copy
 import re
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -29,8 +28,10 @@ from metahub.config.file import (
 )
 from metahub.web.auth import hash_password
 from tests.peers.tls import make_ca
+from tests.unit.fakes import config_error as error
+from tests.unit.fakes import minimal
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 HASH = hash_password("pw", b"saltsaltsaltsalt")
 PASSWORD = "s3cret-upstream-pw"
 
@@ -71,22 +72,6 @@ accounts:
     password_hash: "%s"
     repositories: ["ghcr.io/org/*"]
 """ % (HASH, HASH)
-
-
-def minimal(tmp_path: Path) -> dict[str, Any]:
-    """The smallest valid config, as parsed YAML, for tests to break one key of."""
-    return {
-        "storage": {"path": str(tmp_path / "store"), "index": str(tmp_path / "index")},
-        "upstreams": {"docker.io": {"url": "https://registry-1.docker.io"}},
-    }
-
-
-def error(data: object, base_dir: Path) -> str:
-    with pytest.raises(ConfigError) as info:
-        parse_config(data, str(base_dir))
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def write(tmp_path: Path, text: str, name: str = "metahub.yaml") -> str:

@@ -10,23 +10,15 @@ from storage import (
     Leases,
     parse_digest,
     quarantine_dir,
-    sha256_digest,
     stats,
     verify,
 )
+from tests.unit.fakes import commit_blob
 
 
 @pytest.fixture
 def store(tmp_path) -> BlobStore:
     return BlobStore(str(tmp_path / "store"))
-
-
-def put(store: BlobStore, data: bytes) -> str:
-    digest = sha256_digest(data)
-    with store.writer(digest) as w:
-        w.write(data)
-        w.commit()
-    return digest
 
 
 def corrupt(store: BlobStore, digest: str) -> None:
@@ -36,15 +28,15 @@ def corrupt(store: BlobStore, digest: str) -> None:
 
 
 def test_good_blobs_verify(store) -> None:
-    digests = [put(store, os.urandom(3000)) for _ in range(5)]
+    digests = [commit_blob(store, os.urandom(3000)) for _ in range(5)]
     result = verify(store)
     assert (result.checked, result.corrupt, result.vanished) == (5, [], 0)
     assert {found.digest for found in store.iter_blobs()} == set(digests)
 
 
 def test_a_corrupt_blob_is_quarantined_and_good_ones_stay(store) -> None:
-    good = [put(store, os.urandom(3000)) for _ in range(4)]
-    bad = put(store, os.urandom(3000))
+    good = [commit_blob(store, os.urandom(3000)) for _ in range(4)]
+    bad = commit_blob(store, os.urandom(3000))
     original = open(store.path(bad), "rb").read()
     corrupt(store, bad)
     result = verify(store)
@@ -57,7 +49,7 @@ def test_a_corrupt_blob_is_quarantined_and_good_ones_stay(store) -> None:
 
 
 def test_without_quarantine_the_corrupt_blob_stays(store) -> None:
-    bad = put(store, b"some bytes" * 100)
+    bad = commit_blob(store, b"some bytes" * 100)
     corrupt(store, bad)
     result = verify(store, quarantine=False)
     assert result.corrupt == [bad] and not result.quarantined
@@ -66,14 +58,14 @@ def test_without_quarantine_the_corrupt_blob_stays(store) -> None:
 
 
 def test_a_truncated_blob_is_corrupt(store) -> None:
-    bad = put(store, b"x" * 5000)
+    bad = commit_blob(store, b"x" * 5000)
     os.truncate(store.path(bad), 100)
     assert verify(store).corrupt == [bad]
 
 
 def test_progress_reports_every_blob(store) -> None:
     sizes = [100, 2000, 30000]
-    digests = [put(store, os.urandom(size)) for size in sizes]
+    digests = [commit_blob(store, os.urandom(size)) for size in sizes]
     reports = []
     verify(store, progress=reports.append)
     assert [r.checked for r in reports] == [1, 2, 3]
@@ -84,7 +76,7 @@ def test_progress_reports_every_blob(store) -> None:
 
 
 def test_a_blob_evicted_during_verify_is_not_corrupt(store) -> None:
-    digests = sorted(put(store, os.urandom(100)) for _ in range(3))
+    digests = sorted(commit_blob(store, os.urandom(100)) for _ in range(3))
 
     def evict_the_last(progress) -> None:
         if progress.checked == 1:
@@ -97,7 +89,7 @@ def test_a_blob_evicted_during_verify_is_not_corrupt(store) -> None:
 def test_stats(store) -> None:
     assert stats(store).blob_count == 0
     sizes = [10, 200, 3000]
-    digests = [put(store, os.urandom(size)) for size in sizes]
+    digests = [commit_blob(store, os.urandom(size)) for size in sizes]
     open(os.path.join(store.tmp_dir, "deadbeef.node-1-abcd.part"), "wb").close()
     Leases(store.root).try_take("gc")
     corrupt(store, digests[0])
@@ -111,10 +103,10 @@ def test_a_good_copy_committed_after_hashing_is_not_quarantined(store) -> None:
     from storage.verify import _quarantine
 
     data = os.urandom(500)
-    digest = put(store, data)
+    digest = commit_blob(store, data)
     corrupt(store, digest)
     hashed = os.stat(store.path(digest))
     store.remove(digest)  # evicted, then fetched again by another node
-    put(store, data)
+    commit_blob(store, data)
     _quarantine(store, digest, hashed)
     assert open(store.path(digest), "rb").read() == data

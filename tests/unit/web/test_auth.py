@@ -12,13 +12,6 @@ from twisted.internet.defer import ensureDeferred, succeed
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from metahub.config.file import (
-    Account,
-    Config,
-    MachineType,
-    StorageConfig,
-    UpstreamConfig,
-)
 from metahub.oci import errors
 from metahub.web import login
 from metahub.web.auth import (
@@ -31,53 +24,28 @@ from metahub.web.auth import (
     load_token_key,
     repository_pattern,
 )
+from tests.unit.fakes import AUTH_HASH, ManualClock, auth_config
 
-HASH = hash_password("pw")
 WRONG_PASSWORD = b'{"errors": [{"code": "UNAUTHORIZED", "message": "incorrect username or password"}]}'
 
 
-def make_config(anonymous: str = "deny") -> Config:
-    return Config(
-        storage=StorageConfig("/s", "/i"),
-        upstreams={"hub": UpstreamConfig("hub", "https://registry-1.docker.io")},
-        default_upstream="hub",
-        anonymous=anonymous,
-        machine_types={
-            "type1": MachineType("type1", "linux", "amd64", features=("cpu:broadwell",)),
-            "type2": MachineType("type2", "linux", "amd64", features=("cpu:skylake",)),
-        },
-        accounts={
-            "qnib": Account("qnib", HASH, ("type1", "type2")),
-            "ci": Account("ci", HASH, ("type1",), ("library/*", "myorg/**")),
-        },
-    )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(1000.0)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def auth(clock: Clock) -> Authenticator:
-    return Authenticator(make_config(), b"k" * 32, clock)
+def auth(clock: ManualClock) -> Authenticator:
+    return Authenticator(auth_config(), b"k" * 32, clock)
 
 
 def test_password_hashes_are_salted_scrypt() -> None:
-    assert HASH.startswith("scrypt$16384$8$1$")
-    assert hash_password("pw") != HASH  # fresh salt each time
-    assert check_password("pw", HASH)
-    assert not check_password("pW", HASH)
+    assert AUTH_HASH.startswith("scrypt$16384$8$1$")
+    assert hash_password("pw") != AUTH_HASH  # fresh salt each time
+    assert check_password("pw", AUTH_HASH)
+    assert not check_password("pW", AUTH_HASH)
     assert not check_password("pw", "scrypt$garbage")
-    assert "pw" not in HASH.split("$")
+    assert "pw" not in AUTH_HASH.split("$")
 
 
 def test_logins(auth: Authenticator) -> None:
@@ -99,7 +67,7 @@ def test_logins(auth: Authenticator) -> None:
         assert why in err.value.reason
 
 
-def test_tokens_round_trip_expire_and_resist_tampering(auth: Authenticator, clock: Clock) -> None:
+def test_tokens_round_trip_expire_and_resist_tampering(auth: Authenticator, clock: ManualClock) -> None:
     token, lifetime = auth.issue(Identity("qnib", "type1"))
     assert auth.verify(token) == Identity("qnib", "type1")
     payload, signature = token.split(".")
@@ -107,7 +75,7 @@ def test_tokens_round_trip_expire_and_resist_tampering(auth: Authenticator, cloc
     for bad in [forged, token + "x", "garbage", "a.b.c"]:
         with pytest.raises(errors.RegistryError):
             auth.verify(bad)
-    other = Authenticator(make_config(), b"j" * 32, clock)
+    other = Authenticator(auth_config(), b"j" * 32, clock)
     with pytest.raises(errors.RegistryError):
         other.verify(token)  # another key
     clock.now += lifetime
@@ -133,16 +101,16 @@ def test_tokens_must_be_canonical_base64url(auth: Authenticator) -> None:
     assert auth.verify(token) == Identity("qnib", "type1")
 
 
-def test_anonymous_tokens_only_when_allowed(clock: Clock) -> None:
-    allowing = Authenticator(make_config("allow"), b"k" * 32, clock)
+def test_anonymous_tokens_only_when_allowed(clock: ManualClock) -> None:
+    allowing = Authenticator(auth_config("allow"), b"k" * 32, clock)
     token, _ = allowing.issue(ANONYMOUS)
     assert allowing.verify(token) == ANONYMOUS
-    denying = Authenticator(make_config("deny"), b"k" * 32, clock)
+    denying = Authenticator(auth_config("deny"), b"k" * 32, clock)
     with pytest.raises(errors.RegistryError):
         denying.verify(token)
 
 
-def test_basic_cache_is_bounded_in_time(auth: Authenticator, clock: Clock) -> None:
+def test_basic_cache_is_bounded_in_time(auth: Authenticator, clock: ManualClock) -> None:
     assert auth.cached("qnib-type1", "pw") is None
     auth.remember("qnib-type1", "pw", Identity("qnib", "type1"))
     assert auth.cached("qnib-type1", "pw") == Identity("qnib", "type1")
@@ -250,8 +218,8 @@ def test_a_refused_login_is_remembered_without_another_kdf_run(auth: Authenticat
 
 
 def test_a_verified_token_is_remembered_until_it_expires_and_the_table_is_bounded(monkeypatch) -> None:
-    clock = Clock()
-    auth = Authenticator(make_config("allow"), b"k" * 32, clock)
+    clock = ManualClock(1000.0)
+    auth = Authenticator(auth_config("allow"), b"k" * 32, clock)
     token, lifetime = auth.issue(ANONYMOUS)
     checks: list[str] = []
     original = auth._verify

@@ -10,8 +10,7 @@ from twisted.internet.task import Clock
 from metahub.app.service import MetahubService
 from metahub.config.file import parse_config
 from storage import Leases, Storage
-
-from .test_config import minimal
+from tests.unit.fakes import minimal
 
 
 def test_the_hourly_sweep_removes_a_dead_nodes_half_written_blob(tmp_path) -> None:

@@ -16,6 +16,7 @@ from storage import (
     sha256_digest,
     stamp_access,
 )
+from tests.unit.fakes import commit_blob
 
 NOW = 1_700_000_000.0
 HOUR = 3600.0
@@ -26,18 +27,9 @@ def store(tmp_path) -> BlobStore:
     return BlobStore(str(tmp_path / "store"))
 
 
-def put(store: BlobStore, data: bytes, accessed: float) -> str:
-    digest = sha256_digest(data)
-    with store.writer(digest) as w:
-        w.write(data)
-        w.commit()
-    assert stamp_access(store, [digest], accessed) == []
-    return digest
-
-
 def fill(store: BlobStore, count: int = 10, size: int = 1000) -> list[str]:
     """``count`` blobs of ``size`` bytes, the first accessed longest ago (one hour apart)."""
-    return [put(store, bytes([i]) * size, NOW - (count - i) * HOUR) for i in range(count)]
+    return [commit_blob(store, bytes([i]) * size, NOW - (count - i) * HOUR) for i in range(count)]
 
 
 def present(store: BlobStore) -> set[str]:
@@ -45,7 +37,7 @@ def present(store: BlobStore) -> set[str]:
 
 
 def test_stamp_access_sets_the_mtime_and_reports_missing_files(store) -> None:
-    digest = put(store, b"x", NOW - 5 * HOUR)
+    digest = commit_blob(store, b"x", NOW - 5 * HOUR)
     gone = sha256_digest(b"gone")
     assert stamp_access(store, [digest, gone], NOW) == [gone]
     assert store.stat(digest).mtime == NOW
@@ -122,7 +114,7 @@ def test_dry_run_removes_nothing(store) -> None:
 
 def test_a_reader_with_the_file_open_keeps_reading_after_eviction(store) -> None:
     data = os.urandom(1 << 20)
-    digest = put(store, data, NOW - 10 * HOUR)
+    digest = commit_blob(store, data, NOW - 10 * HOUR)
     with store.open(digest) as reader:
         first = reader.read(1000)
         assert collect(store, max_size=0, now=NOW, grace=HOUR, pinned=set()).removed == [digest]
@@ -139,7 +131,7 @@ def test_keep_going_false_stops_before_removing(store) -> None:
 
 
 def test_access_stamps_batch_and_skip_recently_stamped(store, monkeypatch) -> None:
-    a, b = put(store, b"a", NOW - 10 * HOUR), put(store, b"b", NOW - 10 * HOUR)
+    a, b = commit_blob(store, b"a", NOW - 10 * HOUR), commit_blob(store, b"b", NOW - 10 * HOUR)
     stamps = AccessStamps(resolution=60)
     for _ in range(100):
         stamps.note(a, NOW)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from storage import Index, Storage, sha256_digest
+from tests.unit.fakes import commit_blob
 
 D1 = sha256_digest(b"one")
 D2 = sha256_digest(b"two")
@@ -78,17 +79,9 @@ def test_map_grows_past_its_initial_size(tmp_path) -> None:
     index.close()
 
 
-def _commit(storage: Storage, data: bytes) -> str:
-    digest = sha256_digest(data)
-    with storage.blobs.writer(digest) as w:
-        w.write(data)
-        w.commit()
-    return digest
-
-
 def test_lookup_adopts_a_file_the_index_lacks(tmp_path) -> None:
     s = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=lambda: 42.0)
-    digest = _commit(s, b"written by another node")
+    digest = commit_blob(s.blobs, b"written by another node")
     assert s.index.get_blob(digest) is None
     rec = s.lookup(digest)
     assert rec.size == len(b"written by another node") and rec.created == 42.0
@@ -104,7 +97,7 @@ def test_reindex_after_deleting_the_index(tmp_path) -> None:
     import shutil
 
     s = Storage(str(tmp_path / "store"), str(tmp_path / "index"))
-    digests = [_commit(s, os.urandom(100 + i)) for i in range(20)]
+    digests = [commit_blob(s.blobs, os.urandom(100 + i)) for i in range(20)]
     for d in digests:
         s.lookup(d)
     s.index.set_tag("docker.io", "library/x", "latest", digests[0], checked=1.0)
@@ -126,7 +119,7 @@ def test_reindex_after_deleting_the_index(tmp_path) -> None:
 def test_opening_does_not_scan_blobs(tmp_path, monkeypatch) -> None:
     s = Storage(str(tmp_path / "store"), str(tmp_path / "index"))
     for i in range(5):
-        _commit(s, bytes([i]))
+        commit_blob(s.blobs, bytes([i]))
     s.close()
 
     def no_scan(self):

@@ -1,0 +1,194 @@
+"""Fakes and helpers the unit tests share; test modules import from here, never from each other.
+
+Everything runs on the calling thread: thread-pool work, download lanes and logins' KDF run inline,
+and time moves only when a test advances it. The in-memory registry built from these is in
+:mod:`tests.unit.harness`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from metahub.config.file import (
+    Account,
+    Config,
+    ConfigError,
+    MachineType,
+    StorageConfig,
+    UpstreamConfig,
+    parse_config,
+)
+from metahub.web.auth import hash_password
+from storage import BlobStore, sha256_digest, stamp_access
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def minimal(tmp_path: Path) -> dict[str, Any]:
+    """The smallest valid config, as parsed YAML, for tests to break one key of."""
+    return {
+        "storage": {"path": str(tmp_path / "store"), "index": str(tmp_path / "index")},
+        "upstreams": {"docker.io": {"url": "https://registry-1.docker.io"}},
+    }
+
+
+def config_error(data: object, base_dir: Path) -> str:
+    """The one-line message ``parse_config`` refuses ``data`` with."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, str(base_dir))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+#: The password of both accounts of :func:`auth_config`.
+AUTH_PASSWORD = "pw"
+AUTH_HASH = hash_password(AUTH_PASSWORD)
+
+
+def auth_config(anonymous: str = "deny") -> Config:
+    """A config with machine types and two accounts, for the login and rate-limit tests."""
+    return Config(
+        storage=StorageConfig("/s", "/i"),
+        upstreams={"hub": UpstreamConfig("hub", "https://registry-1.docker.io")},
+        default_upstream="hub",
+        anonymous=anonymous,
+        machine_types={
+            "type1": MachineType("type1", "linux", "amd64", features=("cpu:broadwell",)),
+            "type2": MachineType("type2", "linux", "amd64", features=("cpu:skylake",)),
+        },
+        accounts={
+            "qnib": Account("qnib", AUTH_HASH, ("type1", "type2")),
+            "ci": Account("ci", AUTH_HASH, ("type1",), ("library/*", "myorg/**")),
+        },
+    )
+
+
+# --- the store -----------------------------------------------------------------------------------
+
+
+def commit_blob(store: BlobStore, data: bytes, accessed: float | None = None) -> str:
+    """Commit ``data`` to ``store``, last accessed at ``accessed`` if given (its mtime); its digest."""
+    digest = sha256_digest(data)
+    with store.writer(digest) as writer:
+        writer.write(data)
+        writer.commit()
+    if accessed is not None:
+        assert stamp_access(store, [digest], accessed) == []
+    return digest
+
+
+# --- time and threads ----------------------------------------------------------------------------
+
+
+class ManualClock:
+    """A ``clock()`` callable (as storage and the authenticator take) that moves only when told."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def inline(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    """A ``ThreadRunner`` that runs the job at once, on the caller's thread."""
+    try:
+        return succeed(function(*args))
+    except Exception:
+        return fail()
+
+
+class InlinePool:
+    """A thread pool that runs each job at once, on the caller's thread."""
+
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs) -> None:  # noqa: N802
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class FakeReactor(Clock):
+    """A ``Clock`` whose thread pool and ``callFromThread`` run work inline."""
+
+    def getThreadPool(self) -> InlinePool:  # noqa: N802
+        return InlinePool()
+
+    def callFromThread(self, function, *args, **kwargs) -> None:  # noqa: N802
+        function(*args, **kwargs)
+
+
+class InlineLane:
+    """A download lane that runs each job at once: a disk as fast as the network."""
+
+    def run(self, job, *args) -> Deferred:
+        return inline(job, *args)
+
+    def close(self) -> None:
+        pass
+
+
+def inline_lanes(name: str) -> InlineLane:
+    """A ``LaneFactory`` of :class:`InlineLane`."""
+    return InlineLane()
+
+
+# --- requests ------------------------------------------------------------------------------------
+
+
+class AbortRecorder:
+    """A transport that only remembers being aborted."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abortConnection(self) -> None:  # noqa: N802
+        self.aborted = True
+
+
+class FakeRequest:
+    """Enough of twisted.web's Request: it pauses its producer when ``limit`` bytes are unsent."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.written: list[bytes] = []
+        self.unsent = 0
+        self.producer: Any = None  # the IPushProducer send() registers
+        self.finished = False
+        self.transport = AbortRecorder()
+        self._finish: Deferred[None] = Deferred()
+
+    def registerProducer(self, producer, streaming: bool) -> None:  # noqa: N802
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:  # noqa: N802
+        self.producer = None
+
+    def notifyFinish(self) -> Deferred[None]:  # noqa: N802
+        return self._finish
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        self.unsent += len(data)
+        if self.limit is not None and self.unsent >= self.limit:
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        self.unsent = 0
+        self.producer.resumeProducing()
+
+    def finish(self) -> None:
+        self.finished = True
