@@ -13,8 +13,8 @@ from tests.peers import skopeo
 from tests.peers.oci import make_image
 from tests.peers.registry import Registry
 
+from .common import ACCEPT_ALL, request
 from .metahub_process import Metahub
-from .test_proxy import ACCEPT_ALL, request
 
 PASSWORD = "correct horse"
 

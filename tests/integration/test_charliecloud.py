@@ -10,8 +10,8 @@ from tests.peers.ports import LOOPBACK
 from tests.peers.registry import Registry
 from tests.peers.tls import make_ca
 
+from .common import BROADWELL, MACHINE_TYPES, PASSWORD, SKYLAKE
 from .metahub_process import Metahub, ServerTLS
-from .test_machine_types import BROADWELL, MACHINE_TYPES, PASSWORD, SKYLAKE
 
 
 @pytest.mark.parametrize("machine_type, build", [("type1", BROADWELL), ("type2", SKYLAKE)])

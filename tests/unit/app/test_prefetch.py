@@ -20,7 +20,13 @@ from metahub.config.file import Config, parse_config
 from metahub.oci import errors, media
 from storage import BlobStore
 from tests.unit.fakes import FakeReactor, inline_lanes, minimal
-from tests.unit.harness import FakeRegistry, digest_of, fake_network, image_index, image_manifest
+from tests.unit.harness import (
+    FakeRegistry,
+    digest_of,
+    fake_network,
+    image_index,
+    image_manifest,
+)
 
 AMD64_LAYERS = [b"amd64 layer one" * 100, b"amd64 layer two" * 50]
 ARM64_LAYERS = [b"arm64 layer" * 70]

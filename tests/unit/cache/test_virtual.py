@@ -16,7 +16,12 @@ from metahub.cache.virtual import VirtualImages, build_index
 from metahub.config.file import Config, parse_config
 from metahub.oci import errors, media
 from tests.unit.fakes import minimal
-from tests.unit.harness import FakeRegistry, digest_of, image_manifest, in_memory_registry
+from tests.unit.harness import (
+    FakeRegistry,
+    digest_of,
+    image_manifest,
+    in_memory_registry,
+)
 
 GENERIC_LAYER, SKYLAKE_LAYER, SHARED_LAYER = b"generic layer", b"skylake layer", b"shared layer"
 SPEC = {
