@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -74,7 +74,8 @@ class PortService(Service):
         port, self.port = self.port, None
         if port is None:
             return succeed(None)
-        return maybeDeferred(port.stopListening)  # IListeningPort allows a Deferred or None
+        stopped = port.stopListening()
+        return succeed(None) if stopped is None else stopped  # IListeningPort allows either
 
     def address(self) -> str:
         """The endpoint, and the address it is bound to once listening (``tcp:0`` picks a port)."""

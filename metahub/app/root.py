@@ -1,9 +1,9 @@
 """The composition root: the one place that builds the server's parts and hands them down.
 
 :class:`Root` builds each part once, on first use, and gives every constructor what it needs by
-keyword; nothing else in metahub builds a part it does not own. The server (:mod:`metahub.app.service`),
-``metahub prefetch`` and ``metahub inspect`` all take their parts from a root, so the three cannot
-drift apart. Building is lazy because of twistd: it may fork after ``makeService``, and an LMDB
+keyword. The server (:mod:`metahub.app.service`), ``metahub prefetch`` and ``metahub inspect`` all
+take their parts from a root, so the three cannot drift apart (the ``metahub cache`` commands work
+on the store alone, through :mod:`storage`). Building is lazy because of twistd: it may fork after ``makeService``, and an LMDB
 environment must not cross a fork, so the store opens when a service first asks for it (in
 ``startService``), never when the root is made.
 """

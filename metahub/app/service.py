@@ -19,8 +19,9 @@ The ports start after the store and before the timers, so a port that fails leav
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
+from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.application.service import IService, MultiService, Service
@@ -127,7 +128,7 @@ class ServerTree(MultiService):
                 log.failure("could not stop {name} cleanly", name=child.name)
 
 
-def _timer(interval: float, job: Callable[[], Awaitable[None]], root: Root) -> TimerService:
+def _timer(interval: float, job: Callable[[], Coroutine[Any, Any, None]], root: Root) -> TimerService:
     # ``job`` reaches its object through the root when it runs: building it here would open the store.
     timer = TimerService(interval, lambda: ensureDeferred(job()))
     timer.clock = root.reactor

@@ -199,6 +199,20 @@ def test_a_stop_waits_for_commits_at_most_commit_grace(tmp_path, monkeypatch) ->
     IndexLock(str(tmp_path / "index"), exclusive=True).release()
 
 
+def test_the_registry_serves_on_a_unix_socket_and_stops(tmp_path) -> None:
+    """A UNIX socket's address has no host or port, and its port may stop at once (returning None)."""
+    reactor = Reactor()
+    path = str(tmp_path / "metahub.sock")
+    parsed = parse_config(minimal(tmp_path), str(tmp_path))
+    root = Root(config=parsed, reactor=reactor, listen=f"unix:{path}")
+    tree = server_tree(root=root)
+    tree.startService()
+    assert [server[0] for server in reactor.unixServers] == [path]
+    assert root.registry_port.address() == f"unix:{path}"
+    stopped = tree.stopService()
+    assert stopped.called and stopped.result is None
+
+
 def test_a_busy_port_ends_the_start_with_one_line_and_lets_go_of_the_store(tmp_path) -> None:
     reactor = Reactor(busy={5000})
     root = make_root(tmp_path, reactor)
