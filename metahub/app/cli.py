@@ -11,10 +11,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from metahub.app.prefetch import prefetch
+from metahub.app.root import Root
 from metahub.cache.eviction import run_collection
 from metahub.cache.manifests import ManifestBody
 from metahub.cache.routing import Route, route
-from metahub.cache.virtual import VirtualImages, build_index
+from metahub.cache.virtual import build_index
 from metahub.config.file import (
     Config,
     ConfigError,
@@ -25,7 +26,6 @@ from metahub.config.file import (
 from metahub.hardware import inspect
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
-from metahub.upstream.client import UpstreamClient, make_http_clients
 from metahub.web.auth import hash_password
 from storage import (
     IndexInUse,
@@ -164,7 +164,7 @@ def prefetch_command(args: argparse.Namespace) -> int:
     config = _load(args.config)
 
     async def warm(reactor: Any) -> None:
-        done = await prefetch(reactor, config, args.image, args.machine_type)
+        done = await prefetch(root=Root(config=config, reactor=reactor), image=args.image, machine_type=args.machine_type)
         print(f"prefetched {args.image}: {done.blobs} blobs, {_human(done.total_bytes)}")
 
     return _react(args.image, warm)
@@ -216,15 +216,15 @@ def inspect_command(args: argparse.Namespace) -> int:
 
     async def report_on(reactor: Any) -> None:
         name, reference = split_reference(args.image)
-        http = make_http_clients(reactor, list(config.upstreams.values()))
-        clients = {n: UpstreamClient(u, http[n], reactor) for n, u in config.upstreams.items()}
+        root = Root(config=config, reactor=reactor)  # no store: only the upstreams are asked
 
         async def fetch(target: Route, ref: str) -> ManifestBody:
-            got = await clients[target.upstream.name].get_manifest(target.repository, ref, media.UPSTREAM_ACCEPT)
+            client = root.upstreams.client(target.upstream.name)
+            got = await client.get_manifest(target.repository, ref, media.UPSTREAM_ACCEPT)
             return ManifestBody(got.body, got.media_type or media.sniff_media_type(got.body), got.digest)
 
         target = route(config, name)
-        virtual = VirtualImages(config).find(target, reference)
+        virtual = root.virtual.find(target, reference)
         if virtual is not None:
             body, _ = await build_index(config, virtual, fetch)
             manifest = ManifestBody(body, media.OCI_INDEX, sha256_digest(body))

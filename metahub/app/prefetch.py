@@ -13,19 +13,14 @@ from typing import TextIO
 
 from twisted.internet.task import deferLater
 
+from metahub.app.root import Root
 from metahub.cache.capacity import StoreUnavailable
-from metahub.cache.downloads import AlreadyStored, Downloads
-from metahub.cache.manifests import ManifestBody, Manifests
+from metahub.cache.downloads import AlreadyStored
+from metahub.cache.manifests import ManifestBody
 from metahub.cache.routing import route
-from metahub.cache.virtual import VirtualImages, store_index
-from metahub.config.file import Config
+from metahub.cache.virtual import store_index
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
-from metahub.runtime.lane import thread_lanes
-from metahub.runtime.metrics import Metrics
-from metahub.runtime.threads import thread_runner
-from metahub.upstream.client import UpstreamClient, make_http_clients
-from storage import Leases, SharedTags, Storage
 
 
 @dataclass
@@ -44,21 +39,16 @@ def progress_line(progress: Progress, width: int = 30) -> str:
             f"  {progress.blobs_done}/{progress.blobs} blobs")
 
 
-async def prefetch(reactor, config: Config, image: str, machine_type: str | None, out: TextIO = sys.stderr) -> Progress:
+async def prefetch(*, root: Root, image: str, machine_type: str | None, out: TextIO = sys.stderr) -> Progress:
+    """Fetch ``image``'s blobs into the store ``root`` opens, and close it when done."""
+    config = root.config
     name, reference = split_reference(image)
     if machine_type is not None and machine_type not in config.machine_types:
         raise errors.unauthorized(f"unknown machine type {machine_type!r}")
-    in_thread = thread_runner(reactor)
-    storage = Storage(config.storage.path, config.storage.index, clock=reactor.seconds)
     try:
-        http = make_http_clients(reactor, list(config.upstreams.values()))
-        clients = {n: UpstreamClient(u, http[n], reactor) for n, u in config.upstreams.items()}
-        metrics = Metrics()
-        manifests = Manifests(storage, clients, reactor, in_thread, metrics, config.tag_ttl, SharedTags(config.storage.path))
-        downloads = Downloads(storage, clients, reactor, in_thread, metrics, Leases(config.storage.path, clock=reactor.seconds),
-                              thread_lanes(reactor), config.storage.lease_timeout)
+        storage, manifests, downloads = root.storage, root.manifests, root.downloads
         target = route(config, name)
-        virtual = VirtualImages(config).find(target, reference)
+        virtual = root.virtual.find(target, reference)
         if virtual is not None:
             top, sources = await store_index(config, virtual, manifests, target)
         else:
@@ -80,7 +70,7 @@ async def prefetch(reactor, config: Config, image: str, machine_type: str | None
         show = _printer(out, progress)
         for digest, size in layers.items():
             source = sources.get(digest, target)
-            if await in_thread(storage.blobs.stat, digest) is None:
+            if await root.in_thread(storage.blobs.stat, digest) is None:
                 try:
                     download = await downloads.join(source, digest)
                 except AlreadyStored:
@@ -89,7 +79,7 @@ async def prefetch(reactor, config: Config, image: str, machine_type: str | None
                     raise errors.RegistryError(507, "UNKNOWN", str(error)) from error
                 while download is not None and not download.finished.called:
                     show(progress.done_bytes + download.received_bytes)  # 0 while another node fetches
-                    await deferLater(reactor, 0.2, lambda: None)
+                    await deferLater(root.reactor, 0.2, lambda: None)
                 if download is not None and not await download.outcome():
                     raise errors.bad_gateway(f"upstream {source.upstream.name} failed to deliver {digest}")
             progress.done_bytes += size
@@ -97,7 +87,7 @@ async def prefetch(reactor, config: Config, image: str, machine_type: str | None
             show(progress.done_bytes, final=progress.blobs_done == progress.blobs)
         return progress
     finally:
-        storage.close()
+        root.close()
 
 
 def _printer(out: TextIO, progress: Progress) -> Callable[..., None]:

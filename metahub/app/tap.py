@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import os
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 
-from metahub.app.service import MetahubService
+from metahub.app.root import Root
+from metahub.app.service import server_tree
 from metahub.config.file import (
     ConfigError,
     builtin_config,
@@ -59,6 +60,5 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     config = options.loaded
     tune_malloc()  # before the reactor's thread pool starts (memory.py says why)
-    top = MultiService()
-    MetahubService(config, options["listen"] or config.listen, notice=options.notice).setServiceParent(top)
-    return top
+    root = Root(config=config, listen=options["listen"] or config.listen, collects=True)
+    return server_tree(root=root, notice=options.notice)

@@ -50,7 +50,7 @@ def reason(error: OSError) -> str:
 
 class StoreCapacity:
     def __init__(
-        self, clock: IReactorTime, metrics: Metrics, make_room: Callable[[], None] | None = None,
+        self, *, clock: IReactorTime, metrics: Metrics, make_room: Callable[[], None] | None = None,
         retry_after: float = RETRY_AFTER,
     ) -> None:
         self.clock = clock

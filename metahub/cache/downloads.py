@@ -41,8 +41,8 @@ from metahub.oci import errors
 from metahub.runtime.lane import Lane, LaneFactory
 from metahub.runtime.metrics import Metrics
 from metahub.runtime.threads import ThreadRunner
-from metahub.upstream.client import UpstreamClient
 from metahub.upstream.discard import Discard
+from metahub.upstream.upstreams import Upstreams
 from storage import (
     BlobWriteError,
     BlobWriter,
@@ -231,8 +231,9 @@ class Downloads:
 
     def __init__(
         self,
+        *,
         storage: Storage,
-        clients: dict[str, UpstreamClient],
+        upstreams: Upstreams,
         clock: IReactorTime,
         in_thread: ThreadRunner,
         metrics: Metrics,
@@ -242,11 +243,11 @@ class Downloads:
         capacity: StoreCapacity | None = None,
     ) -> None:
         self.storage = storage
-        self.capacity = capacity or StoreCapacity(clock, metrics)
+        self.capacity = capacity or StoreCapacity(clock=clock, metrics=metrics)
         self.lanes = lanes
         self.leases = leases
         self.lease_timeout = lease_timeout
-        self.clients = clients
+        self.upstreams = upstreams
         self.clock = clock
         self.in_thread = in_thread
         self.metrics = metrics
@@ -334,12 +335,7 @@ class Downloads:
             # A lease taken over from a dead holder leaves its half-written file: remove it, so no
             # node follows it instead of ours.
             await self.in_thread(self._drop_stale_temps, digest)
-            self.metrics.upstream_fetches.labels(upstream, "blob").inc()
-            try:
-                response: IResponse = await self.clients[upstream].get_blob(route.repository, digest)
-            except errors.RegistryError:
-                self.metrics.upstream_failures.labels(upstream).inc()
-                raise
+            response: IResponse = await self.upstreams.client(upstream).get_blob(route.repository, digest)
             size = None if response.length is UNKNOWN_LENGTH else int(response.length)
             try:
                 writer = await self.in_thread(self.storage.blobs.writer, digest, size)
@@ -370,9 +366,8 @@ class Downloads:
 
     async def _follow_remote(self, route: Route, digest: str) -> Download:
         """Another node holds the lease: follow its file instead of fetching again."""
-        self.metrics.upstream_fetches.labels(route.upstream.name, "head").inc()
         # The HEAD confirms this repository may read the blob, and gives its size.
-        size = await self.clients[route.upstream.name].head_blob(route.repository, digest)
+        size = await self.upstreams.client(route.upstream.name).head_blob(route.repository, digest)
         self.storage.index.link([digest], route.key)
         download = Download(digest, route, size, None, self.clock)
         self._active[(route.upstream.name, digest)] = download
@@ -440,7 +435,8 @@ class Downloads:
         writer, lane = download.writer, download.lane
         assert writer is not None and lane is not None
         upstream = download.route.upstream.name
-        self.metrics.upstream_bytes.labels(upstream).inc(download.received_bytes)
+        client = self.upstreams.client(upstream)
+        client.received(download.received_bytes)
         committed = False
         try:
             await download.flush()  # the last piece; the lane keeps order, so all are written then
@@ -459,7 +455,7 @@ class Downloads:
                 if refused is not None:  # out of space midway: the clients' retries go straight through
                     self.capacity.failed(refused, f"blob {download.digest}")
                 else:
-                    self.metrics.upstream_failures.labels(upstream).inc()
+                    client.body_failed()
                 log.warn(
                     "download of {digest} from {upstream} failed: {why}",
                     digest=download.digest, upstream=upstream,
@@ -472,7 +468,7 @@ class Downloads:
                 upstream=upstream, digest=download.digest, actual=mismatch.actual,
             )
         except BlobWriteError as failure:
-            self.metrics.upstream_failures.labels(upstream).inc()
+            client.body_failed()
             log.error("download of {digest} not committed: {why}", digest=download.digest, why=str(failure))
         except OSError as error:  # the fsync or rename of the commit: a full or read-only store
             await lane.run(writer.abort)

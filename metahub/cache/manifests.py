@@ -26,7 +26,7 @@ from metahub.hardware.resolve import resolve
 from metahub.oci import errors, media
 from metahub.runtime.metrics import Metrics
 from metahub.runtime.threads import ThreadRunner
-from metahub.upstream.client import UpstreamClient
+from metahub.upstream.upstreams import Upstreams, unavailable
 from storage import (
     BlobNotFound,
     BlobWriteError,
@@ -64,11 +64,6 @@ def _write_blob(storage: Storage, digest: str, body: bytes) -> None:
         writer.commit()
 
 
-def _upstream_unavailable(error: errors.RegistryError) -> bool:
-    """Upstream could not answer (as opposed to answering "no"): serve what we know instead."""
-    return error.status >= 500 or error.status == 429
-
-
 #: Resolutions remembered per (index digest, machine type): a hot tag costs no re-parse.
 _RESOLUTION_CACHE_SIZE = 4096
 #: Manifest bodies kept in memory by digest (immutable, so never stale): a hot tag costs no file read.
@@ -78,8 +73,9 @@ _BODY_CACHE_BYTES = 16 << 20
 class Manifests:
     def __init__(
         self,
+        *,
         storage: Storage,
-        clients: dict[str, UpstreamClient],
+        upstreams: Upstreams,
         clock: IReactorTime,
         in_thread: ThreadRunner,
         metrics: Metrics,
@@ -88,9 +84,9 @@ class Manifests:
         capacity: StoreCapacity | None = None,
     ) -> None:
         self.storage = storage
-        self.capacity = capacity or StoreCapacity(clock, metrics)
+        self.capacity = capacity or StoreCapacity(clock=clock, metrics=metrics)
         self.shared_tags = shared_tags
-        self.clients = clients
+        self.upstreams = upstreams
         self.clock = clock
         self.in_thread = in_thread
         self.metrics = metrics
@@ -167,14 +163,8 @@ class Manifests:
         return True
 
     async def _fetch(self, route: Route, reference: str) -> ManifestBody:
-        upstream = route.upstream.name
-        self.metrics.upstream_fetches.labels(upstream, "manifest").inc()
-        try:
-            fetched = await self.clients[upstream].get_manifest(route.repository, reference, media.UPSTREAM_ACCEPT)
-        except errors.RegistryError as error:
-            if error.status >= 500:
-                self.metrics.upstream_failures.labels(upstream).inc()
-            raise
+        client = self.upstreams.client(route.upstream.name)
+        fetched = await client.get_manifest(route.repository, reference, media.UPSTREAM_ACCEPT)
         return await self.store(route, fetched.body, fetched.media_type or media.sniff_media_type(fetched.body))
 
     async def by_digest(self, route: Route, digest: str) -> ManifestBody:
@@ -199,12 +189,10 @@ class Manifests:
                 return cached
             self.metrics.cache.labels("tag", "revalidate").inc()
             try:
-                self.metrics.upstream_fetches.labels(upstream, "head").inc()
-                head = await self.clients[upstream].head_manifest(route.repository, tag, media.UPSTREAM_ACCEPT)
+                head = await self.upstreams.client(upstream).head_manifest(route.repository, tag, media.UPSTREAM_ACCEPT)
             except errors.RegistryError as error:
-                if cached is None or not _upstream_unavailable(error):
+                if cached is None or not unavailable(error):
                     raise
-                self.metrics.upstream_failures.labels(upstream).inc()
                 log.warn(
                     "upstream {upstream} unavailable ({status} {code}); serving {repo}:{tag} from cache as {digest}",
                     upstream=upstream, status=error.status, code=error.code, repo=route.repository, tag=tag,

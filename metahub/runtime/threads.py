@@ -47,7 +47,7 @@ class BoundedPool:
     holds at most ``queue`` calls waiting: beyond that a call fails at once with 503 (work a flood
     would pile up is refused instead of queued without end). Started and stopped by its service."""
 
-    def __init__(self, reactor, threads: int, queue: int, name: str) -> None:
+    def __init__(self, *, reactor, threads: int, queue: int, name: str) -> None:
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name=name)
         self.limit = threads + queue

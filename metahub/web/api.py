@@ -28,7 +28,7 @@ from metahub.oci.grammar import split_reference
 from metahub.oci.names import check_digest, check_name, check_reference, is_tag
 from metahub.runtime.metrics import Metrics, method_label, status_label
 from metahub.runtime.threads import ThreadRunner
-from metahub.upstream.client import UpstreamClient
+from metahub.upstream.upstreams import Upstreams
 from metahub.web import login
 from metahub.web.addresses import require_allowed
 from metahub.web.auth import Authenticator, Identity
@@ -48,12 +48,12 @@ _PAGE_SIZE_DIGITS = 9
 _PAGE_SIZE = re.compile(f"[0-9]{{1,{_PAGE_SIZE_DIGITS}}}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Registry:
-    """Everything a request handler needs, built once per server in ``startService``."""
+    """Everything a request handler needs, built once per server by the composition root (metahub.app.root)."""
 
     config: Config
-    clients: dict[str, UpstreamClient]
+    upstreams: Upstreams
     manifests: Manifests
     blobs: Blobs
     metrics: Metrics
@@ -230,9 +230,7 @@ class RegistryResource(Resource):
                 {"n": n_text[:50]},
             )
         n = int(n_text) if n_text is not None else None
-        client = self.registry.clients[target.upstream.name]
-        self.registry.metrics.upstream_fetches.labels(target.upstream.name, "tags").inc()
-        body, link = await client.tags_list(target.repository, n, last)
+        body, link = await self.registry.upstreams.client(target.upstream.name).tags_list(target.repository, n, last)
         tags = media.load(body).get("tags") or []
         # Upstreams that ignore n/last (distribution 2.8 does) return everything, in any order:
         # the spec's pagination is applied here, over the lexically sorted list.

@@ -22,8 +22,8 @@ from metahub.oci import errors
 from metahub.runtime.memory import Releaser
 from metahub.runtime.metrics import Metrics
 from metahub.runtime.threads import ThreadRunner
-from metahub.upstream.client import UpstreamClient
 from metahub.upstream.discard import Discard
+from metahub.upstream.upstreams import Upstreams
 from metahub.web.headers import header_text
 from metahub.web.passthrough import VerifyingRelay
 from metahub.web.ranges import content_range, parse_range
@@ -53,8 +53,9 @@ def _follow(blobs: BlobStore, download: Download) -> BlobFollower | None:
 class Blobs:
     def __init__(
         self,
+        *,
         storage: Storage,
-        clients: dict[str, UpstreamClient],
+        upstreams: Upstreams,
         downloads: Downloads,
         clock: IReactorTime,
         in_thread: ThreadRunner,
@@ -63,7 +64,7 @@ class Blobs:
     ) -> None:
         self.storage = storage
         self.releaser = releaser
-        self.clients = clients
+        self.upstreams = upstreams
         self.downloads = downloads
         self.clock = clock
         self.in_thread = in_thread
@@ -83,8 +84,7 @@ class Blobs:
         """Make sure ``route``'s repository may see ``digest``; link it if upstream says so."""
         if self.storage.index.is_linked(digest, route.key):
             return
-        self.metrics.upstream_fetches.labels(route.upstream.name, "head").inc()
-        await self.clients[route.upstream.name].head_blob(route.repository, digest)
+        await self.upstreams.client(route.upstream.name).head_blob(route.repository, digest)
         self.storage.index.link([digest], route.key)
 
     def _headers(self, request: Request, digest: str, status: int, length: int | None) -> None:
@@ -112,7 +112,7 @@ class Blobs:
                 return
         self.metrics.cache.labels("blob", "miss").inc()
         if head:
-            size = await self.clients[route.upstream.name].head_blob(route.repository, digest)
+            size = await self.upstreams.client(route.upstream.name).head_blob(route.repository, digest)
             # Exactly what a GET would answer: the same range rules, on the size upstream gives.
             wanted = parse_range(_range_header(request), size) if size is not None else None
             self._range_headers(request, digest, wanted, size)
@@ -163,12 +163,8 @@ class Blobs:
         """The store cannot take the blob: relay it from upstream to this client alone, verified."""
         upstream = route.upstream
         self.downloads.capacity.bypassed("blob")
-        self.metrics.upstream_fetches.labels(upstream.name, "blob").inc()
-        try:
-            response = await self.clients[upstream.name].get_blob(route.repository, digest)
-        except errors.RegistryError:
-            self.metrics.upstream_failures.labels(upstream.name).inc()
-            raise
+        client = self.upstreams.client(upstream.name)
+        response = await client.get_blob(route.repository, digest)
         size = None if response.length is UNKNOWN_LENGTH else int(response.length)
         try:
             wanted = parse_range(_range_header(request), size) if size is not None else None
@@ -183,7 +179,7 @@ class Blobs:
         )
         response.deliverBody(relay)
         await relay.done
-        self.metrics.upstream_bytes.labels(upstream.name).inc(relay.received)
+        client.received(relay.received)
 
     async def _follower(self, download: Download) -> BlobFollower | None:
         """A reader of the download; another node's file may take a moment to appear."""

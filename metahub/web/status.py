@@ -115,7 +115,7 @@ class StatusData:
     resolve_error: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NodeFacts:
     """What the service knows about this process, for the page's node section."""
 
@@ -217,7 +217,7 @@ class StatusPage:
         )
         upstreams = tuple(
             UpstreamRow(name, upstream.url, name == config.default_upstream,
-                        registry.clients[name].last_success, registry.clients[name].last_error)
+                        registry.upstreams.client(name).last_success, registry.upstreams.client(name).last_error)
             for name, upstream in config.upstreams.items()
         )
         machine_types = tuple(

@@ -1,7 +1,7 @@
 """metahub's HTTP face in memory: the real ``RegistryResource`` behind ``treq.testing.StubTreq``, its
 upstreams fake registries (:class:`FakeRegistry`) behind StubTreqs of their own, on a fake clock.
 
-The server is built the way the running one is (``MetahubService.build_site``), except that each
+The server is built the way the running one is (by the composition root, ``Root``), except that each
 upstream's HTTP client is a StubTreq of its fake registry and thread work runs inline (the reactor's
 pool, download lanes and the logins' KDF pool). A request is pumped until it is answered, so a test
 reads like a conversation: ``registry.get("/v2/library/alpine/manifests/latest").status == 200``.
@@ -29,8 +29,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from metahub.app import service as service_module
-from metahub.app.service import MetahubService
+from metahub.app import root as root_module
+from metahub.app.root import Root
 from metahub.config.file import UpstreamConfig, parse_config
 from metahub.oci import media
 from metahub.web.api import RegistryResource
@@ -228,10 +228,10 @@ _ROUNDS = 50
 class InMemoryRegistry:
     """metahub over StubTreq with fake upstreams; see the module docstring."""
 
-    def __init__(self, service: MetahubService, resource: RegistryResource, upstreams: dict[str, StubTreq]) -> None:
-        self.service = service
+    def __init__(self, root: Root, resource: RegistryResource, upstreams: dict[str, StubTreq]) -> None:
+        self.root = root
         self.resource = resource
-        self.reactor: FakeReactor = service.reactor
+        self.reactor: FakeReactor = root.reactor
         # StubTreq sets treq's functions (request, get, ...) on itself at runtime: typed Any.
         self.http: Any = StubTreq(resource)
         self._upstream_http = upstreams
@@ -291,8 +291,7 @@ class InMemoryRegistry:
         return {"Authorization": "Bearer " + answer.json()["token"]}
 
     def close(self) -> None:
-        if self.service.storage is not None:
-            self.service.storage.close()
+        self.root.close()
 
 
 def fake_network(
@@ -321,12 +320,8 @@ def in_memory_registry(
         "upstreams": {name: {"url": f"http://{fake.host}"} for name, fake in fakes.items()},
         "default_upstream": next(iter(fakes)),
     } | config
-    stubs = fake_network(monkeypatch, service_module, fakes)
-    service = MetahubService(parse_config(data, str(tmp_path)), "tcp:0", reactor=FakeReactor())
-    site = service.build_site()
-    assert service.kdf is not None and service.downloads is not None
-    service.kdf.pool = InlinePool()  # type: ignore[assignment]  # the logins' own pool, inline too
-    service.downloads.lanes = inline_lanes
-    resource = site.resource
-    assert isinstance(resource, RegistryResource)
-    return InMemoryRegistry(service, resource, stubs)
+    stubs = fake_network(monkeypatch, root_module, fakes)
+    root = Root(config=parse_config(data, str(tmp_path)), reactor=FakeReactor(), listen="tcp:0")
+    root.kdf.pool = InlinePool()  # type: ignore[assignment]  # the logins' own pool, inline too
+    root.downloads.lanes = inline_lanes
+    return InMemoryRegistry(root, root.resource, stubs)

@@ -14,8 +14,9 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from metahub.app import prefetch as prefetch_module
+from metahub.app import root as root_module
 from metahub.app.prefetch import Progress, prefetch, progress_line
+from metahub.app.root import Root
 from metahub.config.file import Config, parse_config
 from metahub.oci import errors, media
 from storage import BlobStore
@@ -53,8 +54,8 @@ def hub() -> FakeRegistry:
 
 @pytest.fixture
 def network(monkeypatch: pytest.MonkeyPatch, hub: FakeRegistry) -> Iterator[None]:
-    fake_network(monkeypatch, prefetch_module, {"docker.io": hub})
-    monkeypatch.setattr(prefetch_module, "thread_lanes", lambda reactor: inline_lanes)
+    fake_network(monkeypatch, root_module, {"docker.io": hub})
+    monkeypatch.setattr(root_module, "thread_lanes", lambda reactor: inline_lanes)
     yield
 
 
@@ -69,7 +70,8 @@ def config(tmp_path: Path, **extra: Any) -> Config:
 def run(cfg: Config, image: str, machine_type: str | None = None, out: io.StringIO | None = None) -> Progress:
     reactor = FakeReactor()
     outcome: list[Any] = []
-    done = Deferred.fromCoroutine(prefetch(reactor, cfg, image, machine_type, out or io.StringIO()))
+    root = Root(config=cfg, reactor=reactor)
+    done = Deferred.fromCoroutine(prefetch(root=root, image=image, machine_type=machine_type, out=out or io.StringIO()))
     done.addBoth(outcome.append)
     for _ in range(100):  # a download in progress is polled every 0.2 s
         if outcome:

@@ -19,6 +19,7 @@ from metahub.cache.routing import Route
 from metahub.config.file import UpstreamConfig
 from metahub.oci import errors
 from metahub.runtime.metrics import Metrics
+from metahub.upstream.upstreams import Upstreams
 from metahub.web.blobs import Blobs, _follow, wait_for_more
 from metahub.web.streaming import send
 from storage import Leases, Storage, sha256_digest
@@ -68,13 +69,19 @@ class FakeClient:
         return succeed(self.response.length)
 
 
+def upstreams(metrics: Metrics | None = None, **clients: object) -> Upstreams:
+    """The fake clients as the server's Upstreams, counting into ``metrics``."""
+    return Upstreams(clients=clients, metrics=metrics or Metrics())  # type: ignore[arg-type]  # fakes
+
+
 def make(tmp_path, response: FakeResponse, node: str = "a", clock: Clock | None = None):
     clock = clock or Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / f"index-{node}"), clock=clock.seconds)
     client = FakeClient(response)
     leases = Leases(str(tmp_path / "store"), clock=clock.seconds, node=node)
-    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics(), leases,
-                          lambda name: InlineLane())
+    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
+                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(), leases=leases,
+                          lanes=lambda name: InlineLane())
     return downloads, client, clock, storage
 
 
@@ -257,8 +264,9 @@ def make_with_lane(tmp_path, data: bytes, clock: Clock | None = None):
     response.transport = PausableTransport()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = FakeClient(response)
-    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics(),
-                          Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: lane)
+    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
+                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(),
+                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: lane)
     return downloads, client, response, lane, storage
 
 
@@ -406,9 +414,11 @@ def test_a_repository_joining_another_ones_download_must_be_confirmed_first(tmp_
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = GuardedClient(response)
     inline = lambda f, *a: succeed(f(*a))  # noqa: E731
-    downloads = Downloads(storage, {"local": client}, clock, inline, Metrics(),
-                          Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: InlineLane())
-    blobs = Blobs(storage, {"local": client}, downloads, clock, inline, Metrics())
+    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock, in_thread=inline,
+                          metrics=Metrics(), leases=Leases(str(tmp_path / "store"), clock=clock.seconds),
+                          lanes=lambda name: InlineLane())
+    blobs = Blobs(storage=storage, upstreams=upstreams(local=client), downloads=downloads, clock=clock,
+                  in_thread=inline, metrics=Metrics())
     other = Route(UPSTREAM, "team/other")
     ensureDeferred(downloads.join(ROUTE, digest))  # team/app asked first: its fetch is starting
     asked = [ensureDeferred(blobs.serve(DummyRequest([b""]), other, digest, head=False))]
@@ -443,8 +453,9 @@ def two_upstreams(tmp_path, data: bytes):
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     response = FakeResponse(len(data))
     healthy, hanging = FakeClient(response), FakeClient(FakeResponse(len(data)))
-    downloads = Downloads(storage, {"local": healthy, "slow": hanging}, clock, lambda f, *a: succeed(f(*a)),
-                          Metrics(), Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: InlineLane())
+    downloads = Downloads(storage=storage, upstreams=upstreams(local=healthy, slow=hanging), clock=clock,
+                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(),
+                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane())
     return downloads, healthy, hanging, response, storage
 
 
@@ -488,8 +499,9 @@ def test_another_repositorys_failed_start_is_not_handed_to_this_one(tmp_path) ->
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = Answers(response)
-    downloads = Downloads(storage, {"local": client}, clock, lambda f, *a: succeed(f(*a)), Metrics(),
-                          Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: InlineLane())
+    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
+                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(),
+                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane())
     other = Route(UPSTREAM, "team/other")
     refused = ensureDeferred(downloads.join(other, digest))  # team/other lacks the blob
     same_repo = ensureDeferred(downloads.join(other, digest))
@@ -549,9 +561,12 @@ def blobs_over(tmp_path, client: FakeClient):
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     inline = lambda f, *a: succeed(f(*a))  # noqa: E731
     metrics = Metrics()
-    downloads = Downloads(storage, {"local": client}, clock, inline, metrics,
-                          Leases(str(tmp_path / "store"), clock=clock.seconds), lambda name: InlineLane())
-    return Blobs(storage, {"local": client}, downloads, clock, inline, metrics), storage, clock, metrics
+    counted = upstreams(metrics, local=client)
+    downloads = Downloads(storage=storage, upstreams=counted, clock=clock, in_thread=inline, metrics=metrics,
+                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane())
+    blobs = Blobs(storage=storage, upstreams=counted, downloads=downloads, clock=clock, in_thread=inline,
+                  metrics=metrics)
+    return blobs, storage, clock, metrics
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -655,7 +670,7 @@ def test_a_download_out_of_space_midway_aborts_its_clients_and_their_retry_is_se
 def test_a_store_that_starts_refusing_asks_once_for_room(tmp_path) -> None:
     clock = Clock()
     asked = []
-    capacity = StoreCapacity(clock, Metrics(), lambda: asked.append(clock.seconds()))
+    capacity = StoreCapacity(clock=clock, metrics=Metrics(), make_room=lambda: asked.append(clock.seconds()))
     for _ in range(3):
         capacity.failed(OSError(errno.EROFS, "read-only"), "a blob")
     assert asked == [0] and not capacity.can_store()
@@ -696,7 +711,8 @@ def test_a_follower_of_another_nodes_fetch_that_failed_before_a_byte_fetches_for
     response = FakeResponse(len(data))
     node_a, client_a, _, _ = make(tmp_path, FakeResponse(len(data)), "a", clock)
     node_b, client_b, _, storage_b = make(tmp_path, response, "b", clock)
-    blobs_b = Blobs(storage_b, {"local": client_b}, node_b, clock, lambda f, *a: succeed(f(*a)), Metrics())
+    blobs_b = Blobs(storage=storage_b, upstreams=upstreams(local=client_b), downloads=node_b, clock=clock,
+                    in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics())
     stuck = ensureDeferred(node_a.join(ROUTE, digest))  # node A holds the lease; its upstream hangs
     request = Served()
     served = ensureDeferred(blobs_b.serve(request, ROUTE, digest, head=False))

@@ -14,6 +14,7 @@ from metahub.config.file import UpstreamConfig
 from metahub.oci import errors, media
 from metahub.runtime.metrics import Metrics
 from metahub.upstream.client import Manifest, ManifestHead
+from metahub.upstream.upstreams import Upstreams
 from storage import SharedTags, Storage, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files
@@ -39,6 +40,10 @@ class Upstream:
         return succeed(ManifestHead(DIGEST, media.OCI_MANIFEST, len(BODY)))
 
 
+def upstreams(upstream: Upstream) -> Upstreams:
+    return Upstreams(clients={"local": upstream}, metrics=Metrics())  # type: ignore[dict-item]  # a fake
+
+
 def make(tmp_path):
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
@@ -49,8 +54,8 @@ def make(tmp_path):
         reads.append(function.__name__)
         return succeed(function(*args))
 
-    manifests = Manifests(storage, {"local": upstream}, clock, in_thread, Metrics(), 300.0,
-                          SharedTags(str(tmp_path / "store")))
+    manifests = Manifests(storage=storage, upstreams=upstreams(upstream), clock=clock, in_thread=in_thread,
+                          metrics=Metrics(), tag_ttl=300.0, shared_tags=SharedTags(str(tmp_path / "store")))
     return manifests, upstream, clock, reads
 
 
@@ -88,8 +93,8 @@ def test_a_tag_another_node_resolved_is_read_from_the_shared_store_once(tmp_path
         shared_reads.append(getattr(function, "__name__", ""))
         return succeed(function(*args))
 
-    node_b = Manifests(storage_b, {"local": upstream}, clock, in_thread, Metrics(), 300.0,
-                       SharedTags(str(tmp_path / "store")))
+    node_b = Manifests(storage=storage_b, upstreams=upstreams(upstream), clock=clock, in_thread=in_thread,
+                       metrics=Metrics(), tag_ttl=300.0, shared_tags=SharedTags(str(tmp_path / "store")))
     for _ in range(3):
         assert ensureDeferred(node_b.by_tag(ROUTE, "1.0")).result.body == BODY
     assert shared_reads.count("read") == 1 and upstream.gets == 1  # adopted once, then from B's index

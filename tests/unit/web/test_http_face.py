@@ -20,7 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
-from metahub.app.service import MetahubService
+from metahub.app.root import Root
 from metahub.cache.routing import route
 from metahub.config.file import ConfigError, HttpConfig, parse_config
 from metahub.oci import errors
@@ -61,8 +61,8 @@ def parse(raw: bytes, head: bool = False) -> Answer:
 class Face:
     """A metahub site on a fake clock; ``connect`` opens a connection as a socket would."""
 
-    def __init__(self, service: MetahubService, site: RegistrySite, reactor: FakeReactor) -> None:
-        self.service, self.site, self.reactor = service, site, reactor
+    def __init__(self, root: Root, site: RegistrySite, reactor: FakeReactor) -> None:
+        self.root, self.site, self.reactor = root, site, reactor
 
     def connect(self, host: str = "10.0.0.1") -> tuple[object, StringTransport]:
         address = IPv4Address("TCP", host, 40000)
@@ -84,29 +84,28 @@ class Face:
 
     def cache_blob(self) -> None:
         """Put BLOB in the store, linked to team/app, as a pull through it would."""
-        storage = self.service.storage
+        storage = self.root.storage
         writer = storage.blobs.writer(DIGEST, len(BLOB))
         writer.write(BLOB)
         writer.commit()
-        storage.index.link([DIGEST], route(self.service.config, "team/app").key)
+        storage.index.link([DIGEST], route(self.root.config, "team/app").key)
 
 
 def make_face(tmp_path: Path, **config: object) -> Face:
     data = minimal(tmp_path) | {"anonymous": "allow"} | config
     reactor = FakeReactor()
-    service = MetahubService(parse_config(data, str(tmp_path)), "tcp:0", reactor=reactor)
-    site = service.build_site()
+    root = Root(config=parse_config(data, str(tmp_path)), reactor=reactor, listen="tcp:0")
+    site = root.site
     assert isinstance(site, RegistrySite)
-    assert service.kdf is not None
-    service.kdf.pool = InlinePool()  # type: ignore[assignment]  # the logins' own pool, inline too
-    return Face(service, site, reactor)
+    root.kdf.pool = InlinePool()  # type: ignore[assignment]  # the logins' own pool, inline too
+    return Face(root, site, reactor)
 
 
 @pytest.fixture
 def face(tmp_path: Path) -> Iterator[Face]:
     built = make_face(tmp_path)
     yield built
-    built.service.storage.close()
+    built.root.close()
 
 
 def open_fds() -> int:
@@ -179,7 +178,7 @@ def test_a_non_utf8_authorization_is_401_with_a_safe_challenge(tmp_path: Path) -
         raw, _ = face.send(b"GET /token HTTP/1.1\r\nHost: hub\r\nAuthorization: Basic \xff\r\n\r\n")
         assert parse(raw).status == 401
     finally:
-        face.service.storage.close()
+        face.root.close()
 
 
 @pytest.mark.parametrize("host", [b"\xff\xfe", b'evil"host', b"a b", b"h\\x"])
@@ -201,7 +200,7 @@ def test_a_challenge_without_a_usable_host_names_localhost(tmp_path: Path) -> No
         raw, _ = face.send(b"GET /v2/ HTTP/1.0\r\n\r\n")
         assert parse(raw).headers["www-authenticate"] == 'Bearer realm="http://localhost/token",service="metahub"'
     finally:
-        face.service.storage.close()
+        face.root.close()
 
 
 def test_a_non_utf8_range_is_ignored_for_get_and_head_alike(face: Face) -> None:
@@ -256,7 +255,7 @@ def test_too_many_headers_get_an_oci_400(face: Face) -> None:
 
 def series(face: Face) -> set[str]:
     """The time series /metrics shows (sample lines without their values)."""
-    return {line.rsplit(" ", 1)[0] for line in face.service.metrics.render().decode().splitlines()}
+    return {line.rsplit(" ", 1)[0] for line in face.root.metrics.render().decode().splitlines()}
 
 
 def test_random_methods_do_not_grow_the_metrics(face: Face) -> None:
@@ -355,7 +354,7 @@ def test_the_deadline_is_a_config_key(tmp_path: Path) -> None:
         face.reactor.advance(2)
         assert parse(transport.value()).status == 408 and transport.disconnecting
     finally:
-        face.service.storage.close()
+        face.root.close()
 
 
 def test_connections_per_address_are_capped(tmp_path: Path) -> None:
@@ -375,7 +374,7 @@ def test_connections_per_address_are_capped(tmp_path: Path) -> None:
         again.dataReceived(b"GET /v2/ HTTP/1.1\r\n\r\n")
         assert parse(transport.value()).status == 200
     finally:
-        face.service.storage.close()
+        face.root.close()
 
 
 def test_the_default_cap_takes_a_load_test_from_one_address(face: Face) -> None:
@@ -432,7 +431,7 @@ def test_the_token_form_is_still_read(tmp_path: Path) -> None:
         raw, _ = face.send(b"POST /token HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n%s" % (len(padding), padding))
         assert parse(raw).status == 401
     finally:
-        face.service.storage.close()
+        face.root.close()
 
 
 # --- the http: config section -------------------------------------------------------------------

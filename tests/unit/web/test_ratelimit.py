@@ -182,7 +182,7 @@ def test_the_kdf_pool_refuses_work_beyond_its_queue_at_once() -> None:
     def nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-    pool = BoundedPool(Reactor(), threads=1, queue=2, name="test-kdf")
+    pool = BoundedPool(reactor=Reactor(), threads=1, queue=2, name="test-kdf")
     queued = [pool(nice) for _ in range(3)]  # not started yet: nothing runs
     refused = pool(nice)
     assert isinstance(refused.result, Failure) and refused.result.value.status == 503

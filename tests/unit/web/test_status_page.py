@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
-from metahub.app.service import MetahubService
+from metahub.app.root import Root
 from metahub.config.file import UpstreamConfig, parse_config
 from metahub.oci.errors import RegistryError
 from metahub.upstream.client import UpstreamClient
@@ -30,7 +30,7 @@ from metahub.web.status import (
     render_page,
 )
 from storage.nodes import NodeRecord
-from tests.unit.fakes import FakeReactor, inline, minimal
+from tests.unit.fakes import inline, minimal
 
 successResultOf = SynchronousTestCase().successResultOf
 failureResultOf = SynchronousTestCase().failureResultOf
@@ -129,12 +129,19 @@ def test_the_pull_counter_stays_bounded_and_keeps_the_popular() -> None:
 # --- the route, in-process ---------------------------------------------------------------------
 
 
+class _Reactor(Clock):
+    """A Clock with the thread pool the root asks for; work runs inline (see ``site``)."""
+
+    def getThreadPool(self) -> None:
+        return None
+
+
 def site(tmp_path: Path, **config: Any):
     parsed = parse_config({**minimal(tmp_path), **config}, str(tmp_path))
-    service = MetahubService(parsed, "tcp:5000", reactor=FakeReactor())
-    built = service.build_site()
+    root = Root(config=parsed, reactor=_Reactor(), listen="tcp:5000")
+    built = root.site
     built.resource.registry.in_thread = inline  # the logins' KDF runner
-    return service, built
+    return root, built
 
 
 def get(built, path: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
@@ -159,9 +166,9 @@ def basic(user: str, password: str) -> dict[str, str]:
 
 @pytest.fixture
 def public(tmp_path):
-    service, built = site(tmp_path, anonymous="allow")
+    root, built = site(tmp_path, anonymous="allow")
     yield built
-    service.storage.close()
+    root.close()
 
 
 def test_both_paths_serve_the_page_with_a_strict_policy(public) -> None:
@@ -186,7 +193,7 @@ def test_an_image_name_with_a_script_shows_as_text(public) -> None:
 
 def test_anonymous_deny_asks_a_browser_for_basic_credentials(tmp_path) -> None:
     hashed = hash_password("secret")
-    service, built = site(
+    root, built = site(
         tmp_path, anonymous="deny",
         machine_types={"skylake": {"platform": {"os": "linux", "architecture": "amd64"}, "features": ["avx512"]}},
         accounts={"ci": {"password_hash": hashed, "machine_types": ["skylake"]}},
@@ -202,17 +209,17 @@ def test_anonymous_deny_asks_a_browser_for_basic_credentials(tmp_path) -> None:
         assert "<td>skylake</td>" in body and "<td>ci</td>" in body and hashed not in body
         assert "scrypt$" not in body
     finally:
-        service.storage.close()
+        root.close()
 
 
 def test_with_accounts_the_page_is_public_but_resolving_needs_a_login(tmp_path) -> None:
-    service, built = site(tmp_path, anonymous="allow", accounts={"ci": {"password_hash": hash_password("pw")}})
+    root, built = site(tmp_path, anonymous="allow", accounts={"ci": {"password_hash": hash_password("pw")}})
     try:
         assert get(built, "/")[0] == 200
         status, headers, _ = get(built, "/?image=team/app:1")
         assert status == 401 and headers["www-authenticate"] == 'Basic realm="metahub"'
     finally:
-        service.storage.close()
+        root.close()
 
 
 # --- upstreams' last success and last error ----------------------------------------------------
@@ -256,7 +263,7 @@ def test_an_upstream_client_remembers_its_last_success_and_error() -> None:
 
 
 def test_the_store_is_scanned_in_a_thread_at_most_every_few_seconds(tmp_path) -> None:
-    service, built = site(tmp_path, anonymous="allow")
+    root, built = site(tmp_path, anonymous="allow")
     registry = built.resource.registry
     scans: list[str] = []
 
@@ -269,8 +276,8 @@ def test_the_store_is_scanned_in_a_thread_at_most_every_few_seconds(tmp_path) ->
         for _ in range(3):
             assert get(built, "/")[0] == 200
         assert scans == ["_scan"]
-        service.reactor.advance(FIGURES_TTL)
+        root.reactor.advance(FIGURES_TTL)
         assert get(built, "/")[0] == 200
         assert scans == ["_scan", "_scan"]
     finally:
-        service.storage.close()
+        root.close()
