@@ -85,8 +85,13 @@ class RegistryResource(Resource):
 
     def render(self, request: Request) -> int:
         request.setHeader(*API_VERSION)
+        # twisted.web has no public "the client went away" flag (Request keeps a private one);
+        # notifyFinish() errbacks when the connection is lost before finish(), so record that here.
+        # Registered first, it fires before any errback that could make the handler fail.
+        lost: list[Failure] = []
+        request.notifyFinish().addErrback(lost.append)
         done = ensureDeferred(self._dispatch(request))
-        done.addErrback(self._failed, request)
+        done.addErrback(self._failed, request, lost)
         return NOT_DONE_YET
 
     async def _dispatch(self, request: Request) -> None:
@@ -254,8 +259,8 @@ class RegistryResource(Resource):
             request.write(body)
         request.finish()
 
-    def _failed(self, failure: Failure, request: Request) -> None:
-        if request.finished or request._disconnected:
+    def _failed(self, failure: Failure, request: Request, lost: list[Failure]) -> None:
+        if request.finished or lost:
             return
         if failure.check(errors.RegistryError):
             error: errors.RegistryError = failure.value
