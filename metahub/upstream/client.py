@@ -40,7 +40,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -72,6 +72,7 @@ from metahub.oci.errors import (
     unauthorized,
 )
 from metahub.oci.media import MAX_MANIFEST_SIZE
+from metahub.upstream.body import BodyProtocol
 from metahub.upstream.tls import handshake_failure, https_policy
 from metahub.upstream.wwwauth import Challenge, WWWAuthenticateError, parse_challenges
 
@@ -175,7 +176,7 @@ class _BodyTimeout(Exception):
     pass
 
 
-class _Collector(Protocol):
+class _Collector(BodyProtocol):
     """Buffers a body that is small by contract, and gives up on one that is not.
 
     Giving up closes the connection, so that a half-read response never goes back to the pool.
@@ -211,7 +212,7 @@ class _Collector(Protocol):
 
     def _close(self) -> None:
         if self.transport is not None:
-            self.transport.loseConnection()
+            self.producer.stopProducing()
 
 
 class UpstreamClient:
@@ -608,7 +609,8 @@ class _LargeReads:
 
     @staticmethod
     def _enlarge(protocol: IProtocol) -> IProtocol:
-        # bufferSize is what twisted.internet.tcp.Connection.doRead asks recv() for.
+        # bufferSize is what twisted.internet.tcp.Connection.doRead asks recv() for. No interface
+        # offers the read size, hence the ignore: it is an attribute of abstract.FileDescriptor.
         protocol.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
         return protocol
 
