@@ -544,7 +544,7 @@ class UpstreamClient:
         return claimed
 
 
-def make_http_clients(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig]) -> dict[str, HTTPClient]:
+def make_http_clients(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig]) -> dict[str, HTTPRequester]:
     """A treq client for each upstream (by name), with persistent connection pools.
 
     Pulls come in bursts of requests to the same few hosts, so connections are kept for reuse.
@@ -555,8 +555,8 @@ def make_http_clients(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig])
     upstream's client, so they are verified with the upstream's trust too.
     """
     upstreams = list(upstreams)
-    by_trust: dict[tuple[bytes, ...], HTTPClient] = {}
-    clients: dict[str, HTTPClient] = {}
+    by_trust: dict[tuple[bytes, ...], HTTPRequester] = {}
+    clients: dict[str, HTTPRequester] = {}
     for upstream in upstreams:
         trust = upstream.ca_certificates
         if trust not in by_trust:
@@ -564,7 +564,11 @@ def make_http_clients(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig])
             pool.maxPersistentPerHost = 10
             pool.cachedConnectionTimeout = 60
             endpoints = _Endpoints(reactor, upstreams, https_policy(trust))
-            by_trust[trust] = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
+            client = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
+            # treq types request()'s reactor as one that could also build an Agent (TCP and a
+            # resolver), and its result as Deferred[_Response]; it uses the reactor only for the
+            # timeout's callLater, which UpstreamClient's clock (a Clock in tests) has.
+            by_trust[trust] = typing.cast(HTTPRequester, client)
         clients[upstream.name] = by_trust[trust]
     return clients
 
