@@ -23,6 +23,7 @@ from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
 from metahub.runtime.lane import thread_lanes
 from metahub.runtime.metrics import Metrics
+from metahub.runtime.reactor import IReactor
 from metahub.runtime.threads import thread_runner
 from metahub.upstream.client import UpstreamClient, make_http_clients
 from storage import Leases, SharedTags, Storage
@@ -44,7 +45,7 @@ def progress_line(progress: Progress, width: int = 30) -> str:
             f"  {progress.blobs_done}/{progress.blobs} blobs")
 
 
-async def prefetch(reactor, config: Config, image: str, machine_type: str | None, out: TextIO = sys.stderr) -> Progress:
+async def prefetch(reactor: IReactor, config: Config, image: str, machine_type: str | None, out: TextIO = sys.stderr) -> Progress:
     name, reference = split_reference(image)
     if machine_type is not None and machine_type not in config.machine_types:
         raise errors.unauthorized(f"unknown machine type {machine_type!r}")

@@ -13,7 +13,7 @@ from typing import NoReturn
 from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -29,6 +29,7 @@ from metahub.config.file import Config, config_summary, endpoint_problem
 from metahub.runtime.lane import thread_lanes
 from metahub.runtime.memory import Releaser
 from metahub.runtime.metrics import Metrics
+from metahub.runtime.reactor import IReactor, installed_reactor
 from metahub.runtime.threads import BoundedPool, thread_runner
 from metahub.upstream.client import UpstreamClient, make_http_clients
 from metahub.web.api import Registry, RegistryResource
@@ -54,7 +55,7 @@ NODE_RECORD_LIFETIME = 86400.0
 
 
 class MetahubService(Service):
-    def __init__(self, config: Config, listen: str, reactor: object | None = None,
+    def __init__(self, config: Config, listen: str, reactor: IReactor | None = None,
                  notice: Sequence[str] = ()) -> None:
         self.config = config
         self.listen = listen
@@ -73,11 +74,9 @@ class MetahubService(Service):
         self.node_name = config.node_id or socket.gethostname()
 
     @property
-    def reactor(self):  # imported late: twistd installs the reactor it was asked for first
+    def reactor(self) -> IReactor:  # imported late: twistd installs the reactor it was asked for first
         if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
+            self._reactor = installed_reactor()
         return self._reactor
 
     def build_site(self) -> Site:
@@ -132,6 +131,7 @@ class MetahubService(Service):
         self._point_clients(self.port)
         if self.config.metrics.listen is not None:
             self.metrics_port = self._listen(self.config.metrics.listen, metrics_site(self.metrics), "/metrics")
+        assert self.kdf is not None  # built by build_site
         self.kdf.start()
         self._flush = LoopingCall(lambda: ensureDeferred(self.flush_access()))
         self._flush.clock = self.reactor
@@ -162,8 +162,9 @@ class MetahubService(Service):
         if isinstance(outcome[0], Failure):
             self._give_up(f"cannot listen on {description}: {outcome[0].getErrorMessage()}")
         port = outcome[0]
-        address = port.getHost()
-        log.info("metahub serving {what} on {host}:{port}", what=what, host=address.host, port=address.port)
+        address = port.getHost()  # a UNIX socket's has no host and port: the description says where
+        where = f"{address.host}:{address.port}" if isinstance(address, (IPv4Address, IPv6Address)) else description
+        log.info("metahub serving {what} on {where}", what=what, where=where)
         return port
 
     def _point_clients(self, port: IListeningPort) -> None:
@@ -196,6 +197,7 @@ class MetahubService(Service):
         """Write batched last-access times: the index here, the blob files' mtimes (for the
         cluster's eviction) in a thread. Files found gone were evicted elsewhere: forget them."""
         storage = self.storage
+        assert storage is not None
         storage.index.flush_access()
         hits, misses = self.metrics.hits_and_misses()
         record = NodeRecord(self.node_name, self.reactor.seconds(), hits, misses)
@@ -229,6 +231,7 @@ class MetahubService(Service):
     async def collect(self) -> None:
         """One collection attempt; the cluster lease makes it a no-op while another node collects."""
         try:
+            assert self.storage is not None
             result = await self.in_thread(
                 run_collection, self.config, self.storage, self.leases, self.shared_tags, self.reactor.seconds()
             )
@@ -255,7 +258,7 @@ class MetahubService(Service):
     async def _stop(self) -> None:
         for port in (self.port, self.metrics_port):
             if port is not None:
-                await port.stopListening()
+                await maybeDeferred(port.stopListening)  # None when it stopped at once
         if self.kdf is not None:
             self.kdf.stop()  # waits for at most the KDF runs in progress (tens of ms each)
         if self.downloads is not None:

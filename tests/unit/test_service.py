@@ -6,6 +6,7 @@ import time
 
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 
 from metahub.app.service import MetahubService
 from metahub.config.file import parse_config
@@ -28,3 +29,16 @@ def test_the_hourly_sweep_removes_a_dead_nodes_half_written_blob(tmp_path) -> No
     ensureDeferred(service.tidy())
     assert not os.path.exists(leftover)
     service.storage.close()
+
+
+def test_the_service_serves_on_a_unix_socket_and_stops(tmp_path) -> None:
+    """A UNIX socket's address has no host or port, and a port may stop at once (returning None)."""
+    config = parse_config(minimal(tmp_path), str(tmp_path))
+    reactor = MemoryReactorClock()  # its ports return None from stopListening
+    path = str(tmp_path / "metahub.sock")
+    service = MetahubService(config, f"unix:{path}", reactor=reactor)
+    service.startService()
+    assert [server[0] for server in reactor.unixServers] == [path]
+    stopped = service.stopService()
+    reactor.advance(0)
+    assert stopped.called and stopped.result is None
