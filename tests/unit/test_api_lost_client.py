@@ -11,7 +11,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.server import Request, Site
 
@@ -44,12 +44,8 @@ def test_a_handler_failing_after_the_client_left_writes_and_logs_nothing() -> No
     channel.dataReceived(b"GET / HTTP/1.1\r\nHost: metahub.test\r\n\r\n")
     channel.connectionLost(Failure(ConnectionDone()))
 
-    logged: list[LogEvent] = []
-    globalLogPublisher.addObserver(logged.append)
-    try:
+    with capturedLogs() as logged:
         status.gate.errback(RuntimeError("failed because the client left"))
-    finally:
-        globalLogPublisher.removeObserver(logged.append)
 
     assert transport.value() == b""
     assert [event for event in logged if event.get("log_failure") is not None] == []

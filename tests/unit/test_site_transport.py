@@ -5,7 +5,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
 
 from metahub.config.file import HttpConfig
@@ -31,7 +31,7 @@ def _connect(transport: object) -> None:
 
 
 def test_a_tcp_connection_sends_up_to_a_mebibyte_at_a_time() -> None:
-    connection = _Connection(reactor=Clock())
+    connection = _Connection(reactor=MemoryReactorClock())
     _connect(connection)
     assert connection.SEND_LIMIT == 1 << 20
 
