@@ -31,8 +31,10 @@ class ThreadRunner(Protocol):
 
 
 def thread_runner(reactor: IReactorThreads) -> ThreadRunner:
+    pool = reactor.getThreadPool()
+
     def in_thread(function: Callable[[*_Args], _R], /, *args: *_Args) -> Deferred[_R]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+        return deferToThreadPool(reactor, pool, function, *args)
 
     return in_thread
 
