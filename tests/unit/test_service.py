@@ -7,6 +7,7 @@ import time
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 
 from metahub.app.service import MetahubService
 from metahub.config.file import parse_config
@@ -31,10 +32,28 @@ def test_the_hourly_sweep_removes_a_dead_nodes_half_written_blob(tmp_path) -> No
     service.storage.close()
 
 
+class _InlineThreads(MemoryReactorClock):
+    """A memory reactor whose thread pool runs each job at once, on the caller's thread."""
+
+    def getThreadPool(self) -> _InlineThreads:  # noqa: N802
+        return self
+
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs) -> None:  # noqa: N802
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+    def callFromThread(self, function, *args, **kwargs) -> None:  # noqa: N802
+        function(*args, **kwargs)
+
+
 def test_the_service_serves_on_a_unix_socket_and_stops(tmp_path) -> None:
     """A UNIX socket's address has no host or port, and a port may stop at once (returning None)."""
     config = parse_config(minimal(tmp_path), str(tmp_path))
-    reactor = MemoryReactorClock()  # its ports return None from stopListening
+    reactor = _InlineThreads()  # its ports return None from stopListening
     path = str(tmp_path / "metahub.sock")
     service = MetahubService(config, f"unix:{path}", reactor=reactor)
     service.startService()
