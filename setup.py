@@ -27,6 +27,11 @@ setup(
         "prometheus-client>=0.20",
     ],
     # wheel: the install test builds metahub without build isolation, as an offline user would.
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "wheel", "bcrypt", "cryptography"]},
+    # mypy within one minor release: a new one may find new errors, and scripts/test fails on any;
+    # mypy-zope teaches it zope.interface (Twisted's interfaces), types-PyYAML types yaml.
+    extras_require={"test": [
+        "pytest>=8", "hypothesis>=6.100", "wheel", "bcrypt", "cryptography",
+        "mypy>=2.4,<2.5", "mypy-zope>=1.0.17", "types-PyYAML>=6.0.12",
+    ]},
     entry_points={"console_scripts": ["metahub = metahub.app.cli:main"]},
 )

@@ -75,7 +75,7 @@ class Index:
     def map_size(self) -> int:
         return int(self.env.info()["map_size"])
 
-    def _write(self, work: Callable[[lmdb.Transaction], T]) -> T:
+    def _write(self, work: Callable[[lmdb.Transaction[bytes]], T]) -> T:
         while True:
             try:
                 with self.env.begin(write=True) as txn:
@@ -96,7 +96,7 @@ class Index:
         """Record a blob (created now unless known), keeping a known media type if none is given."""
         key = _key(digest)
 
-        def work(txn: lmdb.Transaction) -> BlobRecord:
+        def work(txn: lmdb.Transaction[bytes]) -> BlobRecord:
             raw = txn.get(key, db=self._blobs)
             old = json.loads(raw) if raw is not None else {}
             record = {
@@ -121,7 +121,7 @@ class Index:
         """Drop blobs and their links, all in one transaction (one fsync, however many)."""
         keys = [_key(digest) for digest in digests]
 
-        def work(txn: lmdb.Transaction) -> None:
+        def work(txn: lmdb.Transaction[bytes]) -> None:
             for key in keys:
                 txn.delete(key, db=self._blobs)
                 txn.delete(key, db=self._links)
@@ -146,7 +146,7 @@ class Index:
         keys = [_key(digest) for digest in digests]
         value = repository.encode()
 
-        def work(txn: lmdb.Transaction) -> None:
+        def work(txn: lmdb.Transaction[bytes]) -> None:
             for key in keys:
                 txn.put(key, value, db=self._links, dupdata=True)
 
@@ -176,7 +176,7 @@ class Index:
         if not pending:
             return 0
 
-        def work(txn: lmdb.Transaction) -> int:
+        def work(txn: lmdb.Transaction[bytes]) -> int:
             written = 0
             for key, when in pending.items():
                 raw = txn.get(key, db=self._blobs)

@@ -33,6 +33,7 @@ from storage import (
     Leases,
     SharedTags,
     Storage,
+    VerifyProgress,
     sha256_digest,
     stats,
     verify,
@@ -77,7 +78,7 @@ def cache_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human(size: int) -> str:
+def _human(size: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -142,7 +143,7 @@ def cache_verify(args: argparse.Namespace) -> int:
     config = _load(args.config)
     storage = Storage(config.storage.path, config.storage.index)
 
-    def progress(step) -> None:
+    def progress(step: VerifyProgress) -> None:
         if sys.stderr.isatty():
             print(f"\rverified {step.checked} blobs, {_human(step.bytes_checked)}", end="", file=sys.stderr)
 

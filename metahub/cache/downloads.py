@@ -28,7 +28,6 @@ import os
 
 from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +40,7 @@ from metahub.oci import errors
 from metahub.runtime.lane import Lane, LaneFactory
 from metahub.runtime.metrics import Metrics
 from metahub.runtime.threads import ThreadRunner
+from metahub.upstream.body import BODY_DONE, BodyProtocol
 from metahub.upstream.discard import Discard
 from metahub.upstream.upstreams import Upstreams
 from storage import (
@@ -71,7 +71,7 @@ class AlreadyStored(Exception):
     """The blob was committed (by another node) while this one was about to fetch it."""
 
 
-class _BodySink(Protocol):
+class _BodySink(BodyProtocol):
     """Hands an upstream body to its download; stalls longer than ``idle_timeout`` abort it."""
 
     def __init__(self, download: Download, clock: IReactorTime, idle_timeout: float) -> None:
@@ -83,7 +83,7 @@ class _BodySink(Protocol):
         self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        self.download.flow = self.transport
+        self.download.flow = self.producer
         self._timer = self.clock.callLater(self.idle_timeout, self._stalled)
 
     def dataReceived(self, data: bytes) -> None:
@@ -93,7 +93,7 @@ class _BodySink(Protocol):
             self.download.received(data)
         except BlobWriteError as failure:  # more bytes than Content-Length promised
             self.download.write_error = failure
-            self.transport.stopProducing()
+            self.producer.stopProducing()
 
     def _stalled(self) -> None:
         if self.download.paused:
@@ -101,9 +101,9 @@ class _BodySink(Protocol):
         else:
             why = "upstream stopped sending the blob"
         self.download.write_error = errors.gateway_timeout(why)
-        self.transport.stopProducing()
+        self.producer.stopProducing()
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:
+    def connectionLost(self, reason: Failure = BODY_DONE) -> None:
         self.download.flow = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -130,7 +130,7 @@ class Download:
         self.written_bytes = 0  # in the temporary file: what followers can read
         #: Every byte was written and hashed right: this node's followers may end before the commit.
         self.verified = False
-        self.write_error: Exception | None = None
+        self.write_error: BaseException | None = None
         #: The upstream body's transport while it is open: paused while the lane is behind.
         self.flow: IPushProducer | None = None
         self.paused = False
@@ -357,7 +357,11 @@ class Downloads:
         self.metrics.in_flight.inc()
         # From here every outcome, even an exception while starting the body, ends in _finish,
         # which unregisters the download: a stuck "active" entry would hang every later request.
-        sink.done.addCallback(lambda _: ensureDeferred(self._finish(download, sink.reason)))
+        def finish(_: None) -> Deferred[None]:
+            assert sink.reason is not None  # connectionLost sets it before it fires done
+            return ensureDeferred(self._finish(download, sink.reason))
+
+        sink.done.addCallback(finish)
         try:
             response.deliverBody(sink)
         except Exception:

@@ -522,7 +522,7 @@ def _choice(*choices: str) -> Convert:
     def convert(value: object, path: str, ctx: _Context) -> str:
         if value not in choices:
             _fail(path, f"expected one of {', '.join(choices)}, got {_describe(value)}")
-        return value  # type: ignore[return-value]
+        return value
     return convert
 
 

@@ -10,20 +10,33 @@ import os
 import sys
 import threading
 from collections.abc import Callable
-from functools import partial
+from typing import Protocol, TypeVar, TypeVarTuple
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from metahub.oci import errors
 
-#: ``in_thread(function, *args)``: a Deferred of the result, computed in a thread pool.
-ThreadRunner = Callable[..., Deferred]
+_R = TypeVar("_R")
+_T = TypeVar("_T")
+_Args = TypeVarTuple("_Args")
 
 
-def thread_runner(reactor) -> ThreadRunner:
-    return partial(deferToThreadPool, reactor, reactor.getThreadPool())
+class ThreadRunner(Protocol):
+    """``in_thread(function, *args)``: a Deferred of the result, computed in a thread pool."""
+
+    def __call__(self, function: Callable[[*_Args], _R], /, *args: *_Args) -> Deferred[_R]: ...
+
+
+def thread_runner(reactor: IReactorThreads) -> ThreadRunner:
+    pool = reactor.getThreadPool()
+
+    def in_thread(function: Callable[[*_Args], _R], /, *args: *_Args) -> Deferred[_R]:
+        return deferToThreadPool(reactor, pool, function, *args)
+
+    return in_thread
 
 
 #: The KDF threads' nice value: blob serving on the same machine wins the CPU about 9 times in 10,
@@ -31,7 +44,7 @@ def thread_runner(reactor) -> ThreadRunner:
 KDF_NICE = 10
 
 
-def _at_low_priority(function: Callable, *args: object) -> object:
+def _at_low_priority(function: Callable[[*_Args], _R], *args: *_Args) -> _R:
     """Run ``function`` with this thread at nice :data:`KDF_NICE` (never raising its priority, which
     needs privileges). Linux keeps a nice value per thread (setpriority(2) on a thread id);
     elsewhere that call would name a process, so it is not made there."""
@@ -47,7 +60,7 @@ class BoundedPool:
     holds at most ``queue`` calls waiting: beyond that a call fails at once with 503 (work a flood
     would pile up is refused instead of queued without end). Started and stopped by its service."""
 
-    def __init__(self, *, reactor, threads: int, queue: int, name: str) -> None:
+    def __init__(self, *, reactor: IReactorFromThreads, threads: int, queue: int, name: str) -> None:
         self.reactor = reactor
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name=name)
         self.limit = threads + queue
@@ -59,16 +72,16 @@ class BoundedPool:
     def stop(self) -> None:
         self.pool.stop()
 
-    def __call__(self, function: Callable, *args: object) -> Deferred:
+    def __call__(self, function: Callable[[*_Args], _R], /, *args: *_Args) -> Deferred[_R]:
         if self.pending >= self.limit:
             return fail(errors.RegistryError(
                 503, "UNAVAILABLE", "too many logins in progress; retry later", headers={"Retry-After": "1"}
             ))
         self.pending += 1
-        done = deferToThreadPool(self.reactor, self.pool, _at_low_priority, function, *args)
+        done = deferToThreadPool(self.reactor, self.pool, lambda: _at_low_priority(function, *args))
         done.addBoth(self._settled)
         return done
 
-    def _settled(self, result: object) -> object:
+    def _settled(self, result: _T) -> _T:
         self.pending -= 1
         return result

@@ -40,15 +40,17 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
-    RequestNotSent,
+from twisted.web.client import (
+    URI,
+    Agent,
+    HTTPConnectionPool,
     RequestTransmissionFailed,
+    ResponseDone,
     ResponseFailed,
 )
-from twisted.web.client import URI, Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -70,6 +72,7 @@ from metahub.oci.errors import (
     unauthorized,
 )
 from metahub.oci.media import MAX_MANIFEST_SIZE
+from metahub.upstream.body import BodyProtocol
 from metahub.upstream.tls import handshake_failure, https_policy
 from metahub.upstream.wwwauth import Challenge, WWWAuthenticateError, parse_challenges
 
@@ -87,13 +90,15 @@ _TOKEN_MARGIN = 10.0
 _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
 _DIGEST_ALGORITHMS = frozenset({"sha256", "sha512"})
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
+# Not here: RequestNotSent, which Twisted does not export (it is defined in a private module of
+# twisted.web). A connection raises it for a request it is not idle for; HTTPConnectionPool hands out
+# only idle ones and retries a failed GET or HEAD (all an upstream gets) on a new connection.
 _TRANSPORT_ERRORS = (
     CancelledError,
     ConnectError,
     ConnectingCancelledError,
     ConnectionClosed,
     DNSLookupError,
-    RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
     SchemeNotSupported,
@@ -171,7 +176,7 @@ class _BodyTimeout(Exception):
     pass
 
 
-class _Collector(Protocol):
+class _Collector(BodyProtocol):
     """Buffers a body that is small by contract, and gives up on one that is not.
 
     Giving up closes the connection, so that a half-read response never goes back to the pool.
@@ -207,7 +212,7 @@ class _Collector(Protocol):
 
     def _close(self) -> None:
         if self.transport is not None:
-            self.transport.loseConnection()
+            self.producer.stopProducing()
 
 
 class UpstreamClient:
@@ -539,7 +544,7 @@ class UpstreamClient:
         return claimed
 
 
-def make_http_clients(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig]) -> dict[str, HTTPClient]:
+def make_http_clients(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig]) -> dict[str, HTTPRequester]:
     """A treq client for each upstream (by name), with persistent connection pools.
 
     Pulls come in bursts of requests to the same few hosts, so connections are kept for reuse.
@@ -550,8 +555,8 @@ def make_http_clients(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig])
     upstream's client, so they are verified with the upstream's trust too.
     """
     upstreams = list(upstreams)
-    by_trust: dict[tuple[bytes, ...], HTTPClient] = {}
-    clients: dict[str, HTTPClient] = {}
+    by_trust: dict[tuple[bytes, ...], HTTPRequester] = {}
+    clients: dict[str, HTTPRequester] = {}
     for upstream in upstreams:
         trust = upstream.ca_certificates
         if trust not in by_trust:
@@ -559,7 +564,11 @@ def make_http_clients(reactor: IReactorTCP, upstreams: Iterable[UpstreamConfig])
             pool.maxPersistentPerHost = 10
             pool.cachedConnectionTimeout = 60
             endpoints = _Endpoints(reactor, upstreams, https_policy(trust))
-            by_trust[trust] = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
+            client = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
+            # treq types request()'s reactor as one that could also build an Agent (TCP and a
+            # resolver), and its result as Deferred[_Response]; it uses the reactor only for the
+            # timeout's callLater, which UpstreamClient's clock (a Clock in tests) has.
+            by_trust[trust] = typing.cast(HTTPRequester, client)
         clients[upstream.name] = by_trust[trust]
     return clients
 
@@ -604,7 +613,8 @@ class _LargeReads:
 
     @staticmethod
     def _enlarge(protocol: IProtocol) -> IProtocol:
-        # bufferSize is what twisted.internet.tcp.Connection.doRead asks recv() for.
+        # bufferSize is what twisted.internet.tcp.Connection.doRead asks recv() for. No interface
+        # offers the read size, hence the ignore: it is an attribute of abstract.FileDescriptor.
         protocol.transport.bufferSize = READ_SIZE  # type: ignore[attr-defined]
         return protocol
 

@@ -1,11 +1,11 @@
-"""An upstream body nobody will read, drained so its connection goes back to the pool."""
+"""An upstream body nobody will read: stopping it at once closes its connection."""
 from __future__ import annotations
 
-from twisted.internet.protocol import Protocol
+from metahub.upstream.body import BodyProtocol
 
 
-class Discard(Protocol):
+class Discard(BodyProtocol):
     """Drops an upstream body that will not be read."""
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        self.producer.stopProducing()

@@ -15,7 +15,8 @@ host name from an info callback instead still run that check as well; it can onl
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
@@ -59,7 +60,7 @@ def https_policy(ca_certificates: Sequence[bytes]) -> IPolicyForHTTPS:
     """The TLS policy for one upstream: trust ``ca_certificates`` (PEM) alone, or the system's roots."""
     trust = trustRootFromCertificates([Certificate.loadPEM(pem) for pem in ca_certificates]) \
         if ca_certificates else None
-    return HostnameCachingHTTPSPolicy(_Policy(trust), cacheSize=_CACHED_HOSTS)
+    return HostnameCachingHTTPSPolicy(_Policy(partial(optionsForClientTLS, trustRoot=trust)), cacheSize=_CACHED_HOSTS)
 
 
 def handshake_failure(reason: BaseException) -> str | None:
@@ -79,13 +80,14 @@ def handshake_failure(reason: BaseException) -> str | None:
 
 @implementer(IPolicyForHTTPS)
 class _Policy:
-    def __init__(self, trust: object | None) -> None:
-        # An IOpenSSLTrustRoot (Twisted does not export the interface), or None: the platform's roots.
-        self._trust = trust
+    def __init__(self, options: Callable[[str], IOpenSSLClientConnectionCreator]) -> None:
+        # optionsForClientTLS with the trust bound in: an IOpenSSLTrustRoot, a type Twisted does not
+        # export, so only this callable holds it (or None: the platform's roots).
+        self._options = options
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         host = hostname.decode("ascii")
-        return _ExplainingCreator(optionsForClientTLS(host, trustRoot=self._trust), host)
+        return _ExplainingCreator(self._options(host), host)
 
 
 @implementer(IOpenSSLClientConnectionCreator)

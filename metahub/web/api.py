@@ -20,8 +20,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from metahub.cache.manifests import ManifestBody, Manifests
 from metahub.cache.routing import Route, route, spellings
-from metahub.cache.virtual import VirtualImage, VirtualImages, store_index
-from metahub.config.file import Config, MachineType
+from metahub.cache.virtual import VirtualImages, store_index
+from metahub.config.file import Config, MachineType, VirtualImage
 from metahub.hardware import inspect
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
@@ -33,6 +33,7 @@ from metahub.web import login
 from metahub.web.addresses import require_allowed
 from metahub.web.auth import Authenticator, Identity
 from metahub.web.blobs import Blobs
+from metahub.web.connection import abort
 from metahub.web.headers import API_VERSION, check_host
 from metahub.web.status import PullCounts, StatusPage
 
@@ -85,8 +86,13 @@ class RegistryResource(Resource):
 
     def render(self, request: Request) -> int:
         request.setHeader(*API_VERSION)
+        # twisted.web has no public "the client went away" flag (Request keeps a private one);
+        # notifyFinish() errbacks when the connection is lost before finish(), so record that here.
+        # Registered first, it fires before any errback that could make the handler fail.
+        lost: list[Failure] = []
+        request.notifyFinish().addErrback(lost.append)
         done = ensureDeferred(self._dispatch(request))
-        done.addErrback(self._failed, request)
+        done.addErrback(self._failed, request, lost)
         return NOT_DONE_YET
 
     async def _dispatch(self, request: Request) -> None:
@@ -253,17 +259,17 @@ class RegistryResource(Resource):
             request.write(body)
         request.finish()
 
-    def _failed(self, failure: Failure, request: Request) -> None:
-        if request.finished or request._disconnected:
+    def _failed(self, failure: Failure, request: Request, lost: list[Failure]) -> None:
+        if request.finished or lost:
             return
-        if failure.check(errors.RegistryError):
-            error: errors.RegistryError = failure.value
+        if isinstance(failure.value, errors.RegistryError):
+            error = failure.value
         else:
             log.failure("unhandled error serving {method} {path}", failure, method=request.method, path=request.path)
             error = errors.RegistryError(500, "UNKNOWN", "internal error")
         if request.startedWriting:
             # Headers (and maybe bytes) are out: the only honest signal left is a broken connection.
-            request.transport.abortConnection()
+            abort(request)
             return
         # Headers of the success that was being prepared go; the error's own (a 416's
         # ``Content-Range: bytes */size``) are set after, so they stay.

@@ -14,18 +14,20 @@ from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from metahub.upstream.body import BODY_DONE, BodyProtocol
+from metahub.web.connection import abort
+
 log = Logger()
 
 
 @implementer(IPushProducer)
-class VerifyingRelay(Protocol):
+class VerifyingRelay(BodyProtocol):
     """Relays the bytes ``[start, end)`` of an upstream blob body to ``request``.
 
     ``size`` is the blob's length when upstream gave one (then ``end`` may be None: to the end).
@@ -59,11 +61,11 @@ class VerifyingRelay(Protocol):
 
     def _gone(self, _: Failure) -> None:
         self._client_gone = True
-        self.transport.stopProducing()
+        self.producer.stopProducing()
 
     def _stalled(self) -> None:
         self._why = f"upstream stopped sending the blob for {self.idle_timeout:g} s"
-        self.transport.stopProducing()
+        self.producer.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self._timer is not None and self._timer.active():
@@ -73,7 +75,7 @@ class VerifyingRelay(Protocol):
         self._hash.update(data)
         if self.size is not None and self.received > self.size:
             self._why = f"upstream sent more than the {self.size} bytes it announced"
-            self.transport.stopProducing()
+            self.producer.stopProducing()
             return
         if self.end is None:  # no length: the latest piece waits for the end
             data, self._held = self._held, data
@@ -85,7 +87,7 @@ class VerifyingRelay(Protocol):
             self.request.write(data)
             self.on_bytes(len(data))
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:
+    def connectionLost(self, reason: Failure = BODY_DONE) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         if self._why is None and not reason.check(ResponseDone):
@@ -101,7 +103,7 @@ class VerifyingRelay(Protocol):
         self.request.unregisterProducer()
         if self._why is not None:
             log.warn("aborting a response for {digest} served without the store: {why}", digest=self.digest, why=self._why)
-            self.request.transport.abortConnection()
+            abort(self.request)
             self.done.callback(False)
             return
         if self._held:
@@ -112,11 +114,11 @@ class VerifyingRelay(Protocol):
 
     # The client's transport, through the request, paces the upstream connection.
     def pauseProducing(self) -> None:
-        self.transport.pauseProducing()
+        self.producer.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
+        self.producer.resumeProducing()
 
     def stopProducing(self) -> None:
         self._client_gone = True
-        self.transport.stopProducing()
+        self.producer.stopProducing()

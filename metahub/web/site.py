@@ -28,11 +28,13 @@ from __future__ import annotations
 import re
 from http import HTTPStatus
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, Request
 from twisted.web.resource import IResource
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
 
 from metahub.config.file import HttpConfig
 from metahub.oci import errors
@@ -137,7 +139,8 @@ class RegistrySite(Site):
         self, resource: IResource, limits: HttpConfig, access_log: bool = True, reactor: IReactorTime | None = None
     ) -> None:
         super().__init__(resource, reactor=reactor)
-        self.protocol = RegistryChannel
+        # Twisted types protocol as its HTTP/1.1-or-2 wrapper's factory; this site's channel is HTTP/1.1.
+        self.protocol = RegistryChannel  # type: ignore[assignment, method-assign]
         self.displayTracebacks = False
         self.header_timeout = limits.header_timeout
         self.addresses = _Addresses(limits.max_connections_per_address)
@@ -155,10 +158,22 @@ class RegistryChannel(HTTPChannel):
     _refused = False
     _peer: str | None = None
     _deadline: IDelayedCall | None = None
+    # The request being read, reset by _next_request.
+    _awaiting: bool
+    _request_line: tuple[bytes, bytes] | None
+    _head_bytes: int
+    _header_count: int
+    _blank_lines: int
+    _length_given: bool
+    _body: int | None
+    _content_type: bytes
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        if getattr(self.transport, "SEND_LIMIT", None) is not None:  # plain TCP (not a TLS wrapper)
+        assert self.transport is not None
+        # SEND_LIMIT is an attribute of FileDescriptor, the base of TCP and UNIX connections (not of
+        # the TLS wrapper); no interface offers the send size.
+        if isinstance(self.transport, FileDescriptor):
             self.transport.SEND_LIMIT = _SEND_LIMIT
         self._next_request()
         self._peer = getattr(self.transport.getPeer(), "host", None)  # None: a UNIX socket
@@ -169,7 +184,7 @@ class RegistryChannel(HTTPChannel):
                 headers={"Retry-After": "1"},
             ))
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_deadline()
         if self._peer is not None:
             self.site.addresses.remove(self._peer)
@@ -182,6 +197,7 @@ class RegistryChannel(HTTPChannel):
         if not self._first_bytes_seen:
             self._first_bytes_seen = True
             if data[:1] == _TLS_HANDSHAKE_RECORD:
+                assert self.transport is not None
                 self.transport.write(_PLAIN_HTTP_ONLY)
                 self.loseConnection()
                 return
@@ -249,7 +265,7 @@ class RegistryChannel(HTTPChannel):
         elif name == b"transfer-encoding" and value.lower() != b"identity":
             self._refuse(errors.RegistryError(501, "UNSUPPORTED", "only the chunked transfer coding is understood"))
             return False
-        return super().headerReceived(line)
+        return bool(super().headerReceived(line))
 
     def allHeadersReceived(self) -> None:
         refusal = self._refusal_for(self._body)
@@ -272,12 +288,12 @@ class RegistryChannel(HTTPChannel):
     def _next_request(self) -> None:
         """Wait for a new request: its first byte starts the deadline."""
         self._awaiting = True
-        self._request_line: tuple[bytes, bytes] | None = None
+        self._request_line = None
         self._head_bytes = 0
         self._header_count = 0
         self._blank_lines = 0
         self._length_given = False
-        self._body: int | None = 0
+        self._body = 0
         self._content_type = b""
 
     def _refusal_for(self, length: int | None) -> errors.RegistryError | None:
@@ -299,6 +315,7 @@ class RegistryChannel(HTTPChannel):
         """Answer ``error`` and close: used only while no request is being served on the channel."""
         self._refused = True
         self._stop_deadline()
+        assert self.transport is not None
         self.transport.write(_response(error))
         self.loseConnection()
 

@@ -21,6 +21,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from metahub.runtime.threads import ThreadRunner
+from metahub.web.connection import abort
 from storage import BlobFollower, FollowState
 
 log = Logger()
@@ -101,7 +102,7 @@ async def send(
                     elif source.position > length:  # another node's file outgrew the size HEAD gave
                         log.warn("aborting a response: the blob being downloaded is longer than its size")
                         request.unregisterProducer()
-                        request.transport.abortConnection()
+                        abort(request)
                         return False
                     elif source.position == length:
                         data, held = data[:-1], data[-1:]
@@ -119,7 +120,7 @@ async def send(
                 if source.state is FollowState.FAILED:
                     log.warn("aborting a response: the blob being downloaded did not verify")
                     request.unregisterProducer()
-                    request.transport.abortConnection()
+                    abort(request)
                     return False
                 if held:
                     request.write(held)

@@ -30,7 +30,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web._newclient import RequestNotSent, ResponseNeverReceived
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -770,7 +770,6 @@ class TransportTests(UpstreamTestCase):
         for exc, reason in (
             (ConnectionRefusedError(), "ConnectionRefusedError"),
             (DNSLookupError("registry.test"), "DNSLookupError"),
-            (RequestNotSent(), "RequestNotSent"),
             (ConnectionLost(), "ConnectionLost"),
         ):
             error = self.transport_error(exc)
