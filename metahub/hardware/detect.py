@@ -89,4 +89,4 @@ def to_yaml(machine_type: MachineType) -> str:
     platform_: dict[str, str] = {"os": machine_type.os, "architecture": machine_type.architecture}
     if machine_type.variant:
         platform_["variant"] = machine_type.variant
-    return yaml.safe_dump({"platform": platform_, "features": list(machine_type.features)}, sort_keys=False)
+    return str(yaml.safe_dump({"platform": platform_, "features": list(machine_type.features)}, sort_keys=False))
