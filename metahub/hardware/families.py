@@ -43,6 +43,7 @@ def satisfied(feature: str, machine_features: tuple[str, ...]) -> bool:
     return False
 
 
+@lru_cache(maxsize=4096)
 def specificity(feature: str) -> int:
     """How specific a build of the feature's family is: more ancestors, or a higher capability."""
     target = cpu_target(feature)

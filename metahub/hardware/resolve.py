@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from metahub.config.features import amd64_level, family
@@ -86,7 +87,7 @@ def entries(index_body: bytes) -> list[Entry]:
 def choose(entries: Sequence[Entry], machine_type: MachineType) -> Entry | None:
     """The entry ``machine_type`` gets, or None when no entry fits it."""
     candidates = [entry for entry in entries if _refusal(entry, machine_type) is None]
-    return min(candidates, key=lambda entry: _key(_steps(entry, machine_type)), default=None)
+    return min(candidates, key=lambda entry: _rank(entry, machine_type), default=None)
 
 
 def decide(entries: Sequence[Entry], machine_type: MachineType) -> Decision:
@@ -98,7 +99,7 @@ def decide(entries: Sequence[Entry], machine_type: MachineType) -> Decision:
             ranked.append((_steps(entry, machine_type), entry))
         else:
             refused.append((entry, refusal))
-    ranked.sort(key=lambda pair: _key(pair[0]))
+    ranked.sort(key=lambda pair: tuple(step.value for step in pair[0]))
     if not ranked:
         return Decision(None, (), tuple(refused))
     best_steps, winner = ranked[0]
@@ -186,31 +187,49 @@ class _Step:
     shown: str
 
 
-def _key(steps: Sequence[_Step]) -> tuple[tuple[int, ...], ...]:
-    return tuple(step.value for step in steps)
-
-
-def _steps(entry: Entry, machine_type: MachineType) -> list[_Step]:
-    """The ranking of one candidate, criterion by criterion (rule step 3).
+def _rank(entry: Entry, machine_type: MachineType) -> tuple[tuple[int, ...], ...]:
+    """The sort key of a candidate (rule step 3), smallest best; :func:`_steps` says it in words.
 
     Sorting on ``position`` rather than trusting the sequence's order keeps "listed first" true
     even if a caller filtered or reordered the entries. Under ``exact`` every candidate has the
     same features, so only the position decides.
     """
-    count = len(entry.features)
-    steps = [_Step("more features", (-count,), f"{count} feature{'s' if count != 1 else ''}")]
+    key: list[tuple[int, ...]] = [(-len(entry.features),)]
     if machine_type.match == "compatible":
-        for name in dict.fromkeys(family(feature) for feature in machine_type.features):
-            own = sorted((f for f in entry.features if family(f) == name), key=specificity, reverse=True)
-            if own:
-                steps.append(_Step(f"a more specific {name} build", (0, -specificity(own[0])), own[0]))
-            else:
-                steps.append(_Step(f"a {name} build", (1, 0), f"no {name} feature"))
+        for name in _families(machine_type.features):
+            best = _most_specific(entry, name)
+            key.append((1, 0) if best is None else (0, -specificity(best)))
         if entry.architecture == _AMD64:
-            level = amd64_level(entry.variant) or 1
-            steps.append(_Step("a higher amd64 level", (-level,), f"v{level}"))
-    steps.append(_Step("listed first", (entry.position,), f"manifests[{entry.position}]"))
+            key.append((-(amd64_level(entry.variant) or 1),))
+    key.append((entry.position,))
+    return tuple(key)
+
+
+def _steps(entry: Entry, machine_type: MachineType) -> list[_Step]:
+    """:func:`_rank` criterion by criterion, with what this entry shows on each."""
+    key = iter(_rank(entry, machine_type))
+    count = len(entry.features)
+    steps = [_Step("more features", next(key), f"{count} feature{'s' if count != 1 else ''}")]
+    if machine_type.match == "compatible":
+        for name in _families(machine_type.features):
+            best = _most_specific(entry, name)
+            criterion = f"a {name} build" if best is None else f"a more specific {name} build"
+            steps.append(_Step(criterion, next(key), best or f"no {name} feature"))
+        if entry.architecture == _AMD64:
+            steps.append(_Step("a higher amd64 level", next(key), f"v{amd64_level(entry.variant) or 1}"))
+    steps.append(_Step("listed first", next(key), f"manifests[{entry.position}]"))
     return steps
+
+
+@lru_cache(maxsize=1024)
+def _families(machine_features: tuple[str, ...]) -> tuple[str, ...]:
+    """The machine type's feature families, each once, in the order it lists them (step 3b)."""
+    return tuple(dict.fromkeys(family(feature) for feature in machine_features))
+
+
+def _most_specific(entry: Entry, name: str) -> str | None:
+    own = [feature for feature in entry.features if family(feature) == name]
+    return max(sorted(own), key=specificity) if own else None  # sorted: the same words every time
 
 
 def _why_beaten(winner: Sequence[_Step], loser: Sequence[_Step]) -> str:
