@@ -25,6 +25,8 @@ setup(
         "cryptography>=39",
         "pyOpenSSL>=23.2",
         "prometheus-client>=0.20",
+        # The cpu: feature family: microarchitecture names and their ancestry (Spack's archspec).
+        "archspec>=0.2.1",
     ],
     # wheel: the install test builds metahub without build isolation, as an offline user would.
     # mypy within one minor release: a new one may find new errors, and scripts/test fails on any;

@@ -23,7 +23,7 @@ from metahub.config.file import (
     example_text,
     load_config,
 )
-from metahub.hardware import inspect
+from metahub.hardware import detect, inspect
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
 from metahub.web.auth import hash_password
@@ -237,6 +237,34 @@ def inspect_command(args: argparse.Namespace) -> int:
     return _react(args.image, report_on)
 
 
+def detect_command(args: argparse.Namespace) -> int:
+    """Print this host as a machine type and, with a configuration, the configured types it serves."""
+    host, notes = detect.host_machine_type()
+    for note in notes:
+        print(f"metahub: detect: {note}", file=sys.stderr)
+    if args.config is None:
+        if args.best:
+            raise SystemExit("metahub: detect --best needs --config FILE")
+        sys.stdout.write(detect.to_yaml(host))
+        return 0
+    config = _load(args.config)
+    decision = detect.fitting(host, list(config.machine_types.values()))
+    served = [entry.digest for entry in decision.candidates]
+    if args.best:
+        if not served:
+            raise SystemExit(f"metahub: detect: this host ({', '.join(host.features)}) can serve none of the "
+                             f"machine types in {args.config}")
+        print(served[0])
+        return 0
+    sys.stdout.write("# this host as a machine type (metahub detect)\n" + detect.to_yaml(host))
+    print(f"# machine types of {args.config} this host can serve, best first: {', '.join(served) or 'none'}")
+    for entry, why in decision.beaten:
+        print(f"#   {entry.digest}: after the better {served[0]} ({why})")
+    for entry, why in decision.refused:
+        print(f"#   not {entry.digest}: {why}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="metahub", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
@@ -253,6 +281,11 @@ def parser() -> argparse.ArgumentParser:
     inspecting.add_argument("--json", action="store_true", help="print the report as JSON")
     inspecting.add_argument("image", help="NAME[:TAG], routed like a client's name (e.g. ghcr.io/org/app:1.0)")
     inspecting.set_defaults(run=inspect_command)
+
+    detecting = commands.add_parser("detect", help="print this host as a machine type (CPU, amd64 level, GPU)")
+    detecting.add_argument("--config", "-c", help="also list the configured machine types this host can serve")
+    detecting.add_argument("--best", action="store_true", help="print only the name of the best one (needs --config)")
+    detecting.set_defaults(run=detect_command)
 
     prefetching = commands.add_parser("prefetch", help="warm the store with an image (all builds, or one machine type's)")
     prefetching.add_argument("--config", "-c", required=True)

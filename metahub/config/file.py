@@ -30,6 +30,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from metahub.config import features
 from metahub.oci.grammar import COMPONENT, split_reference
 
 __all__ = [
@@ -90,7 +91,7 @@ class MachineType:
     architecture: str
     variant: str | None = None
     features: tuple[str, ...] = ()
-    match: str = "subset"  # or "exact"
+    match: str = "compatible"  # or "subset" (literal features) or "exact" (the original MetaHub rule)
 
 
 @dataclass(frozen=True)
@@ -818,13 +819,21 @@ _PLATFORM = {
 _MACHINE_TYPE = {
     "platform": _Key(lambda v, p, c: _fields(v, p, _PLATFORM, c), required=True),
     "features": _Key(_strings),
-    "match": _Key(_choice("subset", "exact")),
+    "match": _Key(_choice("compatible", "subset", "exact")),
 }
 
 
 def _machine_type(name: str, value: object, path: str, ctx: _Context) -> MachineType:
     values = _fields(value, path, _MACHINE_TYPE, ctx)
     platform = values["platform"]
+    if values.get("match", MachineType.match) == "compatible":
+        # Only this rule gives cpu: and nvcap: a meaning; under subset and exact they are labels.
+        for i, feature in enumerate(values.get("features", ())):
+            if problem := features.machine_feature_problem(feature):
+                _fail(_join(_join(path, "features"), i), problem)
+        if platform["architecture"] == "amd64" and features.amd64_level(platform.get("variant")) is None:
+            _fail(_join(_join(path, "platform"), "variant"),
+                  f"an amd64 variant is a level, one of {', '.join(features.AMD64_LEVELS)}")
     return MachineType(
         name=name,
         os=platform["os"],

@@ -1,16 +1,24 @@
 """Which entry of an image index a machine type gets (design.md, "Per-machine-type resolution").
 
 Pure matching, no I/O and no Twisted: the manifest handler hands in the index bytes it already holds
-and fetches the chosen child itself, and the CLI uses :func:`explain` to show a whole table of
+and fetches the chosen child itself, and the CLI uses :func:`decide` to show a whole table of
 decisions offline. Keeping the rule here, in one place, is what lets HEAD, GET and the CLI agree.
 
-The rule, for a machine type M:
+The rule for a machine type M under ``match: compatible`` (the default):
 
-1. Candidates are entries of M's platform (os and architecture equal; variant equal when M sets
-   one) whose features, ``platform.features`` and ``os.features`` together, are all among M's. An
-   entry without features is generic and fits every machine type of its platform.
-2. The candidate with the most features wins; a tie goes to the entry listed first.
-3. ``match: exact`` (the original MetaHub rule) admits only entries whose features equal M's.
+1. Candidates are entries of M's os and architecture whose features, ``platform.features`` and
+   ``os.features`` together, are all satisfied by M's (:mod:`metahub.hardware.families`: a
+   ``cpu:`` build runs on that CPU and its descendants, an ``nvcap:X.Y`` build on ``X.Z`` with
+   Z >= Y, anything else literally). An entry without features is generic and always fits.
+2. amd64: M's level is its variant, else the highest x86_64_vN its CPU descends from, else v1; an
+   entry's variant (none means v1) may not be above it. Other architectures: variant equal when M
+   sets one.
+3. Ranking, first difference decides: (a) more features; (b) family by family in the order M lists
+   its features, having one beats not, and of two the more specific wins; (c) the higher amd64
+   level; (d) listed first.
+
+``match: subset`` is the literal rule (every entry feature spelled in M's list; most features, then
+listed first) and ``match: exact`` the original MetaHub rule (features equal to M's).
 
 Indexes come from upstreams we do not control, so parsing is tolerant: an entry we cannot read is
 skipped or treated as having no platform, which makes it never win, rather than failing the pull.
@@ -19,15 +27,19 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
+from metahub.config.features import amd64_level, family
 from metahub.config.file import MachineType
+from metahub.hardware.families import level_of, satisfied, specificity
 from metahub.oci import errors, media
 
-__all__ = ["Entry", "choose", "entries", "explain", "resolve"]
+__all__ = ["Decision", "Entry", "choose", "decide", "entries", "explain", "resolve"]
 
 #: buildx writes attestation manifests into the index with this platform; they are not images.
 _UNKNOWN = "unknown"
+_AMD64 = "amd64"
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,19 @@ class Entry:
         return _labelled(_platform_name(self.os, self.architecture, self.variant), self.features, "(generic)")
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One machine type against one index: the winner, whom it beat and why, whom the rule refused."""
+
+    winner: Entry | None
+    beaten: tuple[tuple[Entry, str], ...]  # the other candidates, best first, each with why it lost
+    refused: tuple[tuple[Entry, str], ...]  # entries that are not candidates, in index order, and why
+
+    @property
+    def candidates(self) -> list[Entry]:
+        return ([self.winner] if self.winner else []) + [entry for entry, _ in self.beaten]
+
+
 def entries(index_body: bytes) -> list[Entry]:
     """The readable entries of an index, in order; ``[]`` for anything that is not an index.
 
@@ -61,7 +86,25 @@ def entries(index_body: bytes) -> list[Entry]:
 
 def choose(entries: Sequence[Entry], machine_type: MachineType) -> Entry | None:
     """The entry ``machine_type`` gets, or None when no entry fits it."""
-    return _winner(_candidates(entries, machine_type))
+    candidates = [entry for entry in entries if _refusal(entry, machine_type) is None]
+    return min(candidates, key=lambda entry: _rank(entry, machine_type), default=None)
+
+
+def decide(entries: Sequence[Entry], machine_type: MachineType) -> Decision:
+    """:func:`choose` with its reasons, for ``metahub inspect`` and ``/_metahub/v1/resolve``."""
+    refused, ranked = [], []
+    for entry in entries:
+        refusal = _refusal(entry, machine_type)
+        if refusal is None:
+            ranked.append((_steps(entry, machine_type), entry))
+        else:
+            refused.append((entry, refusal))
+    ranked.sort(key=lambda pair: tuple(step.value for step in pair[0]))
+    if not ranked:
+        return Decision(None, (), tuple(refused))
+    best_steps, winner = ranked[0]
+    beaten = tuple((entry, _why_beaten(best_steps, steps)) for steps, entry in ranked[1:])
+    return Decision(winner, beaten, tuple(refused))
 
 
 def resolve(index_body: bytes, machine_type: MachineType, reference: str) -> Entry:
@@ -88,49 +131,117 @@ def resolve(index_body: bytes, machine_type: MachineType, reference: str) -> Ent
 
 def explain(entries: Sequence[Entry], machine_type: MachineType) -> str:
     """One line for the CLI's table: which entry wins and why, or why none fits."""
-    candidates = _candidates(entries, machine_type)
-    winner = _winner(candidates)
+    decision = decide(entries, machine_type)
+    winner = decision.winner
     if winner is None:
         return f"no match for {_machine_text(machine_type)}; {_offers_text(_offered(entries))}"
-    return f"manifests[{winner.position}] {winner.describe()}: {_reason(winner, candidates, machine_type)}"
+    return f"manifests[{winner.position}] {winner.describe()}: {_reason(decision, machine_type)}"
 
 
 # --- matching ----------------------------------------------------------------------------------
 
 
-def _candidates(entries: Sequence[Entry], machine_type: MachineType) -> list[Entry]:
-    return [entry for entry in entries if _fits(entry, machine_type)]
+def _refusal(entry: Entry, machine_type: MachineType) -> str | None:
+    """Why ``entry`` is not a candidate for ``machine_type``, or None when it is one."""
+    if not _has_platform(entry):
+        return "no platform (an attestation or an unreadable entry): runs nowhere"
+    if (entry.os, entry.architecture) != (machine_type.os, machine_type.architecture):
+        return f"{entry.os}/{entry.architecture} is not {machine_type.os}/{machine_type.architecture}"
+    compatible = machine_type.match == "compatible"
+    if compatible and entry.architecture == _AMD64:
+        needed, level = amd64_level(entry.variant), _level(machine_type)
+        if needed is None:
+            return f"variant {entry.variant!r} is not an amd64 level (v1..v4)"
+        if needed > level:
+            return f"needs amd64 level v{needed}, {machine_type.name} has v{level}"
+    elif machine_type.variant is not None and entry.variant != machine_type.variant:
+        return f"variant {entry.variant or '(none)'} is not {machine_type.variant}"
+    if machine_type.match == "exact":
+        if entry.features != frozenset(machine_type.features):
+            return f"features are not exactly {machine_type.name}'s (match: exact)"
+        return None
+    missing = sorted(feature for feature in entry.features if not _satisfied(feature, machine_type))
+    if not missing:
+        return None
+    if compatible:
+        return f"needs {', '.join(missing)}, which {machine_type.name} does not run"
+    return f"needs {', '.join(missing)}, not spelled in {machine_type.name}'s features (match: subset)"
 
 
-def _winner(candidates: Sequence[Entry]) -> Entry | None:
-    """Most features, then listed first.
+def _satisfied(feature: str, machine_type: MachineType) -> bool:
+    if machine_type.match == "compatible":
+        return satisfied(feature, machine_type.features)
+    return feature in machine_type.features
+
+
+def _level(machine_type: MachineType) -> int:
+    return level_of(machine_type.features, machine_type.variant)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One ranking criterion for one entry: ``value`` sorts best first, ``shown`` says it in words."""
+
+    criterion: str
+    value: tuple[int, ...]
+    shown: str
+
+
+def _rank(entry: Entry, machine_type: MachineType) -> tuple[tuple[int, ...], ...]:
+    """The sort key of a candidate (rule step 3), smallest best; :func:`_steps` says it in words.
 
     Sorting on ``position`` rather than trusting the sequence's order keeps "listed first" true
     even if a caller filtered or reordered the entries. Under ``exact`` every candidate has the
-    same features, so this is simply the first one listed.
+    same features, so only the position decides.
     """
-    return min(candidates, key=lambda entry: (-len(entry.features), entry.position), default=None)
+    key: list[tuple[int, ...]] = [(-len(entry.features),)]
+    if machine_type.match == "compatible":
+        for name in _families(machine_type.features):
+            best = _most_specific(entry, name)
+            key.append((1, 0) if best is None else (0, -specificity(best)))
+        if entry.architecture == _AMD64:
+            key.append((-(amd64_level(entry.variant) or 1),))
+    key.append((entry.position,))
+    return tuple(key)
 
 
-def _fits(entry: Entry, machine_type: MachineType) -> bool:
-    return (
-        _has_platform(entry)
-        and entry.os == machine_type.os
-        and entry.architecture == machine_type.architecture
-        and (machine_type.variant is None or entry.variant == machine_type.variant)
-        and _features_fit(entry.features, machine_type)
-    )
+def _steps(entry: Entry, machine_type: MachineType) -> list[_Step]:
+    """:func:`_rank` criterion by criterion, with what this entry shows on each."""
+    key = iter(_rank(entry, machine_type))
+    count = len(entry.features)
+    steps = [_Step("more features", next(key), f"{count} feature{'s' if count != 1 else ''}")]
+    if machine_type.match == "compatible":
+        for name in _families(machine_type.features):
+            best = _most_specific(entry, name)
+            criterion = f"a {name} build" if best is None else f"a more specific {name} build"
+            steps.append(_Step(criterion, next(key), best or f"no {name} feature"))
+        if entry.architecture == _AMD64:
+            steps.append(_Step("a higher amd64 level", next(key), f"v{amd64_level(entry.variant) or 1}"))
+    steps.append(_Step("listed first", next(key), f"manifests[{entry.position}]"))
+    return steps
+
+
+@lru_cache(maxsize=1024)
+def _families(machine_features: tuple[str, ...]) -> tuple[str, ...]:
+    """The machine type's feature families, each once, in the order it lists them (step 3b)."""
+    return tuple(dict.fromkeys(family(feature) for feature in machine_features))
+
+
+def _most_specific(entry: Entry, name: str) -> str | None:
+    own = [feature for feature in entry.features if family(feature) == name]
+    return max(sorted(own), key=specificity) if own else None  # sorted: the same words every time
+
+
+def _why_beaten(winner: Sequence[_Step], loser: Sequence[_Step]) -> str:
+    for ours, theirs in zip(winner, loser):
+        if ours.value != theirs.value:
+            return f"{ours.criterion}: {ours.shown} against {theirs.shown}"
+    raise AssertionError("two candidates rank equal, yet positions differ")
 
 
 def _has_platform(entry: Entry) -> bool:
     """Entries without a real platform (buildx attestations say unknown/unknown) never run anywhere."""
     return entry.os not in (None, _UNKNOWN) and entry.architecture not in (None, _UNKNOWN)
-
-
-def _features_fit(features: frozenset[str], machine_type: MachineType) -> bool:
-    if machine_type.match == "exact":
-        return features == frozenset(machine_type.features)
-    return features <= frozenset(machine_type.features)
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -247,13 +358,18 @@ def _labelled(platform: str, features: Collection[str], featureless: str) -> str
     return f"{platform} [{', '.join(sorted(features))}]" if features else f"{platform} {featureless}"
 
 
-def _reason(winner: Entry, candidates: Sequence[Entry], machine_type: MachineType) -> str:
+def _reason(decision: Decision, machine_type: MachineType) -> str:
+    winner, beaten = decision.winner, decision.beaten
+    assert winner is not None
     if machine_type.match == "exact":
         return "the first entry whose features equal the machine type's"
-    if len(candidates) == 1:
+    if not beaten:
         return "the only candidate"
-    reason = f"the most features of {len(candidates)} candidates"
-    tied = [e.position for e in candidates if e is not winner and len(e.features) == len(winner.features)]
+    if machine_type.match == "compatible":
+        return f"the best of {len(beaten) + 1} candidates; " + "; ".join(
+            f"beat manifests[{entry.position}] by {why}" for entry, why in beaten)
+    reason = f"the most features of {len(beaten) + 1} candidates"
+    tied = [e.position for e, _ in beaten if len(e.features) == len(winner.features)]
     if tied:
         reason += f", listed before {', '.join(f'manifests[{p}]' for p in sorted(tied))} with as many"
     return reason

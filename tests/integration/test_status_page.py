@@ -144,8 +144,8 @@ def test_under_anonymous_deny_the_page_asks_for_a_login(tmp_path, upstream) -> N
         assert "blob-count" not in chromium.dump_dom(f"http://ops:wrong@{hub.host}/")
         page = texts(chromium.dump_dom(f"http://ops:s3cret@{hub.host}/"))
         assert page["blob-count"] == "0"
-        assert "type1 linux/amd64 cpu:broadwell subset ops" in page["machine-types"]
-        assert "power linux/ppc64le none subset no account" in page["machine-types"]
+        assert "type1 linux/amd64 cpu:broadwell compatible ops" in page["machine-types"]  # the default match
+        assert "power linux/ppc64le none compatible no account" in page["machine-types"]
         assert "scrypt" not in str(page)
         report = texts(chromium.dump_dom(f"http://ops-arm:s3cret@{hub.host}/_metahub/?image=team/bench:1.0"))
         assert "arm " in report["resolve"]

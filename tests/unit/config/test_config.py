@@ -102,7 +102,7 @@ def test_full_example_parses_into_the_right_values(tmp_path: Path) -> None:
     assert config.tag_ttl == 5400.0
     assert config.anonymous == "allow"
     assert config.machine_types == {
-        "type1": MachineType("type1", "linux", "amd64", None, ("cpu:broadwell",), "subset"),
+        "type1": MachineType("type1", "linux", "amd64", None, ("cpu:broadwell",), "compatible"),
         "type2": MachineType("type2", "linux", "arm64", "v8", ("cpu:neoverse", "nvcap:5.2"), "exact"),
     }
     assert config.accounts == {
