@@ -16,7 +16,15 @@ from functools import lru_cache
 
 import archspec.cpu
 
-from metahub.config.features import AMD64_LEVELS, CPU, NVCAP, amd64_level, cpu_target, family, nvcap
+from metahub.config.features import (
+    AMD64_LEVELS,
+    CPU,
+    NVCAP,
+    amd64_level,
+    cpu_target,
+    family,
+    nvcap,
+)
 
 __all__ = ["level_of", "needs", "runs_on", "satisfied", "specificity"]
 

@@ -23,8 +23,8 @@ from tests.peers.oci import build_text, make_bench_index, make_image, make_index
 from tests.peers.registry import Registry
 from tests.peers.require import require_binary
 
+from .common import request
 from .metahub_process import Metahub
-from .test_proxy import request
 
 PASSWORD = "correct horse"
 AMD64 = {"os": "linux", "architecture": "amd64"}
