@@ -29,7 +29,8 @@ from metahub.config.file import Config, config_summary, endpoint_problem
 from metahub.runtime.lane import thread_lanes
 from metahub.runtime.memory import Releaser
 from metahub.runtime.metrics import Metrics
-from metahub.runtime.threads import BoundedPool, thread_runner
+from metahub.runtime.pools import ThreadPoolRunner
+from metahub.runtime.threads import BoundedPool
 from metahub.upstream.client import UpstreamClient, make_http_clients
 from metahub.web.api import Registry, RegistryResource
 from metahub.web.auth import Authenticator, load_token_key
@@ -66,6 +67,8 @@ class MetahubService(Service):
         self.port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self.kdf: BoundedPool | None = None
+        self.store_io: ThreadPoolRunner | None = None
+        self.store_reads: ThreadPoolRunner | None = None
         self._flush: LoopingCall | None = None
         self._gc: LoopingCall | None = None
         self._tidy: LoopingCall | None = None
@@ -88,7 +91,11 @@ class MetahubService(Service):
         except IndexInUse:
             self._give_up(f"{config.storage.index} is being reindexed (metahub cache reindex); start after it")
         self.storage = Storage(config.storage.path, config.storage.index, clock=reactor.seconds)
-        in_thread = self.in_thread = thread_runner(reactor)
+        # Store I/O on pools of its own (metahub.runtime.pools): a stalled mount costs these threads,
+        # not the reactor's, and reads of open files never queue behind new opens.
+        self.store_io = ThreadPoolRunner(reactor, config.storage.io_threads, "metahub-store")
+        self.store_reads = ThreadPoolRunner(reactor, config.storage.io_threads, "metahub-store-reads")
+        in_thread = self.in_thread = self.store_io
         http = make_http_clients(reactor, list(config.upstreams.values()))
         clients = {name: UpstreamClient(upstream, http[name], reactor) for name, upstream in config.upstreams.items()}
         metrics = self.metrics = Metrics()
@@ -109,7 +116,8 @@ class MetahubService(Service):
             manifests=Manifests(
                 self.storage, clients, reactor, in_thread, metrics, config.tag_ttl, self.shared_tags, capacity
             ),
-            blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics, Releaser(reactor)),
+            blobs=Blobs(self.storage, clients, downloads, reactor, in_thread, metrics, Releaser(reactor),
+                        self.store_reads),
             metrics=metrics,
             auth=Authenticator(config, load_token_key(config.storage.path), reactor.seconds),
             in_thread=self.kdf,
@@ -133,6 +141,8 @@ class MetahubService(Service):
         if self.config.metrics.listen is not None:
             self.metrics_port = self._listen(self.config.metrics.listen, metrics_site(self.metrics), "/metrics")
         self.kdf.start()
+        self.store_io.start()
+        self.store_reads.start()
         self._flush = LoopingCall(lambda: ensureDeferred(self.flush_access()))
         self._flush.clock = self.reactor
         self._flush.start(ACCESS_FLUSH_INTERVAL, now=False)
@@ -190,6 +200,9 @@ class MetahubService(Service):
         if self.index_lock is not None:
             self.index_lock.release()
             self.index_lock = None
+        for pool in (self.store_io, self.store_reads):
+            if pool is not None:
+                pool.stop()
         raise SystemExit(f"metahub: {message}")
 
     async def flush_access(self) -> None:
@@ -276,3 +289,6 @@ class MetahubService(Service):
         if self.index_lock is not None:
             self.index_lock.release()
             self.index_lock = None
+        for pool in (self.store_io, self.store_reads):
+            if pool is not None:
+                pool.stop()

@@ -12,8 +12,12 @@ FAILED, and their responses are aborted.
 Across nodes sharing the store, the node that takes the blob's lease (``leases/<hex>.lease``,
 exclusive create, heartbeated) downloads; the others follow its growing temporary file by polling.
 A lease whose holder fell silent for ``lease_timeout`` is taken over by one node, which starts the
-download again. Correctness never rests on the lease: if two nodes did fetch, both verify and the
-store ends with one correct file.
+download again; a follower's watcher notices that itself and ends its download unfinished, so the
+responses following it go on from whichever source is there next (see :mod:`metahub.web.blobs`). A
+holder whose heartbeat finds its lease taken over (its store stalled so long it looked dead) steps
+aside: it stops its upstream transfer, commits nothing, and its followers go on the same way.
+Correctness never rests on the lease: if two nodes did fetch, both verify and the store ends with
+one correct file.
 
 On a node, single flight is per upstream and digest: one upstream hanging or refusing must not reach
 the clients of another, so a request through another upstream fetches for itself (without the lease,
@@ -51,6 +55,7 @@ from storage import (
     Leases,
     SizeMismatch,
     Storage,
+    TempFileRemoved,
 )
 
 log = Logger()
@@ -69,6 +74,10 @@ QUEUED_LIMIT = 4 << 20
 
 class AlreadyStored(Exception):
     """The blob was committed (by another node) while this one was about to fetch it."""
+
+
+class LeaseLost(BlobWriteError):
+    """Another node took this download's lease over: this node's copy is dropped, not committed."""
 
 
 class _BodySink(Protocol):
@@ -138,6 +147,12 @@ class Download:
         self._piece_bytes = 0
         self._queued = 0  # handed to the lane, not yet written
         self.finished: Deferred[bool] = Deferred()  # True when committed
+        #: Set when it ends: True if committed. A follower of a download that ended without a
+        #: commit may still finish its response from another source when :attr:`recoverable`.
+        self.committed: bool | None = None
+        #: Its failure was not upstream's or the bytes': another node's download ended unfinished,
+        #: or this node stepped aside for the node that took its lease over.
+        self.recoverable = writer is None
         self.lease: Lease | None = None
         self.heartbeat: LoopingCall | None = None
         self._waiters: list[tuple[int, Deferred[None]]] = []  # (bytes written to wait for, waiter)
@@ -218,6 +233,7 @@ class Download:
             waiter.callback(None)
 
     def _end(self, committed: bool) -> None:
+        self.committed = committed
         self.finished.callback(committed)
         self._wake()
 
@@ -353,7 +369,7 @@ class Downloads:
         download = Download(digest, route, size, writer, self.clock, self.lanes(f"download {digest[7:19]}"))
         if lease is not None:
             download.lease = lease
-            download.heartbeat = LoopingCall(self.in_thread, lease.heartbeat)
+            download.heartbeat = LoopingCall(lambda: ensureDeferred(self._heartbeat(download)))
             download.heartbeat.clock = self.clock
             download.heartbeat.start(self.lease_timeout / 3, now=False)
         sink = _BodySink(download, self.clock, route.upstream.read_timeout)
@@ -367,6 +383,39 @@ class Downloads:
         except Exception:
             sink.connectionLost(Failure())
         return download
+
+    async def _heartbeat(self, download: Download) -> None:
+        lease = download.lease
+        if lease is None:
+            return
+        try:
+            ours = await self.in_thread(lease.heartbeat)
+        except OSError as error:  # the store failing for a moment; the lease may go stale meanwhile
+            log.warn("could not heartbeat the lease {name}: {error}", name=lease.name, error=error)
+            return
+        if not ours:
+            self._step_aside(download)
+
+    def _step_aside(self, download: Download) -> None:
+        """The lease is no longer ours: another node judged this one dead (no heartbeat for
+        ``lease_timeout``, as when the store stalls), took it over and removed our file. Unless
+        every byte has verified already (then the commit goes ahead: one correct file either way),
+        stop fetching and commit nothing; the followers go on from the other node's download."""
+        download.lease = None  # not ours to release
+        if download.heartbeat is not None and download.heartbeat.running:
+            download.heartbeat.stop()
+        if download.verified or download.finished.called:
+            return
+        log.warn(
+            "lost the lease for {digest} to another node (this node's store stalled past lease_timeout?);"
+            " stepping aside: its download is dropped and its clients are served from the other node's",
+            digest=download.digest,
+        )
+        download.recoverable = True
+        if download.write_error is None:
+            download.write_error = LeaseLost(f"the lease for {download.digest} was taken over")
+        if download.flow is not None:
+            download.flow.stopProducing()
 
     async def _follow_remote(self, route: Route, digest: str) -> Download:
         """Another node holds the lease: follow its file instead of fetching again."""
@@ -453,6 +502,8 @@ class Downloads:
                 self.storage.index.put_blob(download.digest, download.received_bytes, now, repository=download.route.key)
                 committed = True
                 self.capacity.stored()
+            elif isinstance(download.write_error, LeaseLost):
+                await lane.run(writer.abort)
             else:
                 await lane.run(writer.abort)
                 refused = store_error(download.write_error) if download.write_error is not None else None
@@ -471,6 +522,10 @@ class Downloads:
                 "upstream {upstream} sent wrong bytes for {digest} (got {actual}); nothing cached",
                 upstream=upstream, digest=download.digest, actual=mismatch.actual,
             )
+        except TempFileRemoved as removed:  # a node that took our lease over removed our file
+            download.recoverable = True
+            log.warn("download of {digest} not committed: {why}; another node took it over",
+                     digest=download.digest, why=str(removed))
         except BlobWriteError as failure:
             self.metrics.upstream_failures.labels(upstream).inc()
             log.error("download of {digest} not committed: {why}", digest=download.digest, why=str(failure))

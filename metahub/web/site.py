@@ -30,7 +30,7 @@ from http import HTTPStatus
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, combinedLogFormatter
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -130,13 +130,20 @@ class _Addresses:
         return len(self._open)
 
 
+def _access_line(timestamp: str, request: Request) -> str:
+    """The combined log format; a blob response cut short ends with ``aborted:<reason>``."""
+    line = combinedLogFormatter(timestamp, request)
+    reason = getattr(request, "metahub_aborted", None)
+    return line if reason is None else f"{line} aborted:{reason}"
+
+
 class RegistrySite(Site):
     """The site with its connection limits (``http:`` in the config) and optional access log."""
 
     def __init__(
         self, resource: IResource, limits: HttpConfig, access_log: bool = True, reactor: IReactorTime | None = None
     ) -> None:
-        super().__init__(resource, reactor=reactor)
+        super().__init__(resource, reactor=reactor, logFormatter=_access_line)
         self.protocol = RegistryChannel
         self.displayTracebacks = False
         self.header_timeout = limits.header_timeout

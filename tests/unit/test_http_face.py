@@ -121,6 +121,9 @@ def make_face(tmp_path: Path, **config: object) -> Face:
     assert isinstance(site, RegistrySite)
     assert service.kdf is not None
     service.kdf.pool = _InlinePool()  # type: ignore[assignment]  # the logins' own pool, inline too
+    for pool in (service.store_io, service.store_reads):  # the store's own pools, inline too
+        assert pool is not None
+        pool.pool = _InlinePool()  # type: ignore[assignment]
     return Face(service, site, reactor)
 
 
