@@ -154,6 +154,7 @@ class Download:
         #: or this node stepped aside for the node that took its lease over.
         self.recoverable = writer is None
         self.lease: Lease | None = None
+        self.lease_lost = False  # its heartbeat found the lease taken over
         self.heartbeat: LoopingCall | None = None
         self._waiters: list[tuple[int, Deferred[None]]] = []  # (bytes written to wait for, waiter)
 
@@ -402,20 +403,39 @@ class Downloads:
         every byte has verified already (then the commit goes ahead: one correct file either way),
         stop fetching and commit nothing; the followers go on from the other node's download."""
         download.lease = None  # not ours to release
+        download.lease_lost = True
         if download.heartbeat is not None and download.heartbeat.running:
             download.heartbeat.stop()
-        if download.verified or download.finished.called:
-            return
+        if download.verified or download.finished.called or download.flow is None:
+            return  # every byte is in: the commit goes ahead, or _finish steps aside if it fails
+        self._stepping_aside(download)
+        if download.write_error is None:
+            download.write_error = LeaseLost(f"the lease for {download.digest} was taken over")
+        download.flow.stopProducing()
+
+    def _stepping_aside(self, download: Download) -> None:
+        download.recoverable = True
         log.warn(
             "lost the lease for {digest} to another node (this node's store stalled past lease_timeout?);"
             " stepping aside: its download is dropped and its clients are served from the other node's",
             digest=download.digest,
         )
-        download.recoverable = True
-        if download.write_error is None:
-            download.write_error = LeaseLost(f"the lease for {download.digest} was taken over")
-        if download.flow is not None:
-            download.flow.stopProducing()
+
+    async def _still_ours(self, download: Download) -> bool:
+        """Before a failed download blames upstream or the store: was it a stall long enough to lose
+        the lease (its heartbeats hung with the store)? Then it steps aside instead (True if not)."""
+        if download.lease is not None and not download.lease_lost:
+            try:
+                if await self.in_thread(download.lease.heartbeat):
+                    return True
+            except OSError:
+                return True
+            download.lease = None
+        elif not download.lease_lost:
+            return True
+        if not isinstance(download.write_error, LeaseLost):
+            self._stepping_aside(download)
+        return False
 
     async def _follow_remote(self, route: Route, digest: str) -> Download:
         """Another node holds the lease: follow its file instead of fetching again."""
@@ -502,7 +522,7 @@ class Downloads:
                 self.storage.index.put_blob(download.digest, download.received_bytes, now, repository=download.route.key)
                 committed = True
                 self.capacity.stored()
-            elif isinstance(download.write_error, LeaseLost):
+            elif not await self._still_ours(download):
                 await lane.run(writer.abort)
             else:
                 await lane.run(writer.abort)

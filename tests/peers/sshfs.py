@@ -3,7 +3,9 @@
 ``SshfsMount(source_dir, workdir)`` starts a private ``sshd`` on 127.0.0.1 (its own host key,
 authorized key, pid file and config, all in ``workdir``; the system's sshd and /root/.ssh are never
 used) and mounts ``source_dir`` at ``workdir/mnt`` with ``sshfs -f`` as a ``Daemon``. ``stop()``
-unmounts (``fusermount3 -u``, lazily with ``-z`` if that fails), then stops sshfs and sshd.
+unmounts (``fusermount3 -u``, lazily with ``-z`` if that fails), then stops sshfs and sshd. ``stall()`` stops
+the sshfs process (SIGSTOP), so every call through the mount hangs in the kernel as on a stalled NFS
+server, until ``unstall()`` (SIGCONT); a clean ``stop()`` unstalls first.
 
 Caching is turned down as far as sshfs 3.7 allows (``dir_cache=no`` and zero FUSE attr/entry/
 negative timeouts), so a change made at the source is seen through the mount on the next call, as
@@ -34,6 +36,7 @@ with ``!`` (the sshd log then says so).
 import os
 import pwd
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +103,7 @@ class SshfsMount:
         self.port = 0
         self._sshd: Daemon | None = None
         self._sshfs: Daemon | None = None
+        self._stalled = False
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path.mkdir(exist_ok=True)
         self._user = pwd.getpwuid(os.getuid()).pw_name
@@ -161,8 +165,21 @@ class SshfsMount:
             raise PeerError(f"{error}\nsshd log {self._sshd.log_path}:\n"
                             f"{self._sshd.log_tail(10)}") from None
 
+    def stall(self) -> None:
+        """Stop sshfs (SIGSTOP): calls through the mount hang until :meth:`unstall`."""
+        assert self._sshfs is not None
+        os.kill(self._sshfs.process.pid, signal.SIGSTOP)
+        self._stalled = True
+
+    def unstall(self) -> None:
+        """Let sshfs run again (SIGCONT): the hung calls complete."""
+        if self._sshfs is not None and self._stalled:
+            os.kill(self._sshfs.process.pid, signal.SIGCONT)
+        self._stalled = False
+
     def stop(self) -> None:
         """Unmount, then stop sshfs and sshd; safe to call twice. Raises if the mount survives."""
+        self.unstall()
         problems: list[str] = []
         if mounted(self.path):
             for lazy in ([], ["-z"]):

@@ -343,3 +343,21 @@ def test_store_io_runs_on_threads_of_its_own() -> None:
 
     pool = ThreadPoolRunner(reactor, 2, "test-store")
     assert pool.pool is not reactor.getThreadPool() and pool.pool.max == 2
+
+
+def test_io_threads_is_a_whole_number_of_at_least_one(tmp_path) -> None:
+    from metahub.config.file import ConfigError, parse_config
+
+    def config(**storage) -> dict:
+        return {"storage": {"path": str(tmp_path / "store"), "index": str(tmp_path / "index"), **storage},
+                "upstreams": {"docker.io": {"url": "https://registry-1.docker.io"}}}
+
+    assert parse_config(config(), str(tmp_path)).storage.io_threads == 8
+    assert parse_config(config(io_threads=3), str(tmp_path)).storage.io_threads == 3
+    for bad in (0, 2.5, "many", True):
+        try:
+            parse_config(config(io_threads=bad), str(tmp_path))
+        except ConfigError as error:
+            assert "storage.io_threads" in str(error)
+        else:
+            raise AssertionError(f"io_threads={bad!r} was accepted")
