@@ -167,7 +167,11 @@ async def send(
                             "a response at byte {position} goes on from another source: {why}",
                             position=source.position, why=ABORTED[failure.value],
                         )
-                        successor = await recover(source)
+                        try:
+                            successor = await recover(source)
+                        except Exception:  # e.g. upstream now refuses this repository: abort below
+                            log.failure("no other source could carry a response on")
+                            successor = None
                         if successor is not None and not gate.stopped:
                             source.close()
                             source, wait_for_more = successor
