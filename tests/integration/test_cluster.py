@@ -245,9 +245,10 @@ def metric(node_metrics: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in node_metrics.splitlines() if line.startswith(name))
 
 
-def test_a_node_whose_sshfs_mount_stalls_mid_download(tmp_path) -> None:
-    """Node B (the lease holder) reaches the store through sshfs, which is stopped mid-download.
-    Node A takes the download over; B's clients, A's, and B's other work all come through."""
+@pytest.mark.parametrize("stopped", ["sshfs", "sftp server"])
+def test_a_node_whose_sshfs_mount_stalls_mid_download(tmp_path, stopped: str) -> None:
+    """Node B (the lease holder) reaches the store through sshfs, whose client or server is stopped
+    mid-download. Node A takes the download over; B's clients, A's, and B's other work come through."""
     shared = tmp_path / "shared"
     shared.mkdir()
     with Registry(tmp_path / "upstream") as upstream, Relay(upstream.url) as relay, \
@@ -275,7 +276,7 @@ def test_a_node_whose_sshfs_mount_stalls_mid_download(tmp_path) -> None:
             b_clients.start()
             wait_for((shared / "leases" / f"{digest[7:]}.lease").exists, 10, "node B never took the lease")
             time.sleep(1.0)
-            mount.stall()
+            mount.stall(server=stopped == "sftp server")
             stalled = time.monotonic()
             on_a: list = []
             a_clients = threading.Thread(target=lambda: on_a.extend(fetch_all([(a.host, path)] * 2)))
