@@ -350,7 +350,7 @@ class Downloads:
                 raise AlreadyStored(digest)  # committed elsewhere between our lookup and the lease
             # A lease taken over from a dead holder leaves its half-written file: remove it, so no
             # node follows it instead of ours.
-            await self.in_thread(self._drop_stale_temps, digest)
+            others = await self.in_thread(self._drop_stale_temps, digest)
             self.metrics.upstream_fetches.labels(upstream, "blob").inc()
             try:
                 response: IResponse = await self.clients[upstream].get_blob(route.repository, digest)
@@ -368,6 +368,8 @@ class Downloads:
                 await self._release(lease)
             raise
         download = Download(digest, route, size, writer, self.clock, self.lanes(f"download {digest[7:19]}"))
+        if others:
+            self.clock.callLater(self.lease_timeout, lambda: ensureDeferred(self._drop_later(digest, writer.temp_path)))
         if lease is not None:
             download.lease = lease
             download.heartbeat = LoopingCall(lambda: ensureDeferred(self._heartbeat(download)))
@@ -464,14 +466,30 @@ class Downloads:
             del self._active[(download.route.upstream.name, download.digest)]
             download._end(committed)
 
-    def _drop_stale_temps(self, digest: str) -> None:
+    def _drop_stale_temps(self, digest: str, keep: str | None = None) -> int:
+        """Remove this digest's temp files untouched for ``lease_timeout``; how many others remain."""
         now = self.leases.clock()
+        remaining = 0
         for path in self.storage.blobs.in_progress(digest):
+            if path == keep:
+                continue
             try:
                 if now - os.stat(path).st_mtime > self.lease_timeout:
                     os.unlink(path)
+                else:
+                    remaining += 1
             except FileNotFoundError:
                 continue
+        return remaining
+
+    async def _drop_later(self, digest: str, keep: str) -> None:
+        """A dead holder may have written its file up to a heartbeat interval after its lease's last
+        stamp, so at takeover its file can look fresher than ``lease_timeout``: look once more when
+        it cannot (a live writer's file is never that old; ours is kept)."""
+        try:
+            await self.in_thread(self._drop_stale_temps, digest, keep)
+        except OSError as error:
+            log.warn("could not remove a dead download's file of {digest}: {error}", digest=digest, error=error)
 
     def _newest(self, paths: list[str], since: float | None) -> str | None:
         """The temp file written to most recently, if written to after ``since``: the live holder's.

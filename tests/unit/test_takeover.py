@@ -361,3 +361,23 @@ def test_io_threads_is_a_whole_number_of_at_least_one(tmp_path) -> None:
             assert "storage.io_threads" in str(error)
         else:
             raise AssertionError(f"io_threads={bad!r} was accepted")
+
+
+def test_a_dead_holders_file_written_after_its_last_heartbeat_is_removed_later(tmp_path) -> None:
+    clock, (a, b) = cluster(tmp_path, "a", "b")
+    a.serve()
+    a_body = a.upstream.answer()
+    a_body.send(DATA[:HALF])
+    dead = a.downloads.active(DIGEST)
+    dead.heartbeat.stop()  # killed...
+    advance(clock, 31)
+    last_write = clock.seconds() - 10  # ...after writing once more, past its last heartbeat
+    os.utime(dead.temp_path, (last_write, last_write))
+    b.serve()
+    assert b.upstream.gets == 1 and os.path.exists(dead.temp_path)  # too fresh to be sure at takeover
+    b_body = b.upstream.answer()
+    ours = b.downloads.active(DIGEST).temp_path
+    advance(clock, 20)
+    b_body.send(DATA[:1000])  # a live download (ours) is never removed
+    advance(clock, 10.5)
+    assert not os.path.exists(dead.temp_path) and os.path.exists(ours)  # gone once it cannot be live
