@@ -80,8 +80,10 @@ from .blobstore import (
     BlobWriteError,
     BlobWriter,
     DigestMismatch,
+    FollowFailure,
     FollowState,
     SizeMismatch,
+    TempFileRemoved,
 )
 from .digest import InvalidDigest, is_digest, parse_digest, sha256_digest
 from .exclusive import create_exclusive
@@ -113,6 +115,7 @@ __all__ = [
     "BlobWriter",
     "DEFAULT_GC_STALE_AFTER",
     "DigestMismatch",
+    "FollowFailure",
     "FollowState",
     "GC_LEASE",
     "GcResult",
@@ -131,6 +134,7 @@ __all__ = [
     "Storage",
     "StoreStats",
     "TagRecord",
+    "TempFileRemoved",
     "VerifyProgress",
     "VerifyResult",
     "collect",

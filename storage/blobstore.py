@@ -48,6 +48,10 @@ class BlobWriteError(Exception):
     """A write was not committed; nothing was left under the blob's name."""
 
 
+class TempFileRemoved(BlobWriteError):
+    """The temporary file vanished before its commit (a node that took the write over removed it)."""
+
+
 class DigestMismatch(BlobWriteError):
     def __init__(self, expected: str, actual: str) -> None:
         super().__init__(f"digest mismatch: expected {expected}, got {actual}")
@@ -250,11 +254,18 @@ class BlobWriter:
         parent = os.path.dirname(final)
         os.makedirs(parent, exist_ok=True)
         if os.path.exists(final):
-            # Another writer committed the same bytes first; its file is as good as ours.
-            os.unlink(self.temp_path)
+            # Another writer committed the same bytes first; its file is as good as ours. Ours may
+            # be gone already: a node that took our lease over while our store stalled removed it.
+            _unlink_if_there(self.temp_path)
         else:
-            os.rename(self.temp_path, final)
-            fsync_dir(parent)
+            try:
+                os.rename(self.temp_path, final)
+            except FileNotFoundError:
+                # Removed under us by a node that took the download over (we looked dead to it).
+                if not os.path.exists(final):
+                    raise TempFileRemoved(f"{self.temp_path} was removed before its commit") from None
+            else:
+                fsync_dir(parent)
         self.committed = True
         return final
 
@@ -278,6 +289,10 @@ def _discard(fd: int, path: str) -> None:
         os.close(fd)
     except OSError:
         pass
+    _unlink_if_there(path)
+
+
+def _unlink_if_there(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -326,7 +341,21 @@ class BlobReader:
 class FollowState(Enum):
     WRITING = "writing"  # more bytes may come
     COMMITTED = "committed"  # every byte was delivered and they are the verified blob's
-    FAILED = "failed"  # the write was abandoned or its bytes did not verify
+    FAILED = "failed"  # the write was abandoned or its bytes did not verify (see ``failure``)
+
+
+class FollowFailure(Enum):
+    """Why a follower FAILED: only the first says a byte was wrong; the others that its source
+    went away, and the bytes delivered so far may still be completed from another source."""
+
+    MISMATCH = "did_not_verify"  # what was delivered is not the blob (or not all of it)
+    REMOVED = "source_removed"  # the followed file vanished and the blob was not committed
+    IDLE = "source_idle"  # the followed file stopped growing for ``stall_timeout``
+    ABANDONED = "source_abandoned"  # the download writing it ended without a commit
+
+    @property
+    def recoverable(self) -> bool:
+        return self is not FollowFailure.MISMATCH
 
 
 class BlobFollower:
@@ -351,6 +380,7 @@ class BlobFollower:
         self.temp_path = temp_path
         self.position = 0
         self.state = FollowState.WRITING
+        self.failure: FollowFailure | None = None
         self._fd = fd
         self._final = store.path(digest)
         self._size: int | None = None
@@ -410,9 +440,9 @@ class BlobFollower:
                 # Rename is atomic: look at the blob's name once more before calling it failed.
                 if os.path.exists(self._final):
                     return self._check_progress()
-                self._fail()
+                self._fail(FollowFailure.REMOVED)
             elif self._stalled():
-                self._fail()
+                self._fail(FollowFailure.IDLE)
             return
         if not self._is_final(final_st):
             if self.temp_path is not None and os.path.exists(self.temp_path) and not self._stalled():
@@ -439,7 +469,7 @@ class BlobFollower:
         try:
             fd = os.open(self._final, os.O_RDONLY)
         except FileNotFoundError:
-            return self._fail()
+            return self._fail(FollowFailure.REMOVED)
         self._old_fd, self._fd = self._fd, fd
         self._switched_at = self.position
 
@@ -453,12 +483,12 @@ class BlobFollower:
 
     def _finish(self) -> None:
         if self.position != self._size:
-            return self._fail()
+            return self._fail(FollowFailure.MISMATCH)
         if self.verify_bytes:
             if "sha256:" + self._hash.hexdigest() != self.digest:
-                return self._fail()
+                return self._fail(FollowFailure.MISMATCH)
         elif self._switched_at and self._old_fd is not None and not self._same_prefix(self._switched_at):
-            return self._fail()
+            return self._fail(FollowFailure.MISMATCH)
         self.state = FollowState.COMMITTED
         self._close_old()
 
@@ -472,9 +502,43 @@ class BlobFollower:
                 return False
         return True
 
-    def _fail(self) -> None:
+    def _fail(self, why: FollowFailure) -> None:
         self.state = FollowState.FAILED
+        self.failure = why
         self._close_old()
+
+    def abandon(self) -> None:
+        """The download writing the followed file ended without a commit: stop waiting for it."""
+        if self.state is FollowState.WRITING:
+            self._fail(FollowFailure.ABANDONED)
+
+    def delivered_hash(self) -> hashlib._Hash:
+        """The sha256 state of the bytes delivered so far (reads them back when they were not
+        hashed as they went). Blocking: for a follower's successor (:meth:`carry_on`)."""
+        if self.verify_bytes:
+            return self._hash.copy()
+        digest = hashlib.sha256()
+        # After a switch, the bytes before it came from the abandoned file (kept open).
+        sources = [(self._old_fd, 0, self._switched_at), (self._fd, self._switched_at, self.position)] \
+            if self._switched_at is not None and self._old_fd is not None else [(self._fd, 0, self.position)]
+        for fd, start, end in sources:
+            for offset in range(start, end, 1 << 20):
+                take = min(1 << 20, end - offset)
+                data = os.pread(fd, take, offset)
+                if len(data) != take:
+                    raise BlobWriteError("the bytes delivered so far can no longer be read back")
+                digest.update(data)
+        return digest
+
+    def carry_on(self, position: int, delivered: hashlib._Hash) -> None:
+        """Continue a response another follower began: skip the ``position`` bytes it delivered
+        (whose hash is ``delivered``) and, at the end, report COMMITTED only if all of them,
+        old and new, hash to the digest."""
+        self.position = position
+        self._hash = delivered
+        self.verify_bytes = True
+        if self._size is not None and self.position >= self._size:
+            self._finish()
 
     def _close_old(self) -> None:
         if self._old_fd is not None:
@@ -511,6 +575,8 @@ __all__ = [
     "BlobWriteError",
     "BlobWriter",
     "DigestMismatch",
+    "FollowFailure",
     "FollowState",
     "SizeMismatch",
+    "TempFileRemoved",
 ]

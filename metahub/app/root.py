@@ -25,7 +25,8 @@ from metahub.config.file import Config
 from metahub.runtime.lane import thread_lanes
 from metahub.runtime.memory import Releaser
 from metahub.runtime.metrics import Metrics
-from metahub.runtime.threads import BoundedPool, ThreadRunner, thread_runner
+from metahub.runtime.pools import ThreadPoolRunner
+from metahub.runtime.threads import BoundedPool
 from metahub.upstream.client import UpstreamClient, make_http_clients
 from metahub.upstream.upstreams import Upstreams
 from metahub.web.api import Registry, RegistryResource
@@ -93,6 +94,10 @@ class Root:
         if self._index_lock is not None:
             self._index_lock.release()
             self._index_lock = None
+        for name in ("in_thread", "store_reads"):  # our own pools' threads would outlive the process
+            pool = vars(self).pop(name, None)
+            if pool is not None:
+                pool.stop()
 
     @cached_property
     def leases(self) -> Leases:
@@ -126,8 +131,15 @@ class Root:
     # --- threads, metrics, upstreams ---------------------------------------------------------
 
     @cached_property
-    def in_thread(self) -> ThreadRunner:
-        return thread_runner(self.reactor)
+    def in_thread(self) -> ThreadPoolRunner:
+        """Store I/O (opens, stats, leases, directories) on threads of its own: a stalled mount
+        costs these, not the reactor's pool, which also resolves upstream host names."""
+        return ThreadPoolRunner(self.reactor, self.config.storage.io_threads, "metahub-store")
+
+    @cached_property
+    def store_reads(self) -> ThreadPoolRunner:
+        """Reads of blob files already open, never queued behind opens a stalled store holds up."""
+        return ThreadPoolRunner(self.reactor, self.config.storage.io_threads, "metahub-store-reads")
 
     @cached_property
     def kdf(self) -> BoundedPool:
@@ -178,6 +190,7 @@ class Root:
         return Blobs(
             storage=self.storage, upstreams=self.upstreams, downloads=self.downloads, clock=self.reactor,
             in_thread=self.in_thread, metrics=self.metrics, releaser=Releaser(self.reactor),
+            read_in_thread=self.store_reads,
         )
 
     @cached_property

@@ -4,6 +4,8 @@
 
     ServerTree          logs the configuration, starts the children in order, stops them in reverse,
                         one after another
+      store-io          PoolService: store I/O's own threads (storage.io_threads), and
+      store-reads         reads of open blob files on threads of their own (docs/cluster.md)
       store             StoreService: opens the store (never before: twistd may fork after makeService,
                         and an LMDB environment must not cross a fork); at a clean stop lets the
                         commits in flight land, writes the last access times, closes it
@@ -31,6 +33,7 @@ from twisted.logger import Logger
 from metahub.app.ports import give_up
 from metahub.app.root import ACCESS_FLUSH_INTERVAL, Root
 from metahub.config.file import config_summary
+from metahub.runtime.pools import ThreadPoolRunner
 from metahub.runtime.threads import BoundedPool
 from storage import IndexInUse
 
@@ -78,7 +81,7 @@ class StoreService(Service):
 class PoolService(Service):
     """Runs a thread pool of our own while running."""
 
-    def __init__(self, *, pool: BoundedPool) -> None:
+    def __init__(self, *, pool: BoundedPool | ThreadPoolRunner) -> None:
         self.pool = pool
 
     def startService(self) -> None:
@@ -87,7 +90,7 @@ class PoolService(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        self.pool.stop()  # waits for at most the KDF runs in progress (tens of ms each)
+        self.pool.stop()  # waits for the calls in progress (a KDF run: tens of ms)
 
 
 class ServerTree(MultiService):
@@ -137,6 +140,10 @@ def _timer(interval: float, job: Callable[[], Coroutine[Any, Any, None]], root: 
 
 def server_tree(*, root: Root, notice: Sequence[str] = ()) -> ServerTree:
     children: list[tuple[str, IService]] = [
+        # Before the store: children stop in reverse order, and the store's stop still flushes
+        # through these pools.
+        ("store-io", PoolService(pool=root.in_thread)),
+        ("store-reads", PoolService(pool=root.store_reads)),
         ("store", StoreService(root=root)),
         ("kdf", PoolService(pool=root.kdf)),
         ("registry-port", root.registry_port),

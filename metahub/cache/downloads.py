@@ -12,8 +12,12 @@ FAILED, and their responses are aborted.
 Across nodes sharing the store, the node that takes the blob's lease (``leases/<hex>.lease``,
 exclusive create, heartbeated) downloads; the others follow its growing temporary file by polling.
 A lease whose holder fell silent for ``lease_timeout`` is taken over by one node, which starts the
-download again. Correctness never rests on the lease: if two nodes did fetch, both verify and the
-store ends with one correct file.
+download again; a follower's watcher notices that itself and ends its download unfinished, so the
+responses following it go on from whichever source is there next (see :mod:`metahub.web.blobs`). A
+holder whose heartbeat finds its lease taken over (its store stalled so long it looked dead) steps
+aside: it stops its upstream transfer, commits nothing, and its followers go on the same way.
+Correctness never rests on the lease: if two nodes did fetch, both verify and the store ends with
+one correct file.
 
 On a node, single flight is per upstream and digest: one upstream hanging or refusing must not reach
 the clients of another, so a request through another upstream fetches for itself (without the lease,
@@ -51,6 +55,7 @@ from storage import (
     Leases,
     SizeMismatch,
     Storage,
+    TempFileRemoved,
 )
 
 log = Logger()
@@ -69,6 +74,10 @@ QUEUED_LIMIT = 4 << 20
 
 class AlreadyStored(Exception):
     """The blob was committed (by another node) while this one was about to fetch it."""
+
+
+class LeaseLost(BlobWriteError):
+    """Another node took this download's lease over: this node's copy is dropped, not committed."""
 
 
 class _BodySink(BodyProtocol):
@@ -138,7 +147,14 @@ class Download:
         self._piece_bytes = 0
         self._queued = 0  # handed to the lane, not yet written
         self.finished: Deferred[bool] = Deferred()  # True when committed
+        #: Set when it ends: True if committed. A follower of a download that ended without a
+        #: commit may still finish its response from another source when :attr:`recoverable`.
+        self.committed: bool | None = None
+        #: Its failure was not upstream's or the bytes': another node's download ended unfinished,
+        #: or this node stepped aside for the node that took its lease over.
+        self.recoverable = writer is None
         self.lease: Lease | None = None
+        self.lease_lost = False  # its heartbeat found the lease taken over
         self.heartbeat: LoopingCall | None = None
         self._waiters: list[tuple[int, Deferred[None]]] = []  # (bytes written to wait for, waiter)
 
@@ -218,6 +234,7 @@ class Download:
             waiter.callback(None)
 
     def _end(self, committed: bool) -> None:
+        self.committed = committed
         self.finished.callback(committed)
         self._wake()
 
@@ -334,7 +351,7 @@ class Downloads:
                 raise AlreadyStored(digest)  # committed elsewhere between our lookup and the lease
             # A lease taken over from a dead holder leaves its half-written file: remove it, so no
             # node follows it instead of ours.
-            await self.in_thread(self._drop_stale_temps, digest)
+            others = await self.in_thread(self._drop_stale_temps, digest)
             response: IResponse = await self.upstreams.client(upstream).get_blob(route.repository, digest)
             size = None if response.length is UNKNOWN_LENGTH else int(response.length)
             try:
@@ -347,9 +364,11 @@ class Downloads:
                 await self._release(lease)
             raise
         download = Download(digest, route, size, writer, self.clock, self.lanes(f"download {digest[7:19]}"))
+        if others:
+            self.clock.callLater(self.lease_timeout, lambda: ensureDeferred(self._drop_later(digest, writer.temp_path)))
         if lease is not None:
             download.lease = lease
-            download.heartbeat = LoopingCall(self.in_thread, lease.heartbeat)
+            download.heartbeat = LoopingCall(lambda: ensureDeferred(self._heartbeat(download)))
             download.heartbeat.clock = self.clock
             download.heartbeat.start(self.lease_timeout / 3, now=False)
         sink = _BodySink(download, self.clock, route.upstream.read_timeout)
@@ -367,6 +386,58 @@ class Downloads:
         except Exception:
             sink.connectionLost(Failure())
         return download
+
+    async def _heartbeat(self, download: Download) -> None:
+        lease = download.lease
+        if lease is None:
+            return
+        try:
+            ours = await self.in_thread(lease.heartbeat)
+        except OSError as error:  # the store failing for a moment; the lease may go stale meanwhile
+            log.warn("could not heartbeat the lease {name}: {error}", name=lease.name, error=error)
+            return
+        if not ours:
+            self._step_aside(download)
+
+    def _step_aside(self, download: Download) -> None:
+        """The lease is no longer ours: another node judged this one dead (no heartbeat for
+        ``lease_timeout``, as when the store stalls), took it over and removed our file. Unless
+        every byte has verified already (then the commit goes ahead: one correct file either way),
+        stop fetching and commit nothing; the followers go on from the other node's download."""
+        download.lease = None  # not ours to release
+        download.lease_lost = True
+        if download.heartbeat is not None and download.heartbeat.running:
+            download.heartbeat.stop()
+        if download.verified or download.finished.called or download.flow is None:
+            return  # every byte is in: the commit goes ahead, or _finish steps aside if it fails
+        self._stepping_aside(download)
+        if download.write_error is None:
+            download.write_error = LeaseLost(f"the lease for {download.digest} was taken over")
+        download.flow.stopProducing()
+
+    def _stepping_aside(self, download: Download) -> None:
+        download.recoverable = True
+        log.warn(
+            "lost the lease for {digest} to another node (this node's store stalled past lease_timeout?);"
+            " stepping aside: its download is dropped and its clients are served from the other node's",
+            digest=download.digest,
+        )
+
+    async def _still_ours(self, download: Download) -> bool:
+        """Before a failed download blames upstream or the store: was it a stall long enough to lose
+        the lease (its heartbeats hung with the store)? Then it steps aside instead (True if not)."""
+        if download.lease is not None and not download.lease_lost:
+            try:
+                if await self.in_thread(download.lease.heartbeat):
+                    return True
+            except OSError:
+                return True
+            download.lease = None
+        elif not download.lease_lost:
+            return True
+        if not isinstance(download.write_error, LeaseLost):
+            self._stepping_aside(download)
+        return False
 
     async def _follow_remote(self, route: Route, digest: str) -> Download:
         """Another node holds the lease: follow its file instead of fetching again."""
@@ -394,14 +465,30 @@ class Downloads:
             del self._active[(download.route.upstream.name, download.digest)]
             download._end(committed)
 
-    def _drop_stale_temps(self, digest: str) -> None:
+    def _drop_stale_temps(self, digest: str, keep: str | None = None) -> int:
+        """Remove this digest's temp files untouched for ``lease_timeout``; how many others remain."""
         now = self.leases.clock()
+        remaining = 0
         for path in self.storage.blobs.in_progress(digest):
+            if path == keep:
+                continue
             try:
                 if now - os.stat(path).st_mtime > self.lease_timeout:
                     os.unlink(path)
+                else:
+                    remaining += 1
             except FileNotFoundError:
                 continue
+        return remaining
+
+    async def _drop_later(self, digest: str, keep: str) -> None:
+        """A dead holder may have written its file up to a heartbeat interval after its lease's last
+        stamp, so at takeover its file can look fresher than ``lease_timeout``: look once more when
+        it cannot (a live writer's file is never that old; ours is kept)."""
+        try:
+            await self.in_thread(self._drop_stale_temps, digest, keep)
+        except OSError as error:
+            log.warn("could not remove a dead download's file of {digest}: {error}", digest=digest, error=error)
 
     def _newest(self, paths: list[str], since: float | None) -> str | None:
         """The temp file written to most recently, if written to after ``since``: the live holder's.
@@ -453,6 +540,8 @@ class Downloads:
                 self.storage.index.put_blob(download.digest, download.received_bytes, now, repository=download.route.key)
                 committed = True
                 self.capacity.stored()
+            elif not await self._still_ours(download):
+                await lane.run(writer.abort)
             else:
                 await lane.run(writer.abort)
                 refused = store_error(download.write_error) if download.write_error is not None else None
@@ -471,6 +560,10 @@ class Downloads:
                 "upstream {upstream} sent wrong bytes for {digest} (got {actual}); nothing cached",
                 upstream=upstream, digest=download.digest, actual=mismatch.actual,
             )
+        except TempFileRemoved as removed:  # a node that took our lease over removed our file
+            download.recoverable = True
+            log.warn("download of {digest} not committed: {why}; another node took it over",
+                     digest=download.digest, why=str(removed))
         except BlobWriteError as failure:
             client.body_failed()
             log.error("download of {digest} not committed: {why}", digest=download.digest, why=str(failure))

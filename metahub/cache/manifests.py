@@ -5,7 +5,9 @@ index. A tag maps to a digest in the index with the time upstream last confirmed
 older than ``tag_ttl`` a HEAD upstream revalidates it; when upstream cannot answer (down, 5xx, rate
 limited) the last known digest is served and a warning logged, which is what keeps pulls working
 through an upstream outage. Confirmed tags are also written to the shared store directory, so when
-upstream is unreachable any node can serve a tag that any node resolved.
+upstream is unreachable any node can serve a tag that any node resolved. That write happens after
+the answer, never before it: a stalled shared directory must not hold up a pull the local index can
+serve, and a tag whose write is still pending is not written again (one stuck thread per tag at most).
 
 A store that cannot take the manifest (full, read-only, failing: :mod:`metahub.cache.capacity`) does not
 fail the request: the body upstream sent, already checked against its digest, is served and kept
@@ -16,6 +18,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -91,6 +94,8 @@ class Manifests:
         self.in_thread = in_thread
         self.metrics = metrics
         self.tag_ttl = tag_ttl
+        #: Shared tag writes under way: (upstream, repository, tag) -> the (digest, time) to write next.
+        self._sharing: dict[tuple[str, str, str], tuple[str, float] | None] = {}
         self._resolutions: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._bodies: OrderedDict[str, ManifestBody] = OrderedDict()
         self._body_bytes = 0
@@ -218,14 +223,33 @@ class Manifests:
             self.storage.index.set_tag(route.upstream.name, route.repository, tag, known.digest, known.checked)
 
     async def _confirmed(self, route: Route, tag: str, digest: str, now: float) -> None:
-        """Upstream confirmed tag -> digest: remember it here and for the other nodes."""
+        """Upstream confirmed tag -> digest: remember it here, and for the other nodes after the answer."""
         self.storage.index.set_tag(route.upstream.name, route.repository, tag, digest, now)
         if not self.capacity.can_store():
             return  # the other nodes resolve the tag themselves meanwhile
+        key = (route.upstream.name, route.repository, tag)
+        if key in self._sharing:  # a write of this tag is under way (perhaps stalled): write after it
+            self._sharing[key] = (digest, now)
+            return
+        self._sharing[key] = None
+        ensureDeferred(self._share(route, key, digest, now))
+
+    async def _share(self, route: Route, key: tuple[str, str, str], digest: str, now: float) -> None:
+        upstream, repository, tag = key
         try:
-            await self.in_thread(self.shared_tags.write, route.upstream.name, route.repository, tag, digest, now)
-        except OSError as error:
-            self.capacity.failed(error, f"the shared record of {route.key}:{tag}")
+            while True:
+                try:
+                    await self.in_thread(self.shared_tags.write, upstream, repository, tag, digest, now)
+                except OSError as error:
+                    self.capacity.failed(error, f"the shared record of {route.key}:{tag}")
+                    return
+                later = self._sharing[key]
+                if later is None:
+                    return
+                digest, now = later
+                self._sharing[key] = None
+        finally:
+            del self._sharing[key]
 
     async def for_machine_type(
         self, route: Route, index: ManifestBody, machine_type: MachineType, reference: str

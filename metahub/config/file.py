@@ -82,6 +82,7 @@ class StorageConfig:
     lease_timeout: float = 30.0  # a download lease silent this long belongs to a dead node
     gc_interval: float = 600.0  # how often a node tries to collect (one node at a time)
     gc_grace: float = 3600.0  # blobs read this recently are never evicted
+    io_threads: int = 8  # threads for store I/O, and as many again for reads of open files
 
 
 @dataclass(frozen=True)
@@ -736,6 +737,7 @@ _STORAGE = {
     "lease_timeout": _Key(_duration(0, strict=True)),
     "gc_interval": _Key(_duration(0, strict=True)),
     "gc_grace": _Key(_duration(0, strict=False)),
+    "io_threads": _Key(lambda value, path, ctx: _count(value, path, ctx)),  # defined further down
 }
 
 

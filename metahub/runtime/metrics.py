@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 #: Label values come only from fixed sets: each distinct value is a time series held forever, so a
 #: client choosing them (a made-up method, say) could grow /metrics and memory without bound.
 _METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+#: Why a blob response was cut short (metahub.web.streaming.ABORTED): a fixed set.
+ABORT_REASONS = ("did_not_verify", "source_removed", "source_idle", "source_abandoned", "too_long")
 
 
 def method_label(method: bytes) -> str:
@@ -69,6 +71,15 @@ class Metrics:
             "metahub_store_bypassed", "Blobs and manifests served from upstream without being kept, by kind",
             ["kind"], registry=self.registry,
         )
+
+        self.responses_aborted = Counter(
+            "metahub_responses_aborted",
+            "Blob responses cut short, by reason (did_not_verify: a wrong byte; source_*: the file followed"
+            " went away and no other source could carry the response on; too_long)",
+            ["reason"], registry=self.registry,
+        )
+        for reason in ABORT_REASONS:  # every series present from the start, at 0
+            self.responses_aborted.labels(reason)
 
     def hits_and_misses(self) -> tuple[int, int]:
         """Cache lookups that were answered from the store, and those that went upstream."""

@@ -1,8 +1,8 @@
 """Running blocking work off the reactor thread: file I/O on a store that may be NFS, and the KDF.
 
-Store I/O uses the reactor's thread pool. The password KDF gets a small pool of its own
-(:class:`BoundedPool`): scrypt is slow on purpose, and on the shared pool a flood of logins would
-queue ahead of every blob read.
+Store I/O runs on pools of its own (:mod:`metahub.runtime.pools`). The password KDF gets a small
+pool of its own (:class:`BoundedPool`): scrypt is slow on purpose, and on a shared pool a flood of
+logins would queue ahead of everything else.
 """
 from __future__ import annotations
 

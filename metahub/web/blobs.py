@@ -4,13 +4,18 @@ the store cannot take a file) straight from upstream, verified and not kept.
 A cached blob is served for repository R only if R is linked to it (R's manifest referenced it, or it
 was fetched through R) or upstream confirms R has it: a digest alone must not let one repository's
 private layers be read through another name.
+
+A response following a download whose source goes away (another node died or stepped aside, or
+this node stepped aside for the node that took its lease over) is carried on by :meth:`Blobs._resume`:
+it joins the digest's download again (which follows the live holder, takes a dead holder's lease
+over and fetches the whole blob, or finds it committed) and follows that from the byte the client
+has, hashing the bytes already sent with the new ones.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request
@@ -27,12 +32,13 @@ from metahub.upstream.upstreams import Upstreams
 from metahub.web.headers import header_text
 from metahub.web.passthrough import VerifyingRelay
 from metahub.web.ranges import content_range, parse_range
-from metahub.web.streaming import send
+from metahub.web.streaming import WaitForMore, send
 from storage import (
     BlobFollower,
     BlobNotFound,
     BlobRecord,
     BlobStore,
+    BlobWriteError,
     FollowState,
     Storage,
 )
@@ -61,6 +67,7 @@ class Blobs:
         in_thread: ThreadRunner,
         metrics: Metrics,
         releaser: Releaser | None = None,
+        read_in_thread: ThreadRunner | None = None,
     ) -> None:
         self.storage = storage
         self.releaser = releaser
@@ -68,6 +75,9 @@ class Blobs:
         self.downloads = downloads
         self.clock = clock
         self.in_thread = in_thread
+        #: Reads of files already open: a pool of their own, never queued behind opens that a
+        #: stalled store holds up (docs/cluster.md).
+        self.read_in_thread = read_in_thread or in_thread
         self.metrics = metrics
 
     async def find(self, digest: str) -> BlobRecord | None:
@@ -154,10 +164,45 @@ class Blobs:
             retried = True
         # ``wanted`` is None or the whole blob (``bytes=0-``: a 206 of every byte, as when cached).
         self._range_headers(request, digest, wanted, download.size)
+        followed = [download]  # the download the response follows now: _resume may move it on
+
+        def resume(old: BlobFollower) -> Deferred[tuple[BlobFollower, WaitForMore] | None]:
+            return ensureDeferred(self._resume(route, digest, old, followed))
+
         await send(
-            request, follower, self.in_thread, lambda n: self.metrics.bytes_served.labels("upstream").inc(n),
-            wait_for_more(follower, download), download.size,
+            request, follower, self.read_in_thread, lambda n: self.metrics.bytes_served.labels("upstream").inc(n),
+            wait_for_more(follower, download), download.size, resume,
+            lambda reason: self.metrics.responses_aborted.labels(reason).inc(),
         )
+
+    async def _resume(
+        self, route: Route, digest: str, old: BlobFollower, followed: list[Download]
+    ) -> tuple[BlobFollower, WaitForMore] | None:
+        """A successor for ``old``, whose source went away without a wrong byte; None if there is none."""
+        if not followed[0].recoverable:
+            return None  # this node's own fetch failed (upstream, or the store): the client is told
+        try:
+            delivered = await self.read_in_thread(old.delivered_hash)
+        except (OSError, BlobWriteError):
+            return None
+        try:
+            download = await self.downloads.join(route, digest)
+        except AlreadyStored:  # committed, by whichever node: finish from the blob itself
+            stored = await self.in_thread(self.storage.blobs.follow, digest)
+            if stored is None:
+                return None
+            stored.carry_on(old.position, delivered)
+            return stored, _committed
+        except (StoreUnavailable, errors.RegistryError):
+            return None
+        if download.route.key != route.key:
+            await self.confirm(route, digest)
+        follower = await self._follower(download)
+        if follower is None:
+            return None
+        follower.carry_on(old.position, delivered)
+        followed[0] = download
+        return follower, wait_for_more(follower, download)
 
     async def _pass_through(self, request: Request, route: Route, digest: str) -> None:
         """The store cannot take the blob: relay it from upstream to this client alone, verified."""
@@ -217,7 +262,7 @@ class Blobs:
             if head:
                 request.finish()
                 return True
-            await send(request, reader, self.in_thread, lambda n: self.metrics.bytes_served.labels("cache").inc(n))
+            await send(request, reader, self.read_in_thread, lambda n: self.metrics.bytes_served.labels("cache").inc(n))
             return True
         finally:
             reader.close()
@@ -232,15 +277,23 @@ class Blobs:
         request.setHeader("Content-Range", content_range(wanted[0], wanted[1], size))
 
 
-def wait_for_more(follower: BlobFollower, download: Download) -> Callable[[], Deferred[None]]:
+def wait_for_more(follower: BlobFollower, download: Download) -> WaitForMore:
     """What a follower of ``download`` awaits once it has read everything that has landed."""
 
     async def more() -> None:
         if not _vouch(follower, download):
             await download.changed(follower.position)
-            _vouch(follower, download)
+            if not _vouch(follower, download) and download.committed is False and download.recoverable:
+                # Another node's download that ended unfinished (its holder died, or stepped
+                # aside), or ours that stepped aside: no more bytes will land in this file.
+                follower.abandon()
 
     return lambda: ensureDeferred(more())
+
+
+def _committed() -> Deferred[None]:
+    """The ``wait_for_more`` of a committed blob's follower: never waited on (it has every byte)."""
+    return succeed(None)
 
 
 def _vouch(follower: BlobFollower, download: Download) -> bool:

@@ -32,7 +32,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, Request
+from twisted.web.http import HTTPChannel, Request, combinedLogFormatter
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
@@ -132,13 +132,20 @@ class _Addresses:
         return len(self._open)
 
 
+def _access_line(timestamp: str, request: Request) -> str:
+    """The combined log format; a blob response cut short ends with ``aborted:<reason>``."""
+    line = combinedLogFormatter(timestamp, request)
+    reason = getattr(request, "metahub_aborted", None)
+    return line if reason is None else f"{line} aborted:{reason}"
+
+
 class RegistrySite(Site):
     """The site with its connection limits (``http:`` in the config) and optional access log."""
 
     def __init__(
         self, resource: IResource, limits: HttpConfig, access_log: bool = True, reactor: IReactorTime | None = None
     ) -> None:
-        super().__init__(resource, reactor=reactor)
+        super().__init__(resource, reactor=reactor, logFormatter=_access_line)
         # Twisted types protocol as its HTTP/1.1-or-2 wrapper's factory; this site's channel is HTTP/1.1.
         self.protocol = RegistryChannel  # type: ignore[assignment, method-assign]
         self.displayTracebacks = False

@@ -8,6 +8,13 @@ a follower of a download reads only after the drain, so the twenty clients of a 
 small chunk each. For a blob still being downloaded the final byte (the latest chunk, when the
 size is unknown) is held back until the write has verified: a client must never receive a complete
 response whose bytes did not. If they did not, the connection is aborted instead.
+
+When the followed file goes away without a byte being wrong (its writer died, stalled past its
+lease, or stepped aside), ``recover`` is asked for a successor that carries on from the same byte
+(another node's download, one this node takes over, or the committed blob), which verifies the
+whole blob, old bytes and new, before the response completes. The client sees one slow response.
+A response that cannot go on is aborted, and says why: in the log, in the access log line
+(``aborted:<reason>``) and in ``metahub_responses_aborted{reason}``.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ from zope.interface import implementer
 
 from metahub.runtime.threads import ThreadRunner
 from metahub.web.connection import abort
-from storage import BlobFollower, FollowState
+from storage import BlobFollower, FollowFailure, FollowState
 
 log = Logger()
 
@@ -31,6 +38,40 @@ CHUNK = 1 << 20
 #: Bytes per read of a download in progress: the twenty clients of a fan-in each hold one, and a
 #: smaller piece costs only more thread hops, which are cheap beside the upstream transfer.
 FOLLOW_CHUNK = 256 << 10
+
+
+#: How many times one response may move to a new source: a node dying, then its successor too.
+MAX_RECOVERIES = 3
+
+#: What the log says when a response is aborted, by reason (the metric's label).
+ABORTED = {
+    FollowFailure.MISMATCH.value: "the bytes of the blob being downloaded did not verify",
+    FollowFailure.REMOVED.value: "the file being followed was removed and the blob was not committed",
+    FollowFailure.IDLE.value: "the file being followed stopped growing (its writer is dead or stalled)",
+    FollowFailure.ABANDONED.value: "the download being followed ended without a commit",
+    "too_long": "the blob being downloaded is longer than its size",
+}
+
+#: ``wait_for_more`` of a follower: awaited when no new bytes have landed.
+WaitForMore = Callable[[], Deferred[None]]
+#: Given a follower that FAILED without a wrong byte: a successor carrying on from its position, and
+#: the successor's ``wait_for_more``; None when there is none.
+Recover = Callable[[BlobFollower], Deferred["tuple[BlobFollower, WaitForMore] | None"]]
+
+
+def aborted(request: Request, reason: str, on_abort: Callable[[str], None] | None) -> None:
+    """Cut the client's connection (it must not take a short body as the blob) and say why."""
+    log.warn("aborting a response: {why}", why=ABORTED.get(reason, reason))
+    if on_abort is not None:
+        on_abort(reason)
+    request.unregisterProducer()
+    # An aborted response is never finished, so Twisted writes no access log line for it: write one,
+    # marked (see metahub.web.site), with the bytes that were sent.
+    request.metahub_aborted = reason  # type: ignore[attr-defined]
+    site = getattr(request, "site", None)
+    if site is not None:
+        site.log(request)
+    abort(request)
 
 
 class Readable(TypingProtocol):
@@ -68,8 +109,10 @@ async def send(
     source: Readable,
     in_thread: ThreadRunner,
     on_bytes: Callable[[int], None],
-    wait_for_more: Callable[[], Deferred[None]] | None = None,
+    wait_for_more: WaitForMore | None = None,
     length: int | None = None,
+    recover: Recover | None = None,
+    on_abort: Callable[[str], None] | None = None,
 ) -> bool:
     """Write everything ``source`` yields to ``request`` and finish it; True if the client got it all.
 
@@ -77,13 +120,15 @@ async def send(
     :class:`storage.BlobFollower` (a growing file: ``wait_for_more`` is awaited when no new bytes have
     landed, and the response completes only if the write committed). For a follower, ``length`` is
     the blob's size when known: then only its final byte waits for the verdict, else (a chunked
-    upstream body, whose end is known only at the end) the latest chunk does.
+    upstream body, whose end is known only at the end) the latest chunk does. ``recover`` (see the
+    module docstring) lets a follower whose source went away be replaced; ``on_abort`` counts aborts.
     """
     gate = _Gate()
     request.registerProducer(gate, True)
     request.notifyFinish().addErrback(lambda _: gate.stopProducing())
     following = isinstance(source, BlobFollower)
     held = b""
+    recoveries = 0
     ahead: Deferred[bytes] | None = None  # the next chunk of a committed blob, being read
     try:
         while not gate.stopped:
@@ -100,9 +145,7 @@ async def send(
                     if length is None:
                         data, held = held, data
                     elif source.position > length:  # another node's file outgrew the size HEAD gave
-                        log.warn("aborting a response: the blob being downloaded is longer than its size")
-                        request.unregisterProducer()
-                        abort(request)
+                        aborted(request, "too_long", on_abort)
                         return False
                     elif source.position == length:
                         data, held = data[:-1], data[-1:]
@@ -118,9 +161,27 @@ async def send(
                     await wait_for_more()
                     continue
                 if source.state is FollowState.FAILED:
-                    log.warn("aborting a response: the blob being downloaded did not verify")
-                    request.unregisterProducer()
-                    abort(request)
+                    failure = source.failure or FollowFailure.MISMATCH
+                    if recover is not None and failure.recoverable and recoveries < MAX_RECOVERIES:
+                        recoveries += 1
+                        log.info(
+                            "a response at byte {position} goes on from another source: {why}",
+                            position=source.position, why=ABORTED[failure.value],
+                        )
+                        try:
+                            successor = await recover(source)
+                        except Exception:  # e.g. upstream now refuses this repository: abort below
+                            log.failure("no other source could carry a response on")
+                            successor = None
+                        if successor is not None and not gate.stopped:
+                            source.close()
+                            source, wait_for_more = successor
+                            continue
+                        if successor is not None:
+                            successor[0].close()
+                    if gate.stopped:
+                        break
+                    aborted(request, failure.value, on_abort)
                     return False
                 if held:
                     request.write(held)

@@ -3,7 +3,10 @@
 ``SshfsMount(source_dir, workdir)`` starts a private ``sshd`` on 127.0.0.1 (its own host key,
 authorized key, pid file and config, all in ``workdir``; the system's sshd and /root/.ssh are never
 used) and mounts ``source_dir`` at ``workdir/mnt`` with ``sshfs -f`` as a ``Daemon``. ``stop()``
-unmounts (``fusermount3 -u``, lazily with ``-z`` if that fails), then stops sshfs and sshd.
+unmounts (``fusermount3 -u``, lazily with ``-z`` if that fails), then stops sshfs and sshd. ``stall()`` stops
+the sshfs client, or with ``server=True`` the sshd session running the sftp server (SIGSTOP), so
+every call through the mount hangs in the kernel as on a stalled NFS server, until ``unstall()``
+(SIGCONT); a clean ``stop()`` unstalls first.
 
 Caching is turned down as far as sshfs 3.7 allows (``dir_cache=no`` and zero FUSE attr/entry/
 negative timeouts), so a change made at the source is seen through the mount on the next call, as
@@ -34,6 +37,7 @@ with ``!`` (the sshd log then says so).
 import os
 import pwd
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +104,7 @@ class SshfsMount:
         self.port = 0
         self._sshd: Daemon | None = None
         self._sshfs: Daemon | None = None
+        self._stalled: list[int] = []  # processes stall() stopped
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path.mkdir(exist_ok=True)
         self._user = pwd.getpwuid(os.getuid()).pw_name
@@ -161,8 +166,27 @@ class SshfsMount:
             raise PeerError(f"{error}\nsshd log {self._sshd.log_path}:\n"
                             f"{self._sshd.log_tail(10)}") from None
 
+    def stall(self, server: bool = False) -> None:
+        """Stop sshfs, or the sftp server's sshd session processes (SIGSTOP): calls through the
+        mount hang until :meth:`unstall`."""
+        assert self._sshfs is not None and self._sshd is not None
+        self._stalled = _descendants(self._sshd.process.pid) if server else [self._sshfs.process.pid]
+        assert self._stalled, "no sshd session serves the mount"
+        for pid in self._stalled:
+            os.kill(pid, signal.SIGSTOP)
+
+    def unstall(self) -> None:
+        """Let what :meth:`stall` stopped run again (SIGCONT): the hung calls complete."""
+        for pid in self._stalled:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self._stalled = []
+
     def stop(self) -> None:
         """Unmount, then stop sshfs and sshd; safe to call twice. Raises if the mount survives."""
+        self.unstall()
         problems: list[str] = []
         if mounted(self.path):
             for lazy in ([], ["-z"]):
@@ -186,6 +210,25 @@ class SshfsMount:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.stop()
+
+
+def _descendants(parent: int) -> list[int]:
+    """The processes below ``parent`` (from /proc: each process's parent is in its stat line)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(children.get(parent, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
 
 
 def _answers(path: Path) -> bool:

@@ -111,6 +111,14 @@ def inline(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
 class InlinePool:
     """A thread pool that runs each job at once, on the caller's thread."""
 
+    started = True
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
     def callInThreadWithCallback(self, on_result, function, *args, **kwargs) -> None:  # noqa: N802
         try:
             result = function(*args, **kwargs)
@@ -192,3 +200,10 @@ class FakeRequest:
 
     def finish(self) -> None:
         self.finished = True
+
+
+def inline_threads(root: Any) -> None:
+    """Make a :class:`metahub.app.root.Root`'s own thread pools (logins, store I/O, store reads) run
+    their work inline, as a fake reactor's pool does."""
+    for runner in (root.kdf, root.in_thread, root.store_reads):
+        runner.pool = InlinePool()

@@ -34,7 +34,12 @@ from metahub.app.root import Root
 from metahub.config.file import UpstreamConfig, parse_config
 from metahub.oci import media
 from metahub.web.api import RegistryResource
-from tests.unit.fakes import FakeReactor, InlinePool, inline_lanes, minimal
+from tests.unit.fakes import (
+    FakeReactor,
+    inline_lanes,
+    inline_threads,
+    minimal,
+)
 
 _PATH = re.compile(r"/v2/(?P<repo>.+)/(?P<kind>manifests|blobs|tags)/(?P<rest>[^/]+)")
 
@@ -322,6 +327,6 @@ def in_memory_registry(
     } | config
     stubs = fake_network(monkeypatch, root_module, fakes)
     root = Root(config=parse_config(data, str(tmp_path)), reactor=FakeReactor(), listen="tcp:0")
-    root.kdf.pool = InlinePool()  # type: ignore[assignment]  # the logins' own pool, inline too
+    inline_threads(root)
     root.downloads.lanes = inline_lanes
     return InMemoryRegistry(root, root.resource, stubs)

@@ -20,7 +20,7 @@ from metahub.app.root import Root
 from metahub.config.file import Config, parse_config
 from metahub.oci import errors, media
 from storage import BlobStore
-from tests.unit.fakes import FakeReactor, inline_lanes, minimal
+from tests.unit.fakes import FakeReactor, inline_lanes, inline_threads, minimal
 from tests.unit.harness import (
     FakeRegistry,
     digest_of,
@@ -71,6 +71,7 @@ def run(cfg: Config, image: str, machine_type: str | None = None, out: io.String
     reactor = FakeReactor()
     outcome: list[Any] = []
     root = Root(config=cfg, reactor=reactor)
+    inline_threads(root)
     done = Deferred.fromCoroutine(prefetch(root=root, image=image, machine_type=machine_type, out=out or io.StringIO()))
     done.addBoth(outcome.append)
     for _ in range(100):  # a download in progress is polled every 0.2 s

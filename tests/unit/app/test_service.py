@@ -22,7 +22,7 @@ from metahub.app.service import COMMIT_GRACE, TIDY_INTERVAL, server_tree
 from metahub.config.file import parse_config
 from storage import IndexLock
 from storage.nodes import NodeRecords
-from tests.unit.fakes import minimal
+from tests.unit.fakes import inline_threads, minimal
 
 
 class _InlinePool:
@@ -76,7 +76,9 @@ class Reactor(MemoryReactorClock):
 
 def make_root(tmp_path: Path, reactor: Reactor, **config: Any) -> Root:
     parsed = parse_config(minimal(tmp_path) | config, str(tmp_path))
-    return Root(config=parsed, reactor=reactor, listen="tcp:5000", collects=True)
+    root = Root(config=parsed, reactor=reactor, listen="tcp:5000", collects=True)
+    inline_threads(root)
+    return root
 
 
 class Jobs:
@@ -105,7 +107,7 @@ def test_make_service_builds_the_tree_and_opens_nothing(tmp_path, monkeypatch) -
     options = tap.Options()
     options.parseOptions(["--config", str(config), "--listen", "tcp:5001"])
     tree = tap.makeService(options)
-    assert [child.name for child in tree] == ["store", "kdf", "registry-port", "metrics-port", "flush", "tidy", "gc"]
+    assert [child.name for child in tree] == ["store-io", "store-reads", "store", "kdf", "registry-port", "metrics-port", "flush", "tidy", "gc"]
     timers = [child for child in tree if isinstance(child, TimerService)]
     assert [timer.step for timer in timers] == [30.0, TIDY_INTERVAL, 600.0]
     assert tree.getServiceNamed("registry-port").description == "tcp:5001"
@@ -114,7 +116,7 @@ def test_make_service_builds_the_tree_and_opens_nothing(tmp_path, monkeypatch) -
 
 def test_without_max_size_or_a_metrics_port_those_children_are_left_out(tmp_path) -> None:
     tree = server_tree(root=make_root(tmp_path, Reactor()))
-    assert [child.name for child in tree] == ["store", "kdf", "registry-port", "flush", "tidy"]
+    assert [child.name for child in tree] == ["store-io", "store-reads", "store", "kdf", "registry-port", "flush", "tidy"]
 
 
 def test_starting_opens_the_store_listens_and_runs_the_timers_at_their_intervals(tmp_path) -> None:
@@ -204,6 +206,7 @@ def test_the_registry_serves_on_a_unix_socket_and_stops(tmp_path) -> None:
     path = str(tmp_path / "metahub.sock")
     parsed = parse_config(minimal(tmp_path), str(tmp_path))
     root = Root(config=parsed, reactor=reactor, listen=f"unix:{path}")
+    inline_threads(root)
     tree = server_tree(root=root)
     tree.startService()
     assert [server[0] for server in reactor.unixServers] == [path]

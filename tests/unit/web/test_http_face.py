@@ -29,7 +29,7 @@ from metahub.web.headers import header_text
 from metahub.web.ranges import parse_range
 from metahub.web.site import FORM_LIMIT, RegistrySite
 from storage import sha256_digest
-from tests.unit.fakes import FakeReactor, InlinePool, minimal
+from tests.unit.fakes import FakeReactor, inline_threads, minimal
 
 BLOB = os.urandom(1000)
 DIGEST = sha256_digest(BLOB)
@@ -97,7 +97,7 @@ def make_face(tmp_path: Path, **config: object) -> Face:
     root = Root(config=parse_config(data, str(tmp_path)), reactor=reactor, listen="tcp:0")
     site = root.site
     assert isinstance(site, RegistrySite)
-    root.kdf.pool = InlinePool()  # type: ignore[assignment]  # the logins' own pool, inline too
+    inline_threads(root)
     return Face(root, site, reactor)
 
 

@@ -30,7 +30,7 @@ from metahub.web.status import (
     render_page,
 )
 from storage.nodes import NodeRecord
-from tests.unit.fakes import inline, minimal
+from tests.unit.fakes import inline, inline_threads, minimal
 
 successResultOf = SynchronousTestCase().successResultOf
 failureResultOf = SynchronousTestCase().failureResultOf
@@ -139,6 +139,7 @@ class _Reactor(Clock):
 def site(tmp_path: Path, **config: Any):
     parsed = parse_config({**minimal(tmp_path), **config}, str(tmp_path))
     root = Root(config=parsed, reactor=_Reactor(), listen="tcp:5000")
+    inline_threads(root)
     built = root.site
     built.resource.registry.in_thread = inline  # the logins' KDF runner
     return root, built
