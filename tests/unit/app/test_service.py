@@ -13,7 +13,6 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.testing import MemoryReactorClock
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from metahub.app import tap
@@ -22,19 +21,7 @@ from metahub.app.service import COMMIT_GRACE, TIDY_INTERVAL, server_tree
 from metahub.config.file import parse_config
 from storage import IndexLock
 from storage.nodes import NodeRecords
-from tests.unit.fakes import inline_threads, minimal
-
-
-class _InlinePool:
-    """A thread pool that runs each job at once, on the caller's thread."""
-
-    def callInThreadWithCallback(self, on_result, function, *args, **kwargs) -> None:  # noqa: N802
-        try:
-            result = function(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
+from tests.unit.fakes import InlinePool, inline_threads, minimal
 
 
 @implementer(IListeningPort)
@@ -67,8 +54,8 @@ class Reactor(MemoryReactorClock):
         super().listenTCP(port, factory, backlog, interface)
         return _Port(port, self.events)
 
-    def getThreadPool(self) -> _InlinePool:  # noqa: N802
-        return _InlinePool()
+    def getThreadPool(self) -> InlinePool:  # noqa: N802
+        return InlinePool()
 
     def callFromThread(self, function, *args, **kwargs) -> None:  # noqa: N802
         function(*args, **kwargs)
