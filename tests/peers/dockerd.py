@@ -23,6 +23,7 @@ made by the daemon; the client only passes them on and keeps credentials in its 
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -118,7 +119,9 @@ class Dockerd:
         self._daemon: Daemon | None = None
         self.root = Path(tempfile.mkdtemp(prefix="dk-", dir="/tmp"))
         self.socket = self.root / "d.sock"
-        namespace = "metahub-test-" + self.root.name
+        # Not the directory's name: mkdtemp's random part may hold "_" next to its "-", which
+        # containerd refuses in a namespace ("dk-_u79olqy": separators must stand alone).
+        namespace = "metahub-test-" + secrets.token_hex(6)
         config = self.root / "daemon.json"
         config.write_text(json.dumps({"deprecated-key-path": str(self.root / "key.json")}))
         self._client_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
