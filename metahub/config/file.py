@@ -181,26 +181,20 @@ def _path(loc: tuple[str | int, ...]) -> str:
 
 
 def _line(error: pydantic.ValidationError) -> str:
-    """pydantic's first error as ``PATH: problem``; its own wording only for kinds we never expect."""
-    for item in error.errors(include_url=False):
-        ctx, kind, value = item.get("ctx") or {}, item["type"], item.get("input")
-        loc = (*item["loc"], *ctx.get("at", ()))
-        if kind == "metahub":
-            problem = str(ctx["problem"])
-        elif kind == "missing":
-            problem = "required key is missing"
-        elif kind in ("dataclass_type", "dict_type"):
-            problem = f"expected a mapping, got {_describe(value)}"
-        elif kind in ("list_type", "tuple_type"):
-            problem = f"expected a list, got {_describe(value)}"
-        elif kind == "too_short":
-            problem = f"expected a non-empty list, got {_describe(value)}"
-        elif kind == "unexpected_keyword_argument":
-            problem = "unknown key"
-        else:
-            problem = item["msg"]
-        return f"{_path(loc)}: {_one_line(problem)}"
-    return _one_line(str(error))
+    """pydantic's first error as ``PATH: problem``.
+
+    Most problems are ours (:func:`_problem`, from the validators below); pydantic's own kinds
+    that a file can reach are worded here, and its wording is kept only for kinds we never expect.
+    """
+    item = error.errors(include_url=False)[0]
+    ctx, kind, value = item.get("ctx") or {}, item["type"], item.get("input")
+    problem = {
+        "metahub": str(ctx.get("problem")),
+        "missing": "required key is missing",
+        "tuple_type": f"expected a list, got {_describe(value)}",
+        "too_short": f"expected a non-empty list, got {_describe(value)}",
+    }.get(kind, item["msg"])
+    return f"{_path((*item['loc'], *ctx.get('at', ())))}: {_one_line(problem)}"
 
 
 # --- value types: each a validator in our words, and the JSON Schema type it accepts ------------
@@ -451,6 +445,8 @@ def _networks(value: object) -> tuple[Network, ...]:
     for i, item in enumerate(value):
         try:
             networks.append(item if isinstance(item, Network) else ipaddress.ip_network(_text(item)))
+        except PydanticCustomError as error:  # not a string: a ValueError too, but already worded
+            raise _problem(error.message(), i) from None
         except ValueError as error:
             raise _problem(f"expected an address or a CIDR block such as 10.0.0.0/8: {error}", i) from None
     return tuple(networks)
