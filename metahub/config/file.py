@@ -192,6 +192,11 @@ def _line(error: pydantic.ValidationError) -> str:
         "metahub": str(ctx.get("problem")),
         "missing": "required key is missing",
         "tuple_type": f"expected a list, got {_describe(value)}",
+        "bool_type": f"expected true or false, got {_describe(value)}",
+        "int_type": f"expected an integer, got {_describe(value)}",
+        "float_type": f"expected a number, got {_describe(value)}",
+        "finite_number": f"expected a number, got {_describe(value)}",
+        "greater_than_equal": f"must be at least {ctx.get('ge', 0):g}",
         "too_short": f"expected a non-empty list, got {_describe(value)}",
     }.get(kind, item["msg"])
     return f"{_path((*item['loc'], *ctx.get('at', ())))}: {_one_line(problem)}"
@@ -227,12 +232,6 @@ def _choice(*choices: str) -> Any:
     return _value(check, Literal[choices])
 
 
-def _boolean(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _problem(f"expected true or false, got {_describe(value)}")
-    return value
-
-
 def _size(value: object) -> int:
     try:
         size = parse_size(value)
@@ -255,18 +254,6 @@ def _duration(strict: bool) -> Any:
             raise _problem(f"must be {'greater than' if strict else 'at least'} 0 seconds")
         return seconds
     return _value(check, float | Annotated[str, Field(pattern=r"^(\d+(\.\d+)?(ms|[dhms])?)+$")])
-
-
-def _number(minimum: float, integer: bool) -> Any:
-    """A number (an integer when ``integer``) of at least ``minimum``."""
-    def check(value: object) -> float:
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-            raise _problem(f"expected {'an integer' if integer else 'a number'}, got {_describe(value)}")
-        if value < minimum:
-            raise _problem(f"must be at least {minimum:g}")
-        return value
-    return _value(check, Annotated[int if integer else float, Field(ge=minimum)])
 
 
 def _count(value: object) -> int:
@@ -460,7 +447,10 @@ Interval = Annotated[float, _duration(strict=False)]  # 0 allowed
 Count = Annotated[int, _value(_count, Annotated[int, Field(ge=1)])]
 Endpoint = Annotated[str, _value(_endpoint, str)]
 FilePath = Annotated[str, _value(_file_path, str)]
-Boolean = Annotated[bool, _value(_boolean, bool)]
+# Strict: YAML's unquoted yes/no are booleans already, and no string or float passes for these.
+Boolean = Annotated[bool, Field(strict=True)]
+Integer = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
 # --- names -------------------------------------------------------------------------------------
@@ -504,6 +494,7 @@ def _named(rule: Callable[[str], str | None]) -> BeforeValidator:
 
 # --- the sections ------------------------------------------------------------------------------
 
+# _Keys words an unknown key first; extra="forbid" is what makes the schema say additionalProperties: false.
 _FILE = pydantic.ConfigDict(extra="forbid")
 
 
@@ -572,11 +563,11 @@ class HttpConfig(_Keys):
 class LoginLimits(_Keys):
     """Failed logins per client address and per account (a token bucket each), and the KDF's pool."""
 
-    failures_per_minute: Annotated[float, _number(0.01, integer=False)] = 10.0
-    burst: Annotated[int, _number(1, integer=True)] = 10
-    kdf_threads: Annotated[int, _number(1, integer=True)] = 2
-    kdf_queue: Annotated[int, _number(0, integer=True)] = 16  # KDF runs that may wait; beyond, 503 at once
-    tracked: Annotated[int, _number(1, integer=True)] = 10_000  # addresses and unknown usernames remembered
+    failures_per_minute: Annotated[Number, Field(ge=0.01)] = 10.0
+    burst: Annotated[Integer, Field(ge=1)] = 10
+    kdf_threads: Annotated[Integer, Field(ge=1)] = 2
+    kdf_queue: Annotated[Integer, Field(ge=0)] = 16  # KDF runs that may wait; beyond, 503 at once
+    tracked: Annotated[Integer, Field(ge=1)] = 10_000  # addresses and unknown usernames remembered
 
 
 @pydantic.dataclasses.dataclass(frozen=True, config=_FILE)
