@@ -441,7 +441,7 @@ def _networks(value: object) -> tuple[Network, ...]:
 
 Text = Annotated[str, _value(_text, str)]
 Strings = Annotated[tuple[Text, ...], AfterValidator(_distinct)]
-Size = Annotated[int, _value(_size, int | Annotated[str, Field(pattern=r"^\d+(\.\d+)?\s*([kKmMgGtTpP][iI]?)?[bB]?$")])]
+Size = Annotated[int, _value(_size, int | Annotated[str, Field(pattern=r"^\d+(\.\d+)?\s*(([kKmMgGtTpP][iI]?)?[bB])?$")])]
 Duration = Annotated[float, _duration(strict=True)]  # greater than 0
 Interval = Annotated[float, _duration(strict=False)]  # 0 allowed
 Count = Annotated[int, _value(_count, Annotated[int, Field(ge=1)])]

@@ -2,12 +2,13 @@
 
 jsonschema is not among the test dependencies, so :func:`problems` checks what an editor's
 language server would flag first: unknown keys, missing required keys and the JSON type of values,
-following ``$ref``, ``anyOf``, ``items`` and ``additionalProperties``.
+and patterns (sizes, durations), following ``$ref``, ``anyOf``, ``items`` and ``additionalProperties``.
 """
 from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ def problems(value: Any, schema: dict[str, Any], root: dict[str, Any], path: str
         return [f"{path}: not {kind}"]
     if "enum" in schema and value not in schema["enum"]:
         return [f"{path}: not one of {schema['enum']}"]
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        return [f"{path}: does not match {schema['pattern']}"]
     out = []
     if isinstance(value, dict):
         properties, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
@@ -69,9 +72,11 @@ def test_the_schema_flags_what_the_loader_refuses(schema: dict[str, Any]) -> Non
     data["upstreams"]["ghcr.io"]["password"] = "inline"
     data["storage"] = {"path": "store", "indx": "index"}
     data["anonymous"] = "yes"
+    data["cache"] = {"tag_ttl": "5 minutes"}
     data["machine_types"] = {"t": {"platform": {"os": "linux"}, "featurs": []}}
     assert sorted(problems(data, schema, schema)) == [
         ".anonymous: not one of ['allow', 'deny']",
+        ".cache.tag_ttl: does not match ^(\\d+(\\.\\d+)?(ms|[dhms])?)+$",
         ".machine_types.t.featurs: not allowed",
         ".machine_types.t.platform.architecture: required",
         ".storage.index: required",
