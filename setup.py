@@ -19,6 +19,8 @@ setup(
         "treq>=23.11",
         "lmdb>=1.4",
         "pyyaml>=6.0",
+        # The config file's schema: validation, error locations and `metahub config-schema`.
+        "pydantic>=2.7,<3",
         "service-identity>=24.1",
         # Imported directly: the CA bundle parser (config.py) and the upstream certificate check,
         # which needs Connection.set_verify (22.1) and X509VerificationCodes (23.2).

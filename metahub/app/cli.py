@@ -19,11 +19,12 @@ from metahub.cache.virtual import build_index
 from metahub.config.file import (
     Config,
     ConfigError,
+    config_schema,
     config_summary,
     example_text,
     load_config,
 )
-from metahub.hardware import detect, inspect
+from metahub.hardware import detect, inspect, machine
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
 from metahub.web.auth import hash_password
@@ -51,6 +52,12 @@ def _load(path: str) -> Config:
 def config_example(args: argparse.Namespace) -> int:
     """Print the commented example configuration, to start a file from."""
     sys.stdout.write(example_text())
+    return 0
+
+
+def config_schema_command(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of the configuration file, for an editor's YAML language server."""
+    print(json.dumps(config_schema(), indent=2))
     return 0
 
 
@@ -248,7 +255,7 @@ def detect_command(args: argparse.Namespace) -> int:
         sys.stdout.write(detect.to_yaml(host))
         return 0
     config = _load(args.config)
-    decision = detect.fitting(host, list(config.machine_types.values()))
+    decision = detect.fitting(host, list(machine.machine_types(config.machine_types).values()))
     served = [entry.digest for entry in decision.candidates]
     if args.best:
         if not served:
@@ -271,6 +278,9 @@ def parser() -> argparse.ArgumentParser:
 
     example = commands.add_parser("config-example", help="print a commented example configuration file")
     example.set_defaults(run=config_example)
+
+    schema = commands.add_parser("config-schema", help="print the JSON Schema of the configuration file")
+    schema.set_defaults(run=config_schema_command)
 
     check = commands.add_parser("check-config", help="validate a configuration file and summarise it")
     check.add_argument("--config", "-c", required=True)

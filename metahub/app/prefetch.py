@@ -19,6 +19,7 @@ from metahub.cache.downloads import AlreadyStored
 from metahub.cache.manifests import ManifestBody
 from metahub.cache.routing import route
 from metahub.cache.virtual import store_index
+from metahub.hardware.machine import machine_types
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
 
@@ -57,7 +58,7 @@ async def prefetch(*, root: Root, image: str, machine_type: str | None, out: Tex
         images: list[ManifestBody] = [top]
         if top.media_type in media.INDEX_TYPES:
             if machine_type is not None:
-                images = [await manifests.for_machine_type(target, top, config.machine_types[machine_type], image)]
+                images = [await manifests.for_machine_type(target, top, machine_types(config.machine_types)[machine_type], image)]
             else:
                 images = [await manifests.by_digest(sources.get(d, target), d) for d in media.references(top.body)]
         layers: dict[str, int] = {}

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from metahub.cache.capacity import StoreCapacity, store_error
 from metahub.cache.routing import Route
-from metahub.config.file import MachineType
+from metahub.hardware.machine import MachineType
 from metahub.hardware.resolve import resolve
 from metahub.oci import errors, media
 from metahub.runtime.metrics import Metrics

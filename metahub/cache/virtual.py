@@ -22,13 +22,15 @@ Fetch = Callable[[Route, str], Awaitable[ManifestBody]]
 
 
 def _platform(entry: VirtualEntry) -> dict[str, object]:
-    platform: dict[str, object] = {"architecture": entry.architecture, "os": entry.os}
-    if entry.variant:
-        platform["variant"] = entry.variant
-    if entry.features:
-        platform["features"] = list(entry.features)
-    if entry.os_features:
-        platform["os.features"] = list(entry.os_features)
+    """The OCI index's platform object for an entry (the spec's ``osfeatures`` is ``os.features``)."""
+    spec = entry.platform
+    platform: dict[str, object] = {"architecture": spec.architecture, "os": spec.os}
+    if spec.variant:
+        platform["variant"] = spec.variant
+    if spec.features:
+        platform["features"] = list(spec.features)
+    if spec.osfeatures:
+        platform["os.features"] = list(spec.osfeatures)
     return platform
 
 

@@ -16,8 +16,8 @@ import archspec.cpu
 import yaml
 
 from metahub.config.features import nvcap
-from metahub.config.file import MachineType
 from metahub.hardware.families import level_of
+from metahub.hardware.machine import MachineType
 from metahub.hardware.resolve import Decision, Entry, decide
 
 __all__ = ["GPU_QUERY", "fitting", "host_machine_type", "lowest_capability", "to_yaml"]

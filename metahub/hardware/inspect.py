@@ -9,6 +9,7 @@ from typing import Any
 
 from metahub.config.file import Config
 from metahub.hardware.families import needs
+from metahub.hardware.machine import machine_types
 from metahub.hardware.resolve import Entry, decide, entries, explain
 from metahub.oci import media
 
@@ -30,7 +31,7 @@ def report(image: str, body: bytes, media_type: str, digest: str, config: Config
         for e in found
     ]
     result["machine_types"] = {}
-    for name, machine_type in config.machine_types.items():
+    for name, machine_type in machine_types(config.machine_types).items():
         decision = decide(found, machine_type)
         winner = decision.winner
         result["machine_types"][name] = {

@@ -31,8 +31,8 @@ from functools import lru_cache
 from typing import Any
 
 from metahub.config.features import amd64_level, family
-from metahub.config.file import MachineType
 from metahub.hardware.families import level_of, satisfied, specificity
+from metahub.hardware.machine import MachineType
 from metahub.oci import errors, media
 
 __all__ = ["Decision", "Entry", "choose", "decide", "entries", "explain", "resolve"]

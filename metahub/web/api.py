@@ -21,8 +21,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 from metahub.cache.manifests import ManifestBody, Manifests
 from metahub.cache.routing import Route, route, spellings
 from metahub.cache.virtual import VirtualImages, store_index
-from metahub.config.file import Config, MachineType, VirtualImage
+from metahub.config.file import Config, VirtualImage
 from metahub.hardware import inspect
+from metahub.hardware.machine import MachineType
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
 from metahub.oci.names import check_digest, check_name, check_reference, is_tag

@@ -31,7 +31,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from metahub.config.file import Account, Config, MachineType
+from metahub.config.file import Account, Config
+from metahub.hardware.machine import MachineType, machine_types
 from metahub.oci import errors
 from metahub.web.ratelimit import FailureLimiter
 from storage import create_exclusive
@@ -148,6 +149,7 @@ class Authenticator:
         self.config = config
         self.key = key
         self.clock = clock
+        self.machine_types = machine_types(config.machine_types)
         self._patterns = {
             name: [repository_pattern(p) for p in account.repositories]
             for name, account in config.accounts.items()
@@ -171,7 +173,7 @@ class Authenticator:
         return self.config.anonymous == "allow"
 
     def machine_type(self, identity: Identity) -> MachineType | None:
-        return self.config.machine_types.get(identity.machine_type) if identity.machine_type else None
+        return self.machine_types.get(identity.machine_type) if identity.machine_type else None
 
     # -- logins ------------------------------------------------------------------------------
 

@@ -223,7 +223,7 @@ class StatusPage:
         machine_types = tuple(
             MachineTypeRow(
                 name,
-                "/".join(part for part in (mt.os, mt.architecture, mt.variant) if part),
+                "/".join(part for part in (mt.platform.os, mt.platform.architecture, mt.platform.variant) if part),
                 mt.features,
                 mt.match,
                 tuple(account.name for account in config.accounts.values() if name in account.machine_types),

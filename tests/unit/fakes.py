@@ -19,7 +19,8 @@ from metahub.config.file import (
     Account,
     Config,
     ConfigError,
-    MachineType,
+    MachineTypeEntry,
+    Platform,
     StorageConfig,
     UpstreamConfig,
     parse_config,
@@ -60,8 +61,8 @@ def auth_config(anonymous: str = "deny") -> Config:
         default_upstream="hub",
         anonymous=anonymous,
         machine_types={
-            "type1": MachineType("type1", "linux", "amd64", features=("cpu:broadwell",)),
-            "type2": MachineType("type2", "linux", "amd64", features=("cpu:skylake",)),
+            "type1": MachineTypeEntry(Platform("linux", "amd64"), features=("cpu:broadwell",)),
+            "type2": MachineTypeEntry(Platform("linux", "amd64"), features=("cpu:skylake",)),
         },
         accounts={
             "qnib": Account("qnib", AUTH_HASH, ("type1", "type2")),

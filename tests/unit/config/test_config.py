@@ -14,7 +14,6 @@ from metahub.config.file import (
     Account,
     Config,
     ConfigError,
-    MachineType,
     StorageConfig,
     UpstreamConfig,
     builtin_config,
@@ -26,6 +25,7 @@ from metahub.config.file import (
     parse_duration,
     parse_size,
 )
+from metahub.hardware.machine import MachineType, machine_types
 from metahub.web.auth import hash_password
 from tests.peers.tls import make_ca
 from tests.unit.fakes import config_error as error
@@ -101,7 +101,7 @@ def test_full_example_parses_into_the_right_values(tmp_path: Path) -> None:
     assert config.default_upstream == "ghcr.io"
     assert config.tag_ttl == 5400.0
     assert config.anonymous == "allow"
-    assert config.machine_types == {
+    assert machine_types(config.machine_types) == {
         "type1": MachineType("type1", "linux", "amd64", None, ("cpu:broadwell",), "compatible"),
         "type2": MachineType("type2", "linux", "arm64", "v8", ("cpu:neoverse", "nvcap:5.2"), "exact"),
     }
@@ -552,8 +552,8 @@ def test_virtual_images(tmp_path) -> None:
     config = parse_config(minimal(tmp_path) | {"virtual_images": spec}, str(tmp_path))
     [image] = config.virtual_images
     assert image.image == "qnib/bench"
-    assert image.manifests[0].features == ("cpu:skylake",) and image.manifests[0].os_features == ("x",)
-    assert image.manifests[1].variant == "v8"
+    assert image.manifests[0].platform.features == ("cpu:skylake",) and image.manifests[0].platform.osfeatures == ("x",)
+    assert image.manifests[1].platform.variant == "v8"
     cases = {
         "virtual_images[0].image: 'Qnib/bench'": [{"image": "Qnib/bench", "manifests": spec[0]["manifests"]}],
         "virtual_images[0].manifests: expected a non-empty list, got an empty list":

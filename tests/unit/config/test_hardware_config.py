@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from metahub.config.file import ConfigError, MachineType, parse_config
+from metahub.config.file import ConfigError, parse_config
+from metahub.hardware.machine import MachineType, machine_types
 
 
 def load(tmp_path: Path, machine_type: dict[str, Any]) -> MachineType:
@@ -15,7 +16,7 @@ def load(tmp_path: Path, machine_type: dict[str, Any]) -> MachineType:
         "upstreams": {"up": {"url": "https://registry.example"}},
         "machine_types": {"gpu1": machine_type},
     }, str(tmp_path))
-    return config.machine_types["gpu1"]
+    return machine_types(config.machine_types)["gpu1"]
 
 
 AMD64 = {"os": "linux", "architecture": "amd64"}

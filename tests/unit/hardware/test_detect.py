@@ -11,8 +11,9 @@ import archspec.cpu
 import pytest
 import yaml
 
-from metahub.config.file import MachineType, parse_config
+from metahub.config.file import parse_config
 from metahub.hardware import detect
+from metahub.hardware.machine import MachineType
 
 CLI = Path(sys.executable).with_name("metahub")
 HOST_CPU = f"cpu:{archspec.cpu.host().name}"

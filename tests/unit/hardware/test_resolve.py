@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metahub.config.file import MachineType
+from metahub.hardware.machine import MachineType
 from metahub.hardware.resolve import Entry, choose, entries, explain, resolve
 from metahub.oci import media
 from metahub.oci.errors import RegistryError

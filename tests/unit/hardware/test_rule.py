@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metahub.config.file import MachineType, parse_config
+from metahub.config.file import parse_config
 from metahub.hardware import inspect
 from metahub.hardware.families import level_of, needs, runs_on, satisfied
+from metahub.hardware.machine import MachineType
 from metahub.hardware.resolve import choose, decide, entries, explain, resolve
 from metahub.oci import media
 from metahub.oci.errors import RegistryError
