@@ -83,6 +83,7 @@ class StorageConfig:
     gc_interval: float = 600.0  # how often a node tries to collect (one node at a time)
     gc_grace: float = 3600.0  # blobs read this recently are never evicted
     io_threads: int = 8  # threads for store I/O, and as many again for reads of open files
+    write_threads: int | None = None  # threads hashing and writing downloads; None: runtime.lane.default_workers()
 
 
 @dataclass(frozen=True)
@@ -738,6 +739,7 @@ _STORAGE = {
     "gc_interval": _Key(_duration(0, strict=True)),
     "gc_grace": _Key(_duration(0, strict=False)),
     "io_threads": _Key(lambda value, path, ctx: _count(value, path, ctx)),  # defined further down
+    "write_threads": _Key(lambda value, path, ctx: _count(value, path, ctx)),
 }
 
 
