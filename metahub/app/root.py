@@ -16,7 +16,7 @@ from typing import Any
 from twisted.web.server import Site
 
 from metahub.app.jobs import StoreJobs
-from metahub.app.ports import PortService
+from metahub.app.ports import PortService, listen_backlog
 from metahub.cache.capacity import StoreCapacity
 from metahub.cache.downloads import Downloads
 from metahub.cache.manifests import Manifests
@@ -239,7 +239,7 @@ class Root:
     @cached_property
     def registry_port(self) -> PortService:
         return PortService(description=self.listen, factory=lambda: self.site, what="the registry API",
-                           reactor=self.reactor, announce=True)
+                           reactor=self.reactor, backlog=listen_backlog(), announce=True)
 
     @cached_property
     def metrics_port(self) -> PortService | None:
@@ -248,4 +248,4 @@ class Root:
         if description is None:
             return None
         return PortService(description=description, factory=lambda: metrics_site(self.metrics), what="/metrics",
-                           reactor=self.reactor)
+                           reactor=self.reactor, backlog=listen_backlog())

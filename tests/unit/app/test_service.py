@@ -88,6 +88,7 @@ def index_opened(tmp_path: Path) -> bool:
 
 def test_make_service_builds_the_tree_and_opens_nothing(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(tap, "tune_malloc", lambda: None)  # process-wide; not this test's business
+    monkeypatch.setattr(tap, "raise_open_files_limit", lambda: "raised the open files limit")
     config = tmp_path / "metahub.yaml"
     config.write_text(f"storage: {{path: {tmp_path / 'store'}, index: {tmp_path / 'index'}, max_size: 1 GiB}}\n"
                       "upstreams: {hub: {url: 'http://127.0.0.1:9'}}\nmetrics: {listen: 'tcp:9100'}\n")
@@ -98,6 +99,7 @@ def test_make_service_builds_the_tree_and_opens_nothing(tmp_path, monkeypatch) -
     timers = [child for child in tree if isinstance(child, TimerService)]
     assert [timer.step for timer in timers] == [30.0, TIDY_INTERVAL, 600.0]
     assert tree.getServiceNamed("registry-port").description == "tcp:5001"
+    assert "raised the open files limit" in tree.notice  # logged first, with the config's summary
     assert not index_opened(tmp_path)  # twistd may fork after makeService: LMDB waits for startService
 
 
