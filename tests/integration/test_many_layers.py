@@ -69,8 +69,7 @@ def test_many_cold_layers_at_once_cost_a_bounded_number_of_threads_and_arrive_in
                  "io_threads": IO_THREADS, "write_threads": WRITE_THREADS}
         with Metahub(tmp_path / "metahub", {"local": {"url": relay.url}}, default_upstream="local",
                      storage=store) as hub:
-            assert hub._daemon is not None
-            counter = ThreadCounter(hub._daemon.process.pid)
+            counter = ThreadCounter(hub.pid)
             started = time.monotonic()
             with ThreadPoolExecutor(LAYERS) as clients:
                 answers = list(clients.map(
