@@ -16,13 +16,13 @@ from typing import Any
 from twisted.web.server import Site
 
 from metahub.app.jobs import StoreJobs
-from metahub.app.ports import PortService
+from metahub.app.ports import PortService, listen_backlog
 from metahub.cache.capacity import StoreCapacity
 from metahub.cache.downloads import Downloads
 from metahub.cache.manifests import Manifests
 from metahub.cache.virtual import VirtualImages
 from metahub.config.file import Config
-from metahub.runtime.lane import thread_lanes
+from metahub.runtime.lane import LanePool, default_workers
 from metahub.runtime.memory import Releaser
 from metahub.runtime.metrics import Metrics
 from metahub.runtime.pools import ThreadPoolRunner
@@ -94,7 +94,7 @@ class Root:
         if self._index_lock is not None:
             self._index_lock.release()
             self._index_lock = None
-        for name in ("in_thread", "store_reads"):  # our own pools' threads would outlive the process
+        for name in ("in_thread", "store_reads", "lanes"):  # our own pools' threads would outlive the process
             pool = vars(self).pop(name, None)
             if pool is not None:
                 pool.stop()
@@ -142,6 +142,16 @@ class Root:
         return ThreadPoolRunner(self.reactor, self.config.storage.io_threads, "metahub-store-reads")
 
     @cached_property
+    def lanes(self) -> LanePool:
+        """The downloads' hashing and writing: a few threads shared by every download, each
+        download's jobs in order (:mod:`metahub.runtime.lane`)."""
+        threads = self.config.storage.write_threads or default_workers()
+        pool = LanePool(reactor=self.reactor, threads=threads, name="metahub-write")
+        self.metrics.write_workers_busy.set_function(lambda: pool.busy)
+        self.metrics.write_jobs_queued.set_function(lambda: pool.queued)
+        return pool
+
+    @cached_property
     def kdf(self) -> BoundedPool:
         """The logins' own few threads: a flood of them never queues ahead of blob reads."""
         logins = self.config.logins
@@ -167,7 +177,7 @@ class Root:
     def downloads(self) -> Downloads:
         return Downloads(
             storage=self.storage, upstreams=self.upstreams, clock=self.reactor, in_thread=self.in_thread,
-            metrics=self.metrics, leases=self.leases, lanes=thread_lanes(self.reactor),
+            metrics=self.metrics, leases=self.leases, lanes=self.lanes.lane,
             lease_timeout=self.config.storage.lease_timeout, capacity=self.capacity,
         )
 
@@ -229,7 +239,7 @@ class Root:
     @cached_property
     def registry_port(self) -> PortService:
         return PortService(description=self.listen, factory=lambda: self.site, what="the registry API",
-                           reactor=self.reactor, announce=True)
+                           reactor=self.reactor, backlog=listen_backlog(), announce=True)
 
     @cached_property
     def metrics_port(self) -> PortService | None:
@@ -238,4 +248,4 @@ class Root:
         if description is None:
             return None
         return PortService(description=description, factory=lambda: metrics_site(self.metrics), what="/metrics",
-                           reactor=self.reactor)
+                           reactor=self.reactor, backlog=listen_backlog())

@@ -6,6 +6,8 @@
                         one after another
       store-io          PoolService: store I/O's own threads (storage.io_threads), and
       store-reads         reads of open blob files on threads of their own (docs/cluster.md)
+      lanes             PoolService: the downloads' hashing and writing, on storage.write_threads
+                        threads shared by every download (metahub.runtime.lane)
       store             StoreService: opens the store (never before: twistd may fork after makeService,
                         and an LMDB environment must not cross a fork); at a clean stop lets the
                         commits in flight land, writes the last access times, closes it
@@ -33,6 +35,7 @@ from twisted.logger import Logger
 from metahub.app.ports import give_up
 from metahub.app.root import ACCESS_FLUSH_INTERVAL, Root
 from metahub.config.file import config_summary
+from metahub.runtime.lane import LanePool
 from metahub.runtime.pools import ThreadPoolRunner
 from metahub.runtime.threads import BoundedPool
 from storage import IndexInUse
@@ -81,7 +84,7 @@ class StoreService(Service):
 class PoolService(Service):
     """Runs a thread pool of our own while running."""
 
-    def __init__(self, *, pool: BoundedPool | ThreadPoolRunner) -> None:
+    def __init__(self, *, pool: BoundedPool | ThreadPoolRunner | LanePool) -> None:
         self.pool = pool
 
     def startService(self) -> None:
@@ -90,7 +93,7 @@ class PoolService(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        self.pool.stop()  # waits for the calls in progress (a KDF run: tens of ms)
+        self.pool.stop()  # waits for the calls in progress (a KDF run: tens of ms), but not a lane's
 
 
 class ServerTree(MultiService):
@@ -144,6 +147,7 @@ def server_tree(*, root: Root, notice: Sequence[str] = ()) -> ServerTree:
         # through these pools.
         ("store-io", PoolService(pool=root.in_thread)),
         ("store-reads", PoolService(pool=root.store_reads)),
+        ("lanes", PoolService(pool=root.lanes)),
         ("store", StoreService(root=root)),
         ("kdf", PoolService(pool=root.kdf)),
         ("registry-port", root.registry_port),

@@ -14,6 +14,7 @@ from metahub.config.file import (
     endpoint_problem,
     load_config,
 )
+from metahub.runtime.limits import raise_open_files_limit
 from metahub.runtime.memory import tune_malloc
 
 #: Read when no --config is given; without it the built-in default serves.
@@ -60,5 +61,6 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     config = options.loaded
     tune_malloc()  # before the reactor's thread pool starts (memory.py says why)
+    raised = raise_open_files_limit()  # before any port listens
     root = Root(config=config, listen=options["listen"] or config.listen, collects=True)
-    return server_tree(root=root, notice=options.notice)
+    return server_tree(root=root, notice=[*options.notice, *([raised] if raised else [])])

@@ -1,9 +1,11 @@
 """Single flight: one upstream download per blob per cluster, followed by every client that wants it.
 
-A :class:`Download` hands the upstream body, in pieces of about a megabyte, to a lane: a thread of
-its own that hashes and writes them into a :class:`storage.BlobWriter`, so neither the hashing nor a
-stalled shared filesystem holds up the reactor. When the lane falls behind, the upstream connection
-is paused. Clients never read from the network stream: they read the growing temporary file through
+A :class:`Download` hands the upstream body, in pieces of about a megabyte, to a lane: a serial
+queue on a few threads every download shares (:mod:`metahub.runtime.lane`), which hashes and writes
+them into a :class:`storage.BlobWriter` in order, so neither the hashing nor a stalled shared
+filesystem holds up the reactor. When the lane falls behind (a slow disk, or every worker busy), the
+upstream connection is paused, so a download waiting for a worker holds :data:`QUEUED_LIMIT` bytes
+at most. Clients never read from the network stream: they read the growing temporary file through
 a :class:`storage.BlobFollower`, woken as bytes land, so a slow client costs no memory and the first
 client is served exactly like the twentieth. Once every byte has verified, this node's followers may
 end before the commit's fsync; on a digest mismatch the writer refuses to commit, the followers see

@@ -541,6 +541,7 @@ class StorageConfig(_Keys):
     gc_interval: Duration = 600.0  # how often a node tries to collect (one node at a time)
     gc_grace: Interval = 3600.0  # blobs read this recently are never evicted
     io_threads: Count = 8  # threads for store I/O, and as many again for reads of open files
+    write_threads: Count | None = None  # threads hashing and writing downloads; None: runtime.lane.default_workers()
 
     @pydantic.model_validator(mode="after")
     def _apart(self) -> StorageConfig:

@@ -58,6 +58,14 @@ class Metrics:
         self.in_flight = Gauge(
             "metahub_downloads_in_flight", "Upstream blob downloads under way on this node", registry=self.registry,
         )
+        self.write_workers_busy = Gauge(
+            "metahub_write_workers_busy", "Download lane workers hashing or writing a piece now (storage.write_threads)",
+            registry=self.registry,
+        )
+        self.write_jobs_queued = Gauge(
+            "metahub_write_jobs_queued", "Pieces of downloads waiting for a lane worker (each about 1 MiB)",
+            registry=self.registry,
+        )
         self.store_write_failures = Counter(
             "metahub_store_write_failures",
             "Files the store refused (reason: no_space, read_only, io); requests then bypass it for a while",

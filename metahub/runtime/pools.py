@@ -6,15 +6,21 @@ take every one of its threads. So store I/O gets two pools of its own, ``storage
 one for opens, stats, lease and directory work (what a stall blocks first), and one for reads of
 files already open, which must not queue behind new opens: a client being sent a blob keeps being
 served while requests for other blobs wait for the store.
+
+A pool holds the threads its work needs, up to its limit: it starts with one and adds one whenever a
+call has waited :data:`GROW_AFTER` for a thread. Twisted's pool starts a thread for every call that
+finds none idle, so the stats and opens of 24 layers asked for at once cost 8 threads each time,
+for calls of a few microseconds; a stalled mount, whose calls wait, still gets every thread.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
-from threading import Thread
+from threading import Lock, Thread
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -30,21 +36,38 @@ class _DaemonThreads(ThreadPool):
         return Thread(*args, daemon=True, **kwargs)
 
 
+#: How long a call may wait for a thread before its pool adds one (while below its limit).
+GROW_AFTER = 0.01
+
+
 class ThreadPoolRunner:
-    """A :data:`metahub.runtime.threads.ThreadRunner` on ``threads`` threads of its own.
+    """A :data:`metahub.runtime.threads.ThreadRunner` on up to ``threads`` threads of its own.
 
     Started and stopped by its service (or by the first call, for commands that run no service).
     """
 
-    def __init__(self, reactor: IReactorFromThreads, threads: int, name: str) -> None:
+    def __init__(self, reactor: Any, threads: int, name: str) -> None:
+        # ``reactor``: IReactorFromThreads for the results and IReactorTime for the growth timer
+        # (zope interfaces, which one annotation cannot combine).
         self.reactor = reactor
-        self.pool: ThreadPool = _DaemonThreads(minthreads=0, maxthreads=threads, name=name)
+        self.limit = threads
+        self.threads = 1  # the pool's size now; grown towards the limit by calls that wait
+        self.pool: ThreadPool = _DaemonThreads(minthreads=0, maxthreads=1, name=name)
+        #: When each call not yet known to have begun was submitted (they begin in this order).
+        self._waiting: deque[float] = deque()
+        self._begun = 0  # calls a thread has begun (counted on the pool's threads)
+        self._begun_lock = Lock()
+        self._forgotten = 0  # calls dropped from _waiting once known to have begun
+        self._check: IDelayedCall | None = None
 
     def start(self) -> None:
         if not self.pool.started:
             self.pool.start()
 
     def stop(self) -> None:
+        if self._check is not None and self._check.active():
+            self._check.cancel()  # a stopped pool takes no new threads
+        self._check = None
         if self.pool.started:
             self.pool.stop()
 
@@ -52,4 +75,36 @@ class ThreadPoolRunner:
         # The server starts it with its service tree; a command (prefetch) that never does gets
         # it started by its first call, and stopped by the root's close.
         self.start()
-        return deferToThreadPool(self.reactor, self.pool, function, *args)
+        self._waiting.append(self.reactor.seconds())
+        done = deferToThreadPool(self.reactor, self.pool, self._begin, function, *args)
+        self._forget_begun()
+        if self._check is None and self._waiting and self.threads < self.limit:
+            self._check = self.reactor.callLater(GROW_AFTER, self._grow)
+        return done
+
+    def _begin(self, function: Callable[..., Any], *args: object) -> Any:
+        with self._begun_lock:
+            self._begun += 1
+        return function(*args)
+
+    def _forget_begun(self) -> None:
+        while self._forgotten < self._begun:
+            self._waiting.popleft()
+            self._forgotten += 1
+
+    def _grow(self) -> None:
+        """Add a thread if the oldest call waiting has waited :data:`GROW_AFTER`; while calls
+        wait and the pool is below its limit, look again when the next one will have."""
+        self._check = None
+        self._forget_begun()
+        if not self._waiting:
+            return
+        now = self.reactor.seconds()
+        due = self._waiting[0] + GROW_AFTER
+        if now >= due - GROW_AFTER / 1000:  # a float clock may fire a hair early
+            self.threads += 1
+            self.pool.adjustPoolsize(maxthreads=self.threads)
+            self.pool.startAWorker()  # takes the oldest waiting call
+            due = now + GROW_AFTER  # then the next waiting call, given as long again
+        if self.threads < self.limit:
+            self._check = self.reactor.callLater(max(due - now, 0), self._grow)

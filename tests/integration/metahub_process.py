@@ -102,6 +102,12 @@ class Metahub(LoopbackAddress):
         self.stop()
         self.start()
 
+    @property
+    def pid(self) -> int:
+        """The running twistd's process id (for /proc/PID: its threads, its limits)."""
+        assert self._daemon is not None, "not running"
+        return self._daemon.process.pid
+
     def log(self) -> str:
         return (self.workdir / "metahub.log").read_text(errors="replace")
 

@@ -149,9 +149,17 @@ class InlineLane:
         pass
 
 
-def inline_lanes(name: str) -> InlineLane:
-    """A ``LaneFactory`` of :class:`InlineLane`."""
-    return InlineLane()
+class InlineLanes:
+    """A :class:`metahub.runtime.lane.LanePool` whose lanes run each job at once."""
+
+    def lane(self, name: str) -> InlineLane:
+        return InlineLane()
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
 
 
 # --- requests ------------------------------------------------------------------------------------
@@ -204,7 +212,9 @@ class FakeRequest:
 
 
 def inline_threads(root: Any) -> None:
-    """Make a :class:`metahub.app.root.Root`'s own thread pools (logins, store I/O, store reads) run
-    their work inline, as a fake reactor's pool does."""
+    """Make a :class:`metahub.app.root.Root`'s own thread pools (logins, store I/O, store reads,
+    download lanes) run their work inline, as a fake reactor's pool does. Call it before the root
+    builds its downloads, which take their lanes from ``root.lanes``."""
     for runner in (root.kdf, root.in_thread, root.store_reads):
         runner.pool = InlinePool()
+    root.lanes = InlineLanes()

@@ -36,7 +36,6 @@ from metahub.oci import media
 from metahub.web.api import RegistryResource
 from tests.unit.fakes import (
     FakeReactor,
-    inline_lanes,
     inline_threads,
     minimal,
 )
@@ -328,5 +327,4 @@ def in_memory_registry(
     stubs = fake_network(monkeypatch, root_module, fakes)
     root = Root(config=parse_config(data, str(tmp_path)), reactor=FakeReactor(), listen="tcp:0")
     inline_threads(root)
-    root.downloads.lanes = inline_lanes
     return InMemoryRegistry(root, root.resource, stubs)

@@ -20,7 +20,7 @@ from metahub.app.root import Root
 from metahub.config.file import Config, parse_config
 from metahub.oci import errors, media
 from storage import BlobStore
-from tests.unit.fakes import FakeReactor, inline_lanes, inline_threads, minimal
+from tests.unit.fakes import FakeReactor, inline_threads, minimal
 from tests.unit.harness import (
     FakeRegistry,
     digest_of,
@@ -55,7 +55,6 @@ def hub() -> FakeRegistry:
 @pytest.fixture
 def network(monkeypatch: pytest.MonkeyPatch, hub: FakeRegistry) -> Iterator[None]:
     fake_network(monkeypatch, root_module, {"docker.io": hub})
-    monkeypatch.setattr(root_module, "thread_lanes", lambda reactor: inline_lanes)
     yield
 
 

@@ -345,7 +345,7 @@ def test_store_io_runs_on_threads_of_its_own() -> None:
     from twisted.internet import reactor
 
     pool = ThreadPoolRunner(reactor, 2, "test-store")
-    assert pool.pool is not reactor.getThreadPool() and pool.pool.max == 2
+    assert pool.pool is not reactor.getThreadPool() and pool.limit == 2
 
 
 def test_io_threads_is_a_whole_number_of_at_least_one(tmp_path) -> None:
