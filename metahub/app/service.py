@@ -109,6 +109,10 @@ class ServerTree(MultiService):
         self.notice = notice  # lines that head the log, e.g. that the built-in default serves
 
     def startService(self) -> None:
+        # The reactor's own thread pool now only runs host-name lookups for upstream connections
+        # (every blocking call of ours has a pool of its own): Twisted's default of 10 threads
+        # would only raise the process's thread count, which issue 14 bounds.
+        self.root.reactor.suggestThreadPoolSize(RESOLVER_THREADS)
         summary = config_summary(replace(self.root.config, listen=self.root.listen))
         for line in [*self.notice, *summary.splitlines()]:
             log.info("{line}", line=line)
@@ -132,6 +136,10 @@ class ServerTree(MultiService):
                 await maybeDeferred(child.stopService)
             except Exception:
                 log.failure("could not stop {name} cleanly", name=child.name)
+
+
+#: Threads for host-name lookups (the reactor's pool): a stalled resolver holds up one of them.
+RESOLVER_THREADS = 2
 
 
 def _timer(interval: float, job: Callable[[], Coroutine[Any, Any, None]], root: Root) -> TimerService:

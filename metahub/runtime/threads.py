@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Protocol, TypeVar, TypeVarTuple
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -28,15 +28,6 @@ class ThreadRunner(Protocol):
     """``in_thread(function, *args)``: a Deferred of the result, computed in a thread pool."""
 
     def __call__(self, function: Callable[[*_Args], _R], /, *args: *_Args) -> Deferred[_R]: ...
-
-
-def thread_runner(reactor: IReactorThreads) -> ThreadRunner:
-    pool = reactor.getThreadPool()
-
-    def in_thread(function: Callable[[*_Args], _R], /, *args: *_Args) -> Deferred[_R]:
-        return deferToThreadPool(reactor, pool, function, *args)
-
-    return in_thread
 
 
 #: The KDF threads' nice value: blob serving on the same machine wins the CPU about 9 times in 10,

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from metahub.app import tap
 from metahub.app.root import Root
-from metahub.app.service import COMMIT_GRACE, TIDY_INTERVAL, server_tree
+from metahub.app.service import COMMIT_GRACE, RESOLVER_THREADS, TIDY_INTERVAL, server_tree
 from metahub.config.file import parse_config
 from storage import IndexLock
 from storage.nodes import NodeRecords
@@ -47,6 +47,7 @@ class Reactor(MemoryReactorClock):
         super().__init__()
         self.busy = busy
         self.events: list[str] = []
+        self.thread_pool_size = 10  # Twisted's default
 
     def listenTCP(self, port, factory, backlog=50, interface=""):  # noqa: N802
         if port in self.busy:
@@ -56,6 +57,9 @@ class Reactor(MemoryReactorClock):
 
     def getThreadPool(self) -> InlinePool:  # noqa: N802
         return InlinePool()
+
+    def suggestThreadPoolSize(self, size: int) -> None:  # noqa: N802
+        self.thread_pool_size = size
 
     def callFromThread(self, function, *args, **kwargs) -> None:  # noqa: N802
         function(*args, **kwargs)
@@ -117,6 +121,8 @@ def test_starting_opens_the_store_listens_and_runs_the_timers_at_their_intervals
     tree.startService()
     assert index_opened(tmp_path)
     assert [port for port, *_ in reactor.tcpServers] == [5000]
+    # The reactor's pool only resolves host names: capped, so the thread count stays bounded.
+    assert reactor.thread_pool_size == RESOLVER_THREADS
     # TimerService runs its job as it starts, then every interval.
     assert jobs.runs == {"flush_access": [0], "tidy": [0], "collect": [0]}
     for _ in range(3600):
