@@ -13,7 +13,6 @@ from typing import Any
 from metahub.app.prefetch import prefetch
 from metahub.app.root import Root
 from metahub.cache.eviction import run_collection
-from metahub.cache.manifests import ManifestBody
 from metahub.cache.routing import Route, route
 from metahub.cache.virtual import build_index
 from metahub.config.file import (
@@ -26,6 +25,7 @@ from metahub.config.file import (
 from metahub.hardware import detect, inspect
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
+from metahub.oci.media import Manifest
 from metahub.web.auth import hash_password
 from storage import (
     IndexInUse,
@@ -219,16 +219,15 @@ def inspect_command(args: argparse.Namespace) -> int:
         name, reference = split_reference(args.image)
         root = Root(config=config, reactor=reactor)  # no store: only the upstreams are asked
 
-        async def fetch(target: Route, ref: str) -> ManifestBody:
+        async def fetch(target: Route, ref: str) -> Manifest:
             client = root.upstreams.client(target.upstream.name)
-            got = await client.get_manifest(target.repository, ref, media.UPSTREAM_ACCEPT)
-            return ManifestBody(got.body, got.media_type or media.sniff_media_type(got.body), got.digest)
+            return await client.get_manifest(target.repository, ref, media.UPSTREAM_ACCEPT)
 
         target = route(config, name)
         virtual = root.virtual.find(target, reference)
         if virtual is not None:
             body, _ = await build_index(config, virtual, fetch)
-            manifest = ManifestBody(body, media.OCI_INDEX, sha256_digest(body))
+            manifest = Manifest(body, media.OCI_INDEX, sha256_digest(body))
         else:
             manifest = await fetch(target, reference)
         result = inspect.report(args.image, manifest.body, manifest.media_type, manifest.digest, config)

@@ -16,11 +16,11 @@ from twisted.internet.task import deferLater
 from metahub.app.root import Root
 from metahub.cache.capacity import StoreUnavailable
 from metahub.cache.downloads import AlreadyStored
-from metahub.cache.manifests import ManifestBody
 from metahub.cache.routing import route
 from metahub.cache.virtual import store_index
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
+from metahub.oci.media import Manifest
 
 
 @dataclass
@@ -54,7 +54,7 @@ async def prefetch(*, root: Root, image: str, machine_type: str | None, out: Tex
         else:
             sources = {}
             top = await manifests.get(target, reference)
-        images: list[ManifestBody] = [top]
+        images: list[Manifest] = [top]
         if top.media_type in media.INDEX_TYPES:
             if machine_type is not None:
                 images = [await manifests.for_machine_type(target, top, config.machine_types[machine_type], image)]

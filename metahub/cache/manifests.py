@@ -16,7 +16,6 @@ only in the bounded memory cache.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -27,6 +26,7 @@ from metahub.cache.routing import Route
 from metahub.config.file import MachineType
 from metahub.hardware.resolve import resolve
 from metahub.oci import errors, media
+from metahub.oci.media import Manifest
 from metahub.runtime.metrics import Metrics
 from metahub.runtime.threads import ThreadRunner
 from metahub.upstream.upstreams import Upstreams, unavailable
@@ -40,13 +40,6 @@ from storage import (
 )
 
 log = Logger()
-
-
-@dataclass(frozen=True)
-class ManifestBody:
-    body: bytes
-    media_type: str
-    digest: str
 
 
 def _read_blob(storage: Storage, digest: str) -> bytes | None:
@@ -97,15 +90,15 @@ class Manifests:
         #: Shared tag writes under way: (upstream, repository, tag) -> the (digest, time) to write next.
         self._sharing: dict[tuple[str, str, str], tuple[str, float] | None] = {}
         self._resolutions: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._bodies: OrderedDict[str, ManifestBody] = OrderedDict()
+        self._bodies: OrderedDict[str, Manifest] = OrderedDict()
         self._body_bytes = 0
 
-    async def get(self, route: Route, reference: str) -> ManifestBody:
+    async def get(self, route: Route, reference: str) -> Manifest:
         if reference.startswith("sha256:"):
             return await self.by_digest(route, reference)
         return await self.by_tag(route, reference)
 
-    def _remember(self, manifest: ManifestBody) -> None:
+    def _remember(self, manifest: Manifest) -> None:
         if manifest.digest in self._bodies:
             self._bodies.move_to_end(manifest.digest)
             return
@@ -115,7 +108,7 @@ class Manifests:
             _, dropped = self._bodies.popitem(last=False)
             self._body_bytes -= len(dropped.body)
 
-    async def _cached(self, route: Route, digest: str) -> ManifestBody | None:
+    async def _cached(self, route: Route, digest: str) -> Manifest | None:
         """The stored manifest, if this repository is known to have it."""
         if not self.storage.index.is_linked(digest, route.key):
             return None
@@ -131,14 +124,14 @@ class Manifests:
         record = self.storage.index.get_blob(digest)
         media_type = record.media_type if record and record.media_type else media.sniff_media_type(body)
         self.storage.record_access(digest, self.clock.seconds())
-        manifest = ManifestBody(body, media_type, digest)
+        manifest = Manifest(body, media_type, digest)
         self._remember(manifest)
         return manifest
 
-    async def store(self, route: Route, body: bytes, media_type: str) -> ManifestBody:
+    async def store(self, route: Route, body: bytes, media_type: str) -> Manifest:
         """Keep a manifest (verified by construction: its digest is computed here) and link what it references."""
         digest = sha256_digest(body)
-        manifest = ManifestBody(body, media_type, digest)
+        manifest = Manifest(body, media_type, digest)
         if not await self._write(digest, body):
             # Not in the store, but this repository's all the same: kept in memory only (bounded),
             # so a client's next request by digest (a virtual index's, too) is still answered.
@@ -167,19 +160,19 @@ class Manifests:
         self.capacity.stored()
         return True
 
-    async def _fetch(self, route: Route, reference: str) -> ManifestBody:
+    async def _fetch(self, route: Route, reference: str) -> Manifest:
         client = self.upstreams.client(route.upstream.name)
         fetched = await client.get_manifest(route.repository, reference, media.UPSTREAM_ACCEPT)
-        return await self.store(route, fetched.body, fetched.media_type or media.sniff_media_type(fetched.body))
+        return await self.store(route, fetched.body, fetched.media_type)
 
-    async def by_digest(self, route: Route, digest: str) -> ManifestBody:
+    async def by_digest(self, route: Route, digest: str) -> Manifest:
         cached = await self._cached(route, digest)
         self.metrics.cache.labels("manifest", "hit" if cached else "miss").inc()
         if cached is not None:
             return cached
         return await self._fetch(route, digest)  # the client verifies the body against the digest
 
-    async def by_tag(self, route: Route, tag: str) -> ManifestBody:
+    async def by_tag(self, route: Route, tag: str) -> Manifest:
         upstream = route.upstream.name
         known = self.storage.index.get_tag(upstream, route.repository, tag)
         if known is None:  # another node may have resolved it
@@ -252,8 +245,8 @@ class Manifests:
             del self._sharing[key]
 
     async def for_machine_type(
-        self, route: Route, index: ManifestBody, machine_type: MachineType, reference: str
-    ) -> ManifestBody:
+        self, route: Route, index: Manifest, machine_type: MachineType, reference: str
+    ) -> Manifest:
         """The manifest of ``index`` that fits ``machine_type``, byte for byte as upstream has it."""
         key = (index.digest, machine_type.name)
         digest = self._resolutions.get(key)

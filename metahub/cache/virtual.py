@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 
-from metahub.cache.manifests import ManifestBody, Manifests
+from metahub.cache.manifests import Manifests
 from metahub.cache.routing import Route, route
 from metahub.config.file import Config, VirtualEntry, VirtualImage
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
+from metahub.oci.media import Manifest
 
-Fetch = Callable[[Route, str], Awaitable[ManifestBody]]
+Fetch = Callable[[Route, str], Awaitable[Manifest]]
 
 
 def _platform(entry: VirtualEntry) -> dict[str, object]:
@@ -61,7 +62,7 @@ async def build_index(config: Config, image: VirtualImage, fetch: Fetch) -> tupl
 
 async def store_index(
     config: Config, image: VirtualImage, manifests: Manifests, target: Route
-) -> tuple[ManifestBody, dict[str, Route]]:
+) -> tuple[Manifest, dict[str, Route]]:
     """Build ``image``'s index, link everything it reaches to ``target``, and keep the index."""
     body, sources = await build_index(config, image, manifests.get)
     manifests.storage.index.link(sources.keys(), target.key)

@@ -71,12 +71,12 @@ from metahub.oci.errors import (
     too_many_requests,
     unauthorized,
 )
-from metahub.oci.media import MAX_MANIFEST_SIZE
+from metahub.oci.media import MAX_MANIFEST_SIZE, Manifest, sniff_media_type
 from metahub.upstream.body import BodyProtocol
 from metahub.upstream.tls import handshake_failure, https_policy
 from metahub.upstream.wwwauth import Challenge, WWWAuthenticateError, parse_challenges
 
-__all__ = ["HTTPRequester", "Manifest", "ManifestHead", "UpstreamClient", "make_http_clients"]
+__all__ = ["HTTPRequester", "ManifestHead", "UpstreamClient", "make_http_clients"]
 
 _TAGS_LIMIT = 4 * 1024 * 1024
 # Token answers and error documents are a few hundred bytes.
@@ -124,19 +124,6 @@ class HTTPRequester(typing.Protocol):
         timeout: float,
         reactor: IReactorTime,
     ) -> Deferred[IResponse]: ...
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A manifest exactly as upstream serves it; ``digest`` has been checked against ``body``.
-
-    ``media_type`` is upstream's ``Content-Type`` without parameters, or ``""`` when it sent none:
-    the caller then goes by the manifest's own ``mediaType``.
-    """
-
-    body: bytes
-    media_type: str
-    digest: str
 
 
 @dataclass(frozen=True)
@@ -239,7 +226,7 @@ class UpstreamClient:
         response = await self._call("GET", target, f"manifests/{_quote(reference)}", {"Accept": ", ".join(accept)})
         body = await self._read(response, MAX_MANIFEST_SIZE, "a manifest")
         digest = self._checked_digest(body, reference, _header(response, b"Docker-Content-Digest"))
-        return Manifest(body, _media_type(response), digest)
+        return Manifest(body, _media_type(response) or sniff_media_type(body), digest)
 
     async def head_manifest(self, repo: str, reference: str, accept: list[str]) -> ManifestHead:
         """Ask for a manifest's digest, type and size without downloading it.

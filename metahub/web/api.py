@@ -18,13 +18,14 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from metahub.cache.manifests import ManifestBody, Manifests
+from metahub.cache.manifests import Manifests
 from metahub.cache.routing import Route, route, spellings
 from metahub.cache.virtual import VirtualImages, store_index
 from metahub.config.file import Config, MachineType, VirtualImage
 from metahub.hardware import inspect
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
+from metahub.oci.media import Manifest
 from metahub.oci.names import check_digest, check_name, check_reference, is_tag
 from metahub.runtime.metrics import Metrics, method_label, status_label
 from metahub.runtime.threads import ThreadRunner
@@ -202,14 +203,14 @@ class RegistryResource(Resource):
             manifest = await registry.manifests.get(target, reference)
         return inspect.report(image, manifest.body, manifest.media_type, manifest.digest, registry.config)
 
-    async def _build_virtual(self, target: Route, image: VirtualImage) -> ManifestBody:
+    async def _build_virtual(self, target: Route, image: VirtualImage) -> Manifest:
         registry = self.registry
         index, sources = await store_index(registry.config, image, registry.manifests, target)
         registry.virtual.remember(target, sources)
         registry.virtual.remember(target, {index.digest: target})
         return index
 
-    async def _virtual_manifest(self, target: Route, reference: str) -> ManifestBody:
+    async def _virtual_manifest(self, target: Route, reference: str) -> Manifest:
         if is_tag(reference):
             image = self.registry.virtual.find(target, reference)
             if image is None:

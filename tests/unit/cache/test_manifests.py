@@ -12,8 +12,9 @@ from metahub.cache.manifests import Manifests
 from metahub.cache.routing import Route
 from metahub.config.file import UpstreamConfig
 from metahub.oci import errors, media
+from metahub.oci.media import Manifest
 from metahub.runtime.metrics import Metrics
-from metahub.upstream.client import Manifest, ManifestHead
+from metahub.upstream.client import ManifestHead
 from metahub.upstream.upstreams import Upstreams
 from storage import SharedTags, Storage, sha256_digest
 from storage import blobstore as storage_blobstore

@@ -23,9 +23,10 @@ from metahub.cache.manifests import Manifests
 from metahub.cache.routing import Route
 from metahub.config.file import UpstreamConfig
 from metahub.oci import media
+from metahub.oci.media import Manifest
 from metahub.runtime.metrics import Metrics
 from metahub.runtime.pools import ThreadPoolRunner
-from metahub.upstream.client import Manifest, ManifestHead
+from metahub.upstream.client import ManifestHead
 from metahub.upstream.upstreams import Upstreams
 from metahub.web.blobs import Blobs
 from metahub.web.site import _access_line

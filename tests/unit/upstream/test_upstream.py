@@ -37,9 +37,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from metahub.config.file import UpstreamConfig
 from metahub.oci.errors import RegistryError
+from metahub.oci.media import Manifest
 from metahub.upstream.client import (
     READ_SIZE,
-    Manifest,
     ManifestHead,
     UpstreamClient,
     make_http_clients,
@@ -249,10 +249,11 @@ class AnonymousTests(UpstreamTestCase):
         manifest = self.ok(self.client().get_manifest("library/alpine", "latest", ACCEPT))
         self.assertEqual(manifest.media_type, OCI_MANIFEST)
 
-    def test_manifest_without_content_type_has_empty_media_type(self) -> None:
-        self.upstream.on("registry.test/v2/library/alpine/manifests/latest", (200, {"Content-Type": ""}, MANIFEST))
+    def test_manifest_without_content_type_goes_by_its_own_media_type(self) -> None:
+        body = MANIFEST.replace(OCI_MANIFEST.encode(), b"application/vnd.docker.distribution.manifest.v2+json")
+        self.upstream.on("registry.test/v2/library/alpine/manifests/latest", (200, {"Content-Type": ""}, body))
         manifest = self.ok(self.client().get_manifest("library/alpine", "latest", ACCEPT))
-        self.assertEqual((manifest.media_type, manifest.digest), ("", MANIFEST_DIGEST))
+        self.assertEqual(manifest.media_type, "application/vnd.docker.distribution.manifest.v2+json")
 
     def test_tag_whose_digest_header_lies_is_rejected(self) -> None:
         wrong = "sha256:" + "0" * 64
