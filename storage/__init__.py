@@ -5,7 +5,9 @@ The server needs exactly this API::
     from storage import Storage, FollowState, DigestMismatch, SizeMismatch, BlobNotFound
 
     store = Storage("/srv/store", "/var/lib/metahub/index")   # open in startService, not at import
-    store.lookup(digest)          # BlobRecord(size, media_type, ...) or None; adopts files the index lacks
+    store.index.get_blob(digest)  # BlobRecord(size, media_type, ...) or None: a file the index lacks
+    store.blobs.stat(digest)      # BlobFile(digest, size, mtime) or None, which the caller adopts:
+    store.index.put_blob(...)     # (see below) from the thread that writes the index
     store.forget(digest)          # the file was gone (evicted elsewhere): drop the index entry
     store.reindex()               # rebuild the index from the files (maintenance, full scan)
     store.clean_leftovers(leases) # dead writers' temp files, leases, break files and tombs (hourly)

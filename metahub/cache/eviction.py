@@ -11,12 +11,12 @@ import errno
 
 from twisted.logger import Logger
 
+from metahub.cache.manifests import read_stored
 from metahub.cache.routing import route
 from metahub.config.file import Config
 from metahub.oci import media
 from metahub.oci.grammar import split_reference
 from storage import (
-    BlobNotFound,
     GcResult,
     Leases,
     SharedTags,
@@ -49,13 +49,9 @@ def _reach(storage: Storage, digest: str, seen: set[str]) -> None:
     if digest in seen:
         return
     seen.add(digest)
-    try:
-        with storage.blobs.open(digest) as reader:
-            if reader.size > media.MAX_MANIFEST_SIZE:
-                return  # a layer, not a manifest
-            body = reader.read(reader.size)
-    except BlobNotFound:
-        return
+    body = read_stored(storage, digest)
+    if body is None:
+        return  # not here, or a layer, not a manifest
     doc = media.load(body)
     if "manifests" in doc or "layers" in doc:
         for child in media.references(body):

@@ -42,7 +42,8 @@ from storage import (
 log = Logger()
 
 
-def _read_blob(storage: Storage, digest: str) -> bytes | None:
+def read_stored(storage: Storage, digest: str) -> bytes | None:
+    """The stored manifest ``digest``, or None when the store lacks it or it is too big to be one."""
     try:
         with storage.blobs.open(digest) as reader:
             if reader.size > media.MAX_MANIFEST_SIZE:
@@ -117,7 +118,7 @@ class Manifests:
             self._bodies.move_to_end(digest)
             self.storage.record_access(digest, self.clock.seconds())
             return remembered
-        body = await self.in_thread(_read_blob, self.storage, digest)
+        body = await self.in_thread(read_stored, self.storage, digest)
         if body is None:
             self.storage.forget(digest)
             return None
@@ -210,7 +211,7 @@ class Manifests:
     async def _adopt(self, route: Route, tag: str, known: TagRecord) -> None:
         """A tag another node confirmed for this repository: its manifest and blobs are the repo's,
         and the tag is recorded here too, so the next request does not read the shared copy again."""
-        body = await self.in_thread(_read_blob, self.storage, known.digest)
+        body = await self.in_thread(read_stored, self.storage, known.digest)
         if body is not None:
             self.storage.index.link([known.digest, *media.references(body)], route.key)
             self.storage.index.set_tag(route.upstream.name, route.repository, tag, known.digest, known.checked)

@@ -81,7 +81,8 @@ class Blobs:
         self.metrics = metrics
 
     async def find(self, digest: str) -> BlobRecord | None:
-        """The index's record, or a stat of the file (in a thread: the store may be on NFS)."""
+        """The index's record, or a stat of the file (in a thread: the store may be on NFS), which
+        the index then adopts (here, on the thread that writes the index: storage.store says why)."""
         record = self.storage.index.get_blob(digest)
         if record is not None:
             return record

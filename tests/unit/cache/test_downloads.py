@@ -102,7 +102,7 @@ def test_concurrent_joins_share_one_fetch_and_commit(tmp_path) -> None:
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert download.finished.result is True
     assert downloads.active(digest) is None
-    assert storage.lookup(digest).size == 5000
+    assert storage.blobs.stat(digest).size == 5000
     assert storage.index.is_linked(digest, ROUTE.key)
 
 
@@ -115,7 +115,7 @@ def test_wrong_bytes_are_not_committed(tmp_path) -> None:
     response.protocol.dataReceived(b"wrong")
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert joined.result.finished.result is False
-    assert storage.lookup(digest) is None and os.listdir(storage.blobs.tmp_dir) == []
+    assert storage.blobs.stat(digest) is None and os.listdir(storage.blobs.tmp_dir) == []
     assert downloads.active(digest) is None
 
 
@@ -189,7 +189,7 @@ def test_a_dead_holders_lease_is_taken_over(tmp_path) -> None:
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert retried.result.finished.result is True
-    assert storage_b.lookup(digest).size == len(data)
+    assert storage_b.blobs.stat(digest).size == len(data)
 
 
 def test_followers_are_woken_per_megabyte_not_per_network_read(tmp_path) -> None:
@@ -299,7 +299,7 @@ def test_upstream_is_paused_while_the_lane_is_behind_and_resumed_when_it_catches
     response.protocol.dataReceived(data[queued:])
     response.protocol.connectionLost(Failure(ResponseDone()))
     lane.run_all()
-    assert download.finished.result is True and storage.lookup(download.digest).size == len(data)
+    assert download.finished.result is True and storage.blobs.stat(download.digest).size == len(data)
     assert lane.closed
 
 
@@ -328,7 +328,7 @@ def test_a_failed_write_stops_the_upstream_and_commits_nothing(tmp_path) -> None
     assert response.transport.stopped and isinstance(download.write_error, Exception)
     response.protocol.connectionLost(Failure(ResponseDone()))
     lane.run_all()
-    assert download.finished.result is False and storage.lookup(download.digest) is None
+    assert download.finished.result is False and storage.blobs.stat(download.digest) is None
     assert downloads.active(download.digest) is None
 
 
@@ -342,7 +342,7 @@ def test_a_store_that_takes_nothing_fails_the_download_with_its_own_message(tmp_
     assert response.transport.stopped and "store fell behind" in str(download.write_error)
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
     lane.run_all()
-    assert download.finished.result is False and storage.lookup(download.digest) is None
+    assert download.finished.result is False and storage.blobs.stat(download.digest) is None
 
 
 def test_every_caller_learns_the_outcome(tmp_path) -> None:
@@ -471,7 +471,7 @@ def test_a_hanging_upstream_does_not_hold_up_another_upstreams_clients(tmp_path)
     assert download.lease is None  # the hanging fetch holds the digest's lease: fetched beside it
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert download.finished.result is True and storage.lookup(digest).size == len(data)
+    assert download.finished.result is True and storage.blobs.stat(digest).size == len(data)
     hanging.answer.errback(errors.gateway_timeout("upstream slow did not answer"))
     assert isinstance(stuck.result.value, errors.RegistryError) and stuck.result.value.status == 504
     stuck.addErrback(lambda _: None)
@@ -590,7 +590,7 @@ def test_a_full_store_serves_a_cold_blob_from_upstream_verified_and_not_kept(tmp
         response.protocol.connectionLost(Failure(ResponseDone()))
         assert served.called and request.finished and b"".join(request.written) == data
         assert request.responseCode == 200 and request.responseHeaders.getRawHeaders(b"content-length") == [b"3000"]
-    assert client.calls == 2 and storage.lookup(digest) is None
+    assert client.calls == 2 and storage.blobs.stat(digest) is None
     assert os.listdir(storage.blobs.tmp_dir) == [] and os.listdir(blobs.downloads.leases.dir) == []
     assert sample(metrics, "metahub_store_full") == 1
     assert sample(metrics, "metahub_store_write_failures_total", reason="no_space") == 1  # only the first tried
@@ -603,7 +603,7 @@ def test_a_full_store_serves_a_cold_blob_from_upstream_verified_and_not_kept(tmp
     client.answers[-1].callback(response)
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert storage.lookup(digest).size == len(data) and sample(metrics, "metahub_store_full") == 0
+    assert storage.blobs.stat(digest).size == len(data) and sample(metrics, "metahub_store_full") == 0
 
 
 def test_wrong_bytes_from_upstream_abort_a_response_that_bypasses_the_store(tmp_path, monkeypatch) -> None:
@@ -655,7 +655,7 @@ def test_a_download_out_of_space_midway_aborts_its_clients_and_their_retry_is_se
     assert response.transport.stopped  # the second megabyte did not fit: upstream is let go
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
     assert first.transport.aborted and not first.finished
-    assert os.listdir(storage.blobs.tmp_dir) == [] and storage.lookup(digest) is None
+    assert os.listdir(storage.blobs.tmp_dir) == [] and storage.blobs.stat(digest) is None
     assert sample(metrics, "metahub_store_full") == 1
     retry = Served()
     ensureDeferred(blobs.serve(retry, ROUTE, digest, head=False))

@@ -198,7 +198,7 @@ def test_a_client_following_a_dead_holder_gets_the_whole_blob_from_the_node_that
     advance(clock, 1)
     assert served.called and client.finished and not client.transport.aborted
     assert client.body() == DATA and b.aborted() == 0
-    assert b.storage.lookup(DIGEST).size == len(DATA)
+    assert b.storage.blobs.stat(DIGEST).size == len(DATA)
 
 
 def test_a_holder_that_lost_its_lease_steps_aside_and_its_clients_finish_from_the_taker(tmp_path) -> None:
