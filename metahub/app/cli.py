@@ -26,6 +26,7 @@ from metahub.hardware import detect, inspect
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
 from metahub.oci.media import Manifest
+from metahub.oci.sizes import format_size
 from metahub.web.auth import hash_password
 from storage import (
     IndexInUse,
@@ -78,14 +79,6 @@ def cache_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def cache_stats(args: argparse.Namespace) -> int:
     """Size and counts of the (shared) store, and what this node's index knows."""
     config = _load(args.config)
@@ -96,9 +89,9 @@ def cache_stats(args: argparse.Namespace) -> int:
         holders = sorted({lease.holder.rsplit("-", 2)[0] for lease in Leases(config.storage.path).iter_leases() if lease.holder})
     finally:
         storage.close()
-    bound = _human(config.storage.max_size) if config.storage.max_size else "unbounded"
+    bound = format_size(config.storage.max_size) if config.storage.max_size else "unbounded"
     print(f"store:       {config.storage.path}")
-    print(f"size:        {_human(found.total_bytes)} in {found.blob_count} blobs (max_size: {bound})")
+    print(f"size:        {format_size(found.total_bytes)} in {found.blob_count} blobs (max_size: {bound})")
     print(f"index:       {indexed} blobs known to this node ({config.storage.index})")
     print(f"in progress: {found.temp_files} temporary files, {found.leases} leases")
     print(f"quarantined: {found.quarantined}")
@@ -132,8 +125,8 @@ def cache_gc(args: argparse.Namespace) -> int:
     finally:
         storage.close()
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(result.removed)} blobs ({_human(result.removed_bytes)}): "
-          f"{_human(result.before_bytes)} -> {_human(result.after_bytes)}; "
+    print(f"{verb} {len(result.removed)} blobs ({format_size(result.removed_bytes)}): "
+          f"{format_size(result.before_bytes)} -> {format_size(result.after_bytes)}; "
           f"kept {len(result.kept_pinned)} pinned, {len(result.kept_recent)} recently used")
     return 0
 
@@ -145,7 +138,7 @@ def cache_verify(args: argparse.Namespace) -> int:
 
     def progress(step: VerifyProgress) -> None:
         if sys.stderr.isatty():
-            print(f"\rverified {step.checked} blobs, {_human(step.bytes_checked)}", end="", file=sys.stderr)
+            print(f"\rverified {step.checked} blobs, {format_size(step.bytes_checked)}", end="", file=sys.stderr)
 
     try:
         result = verify(storage.blobs, quarantine=True, progress=progress)
@@ -166,7 +159,7 @@ def prefetch_command(args: argparse.Namespace) -> int:
 
     async def warm(reactor: Any) -> None:
         done = await prefetch(root=Root(config=config, reactor=reactor), image=args.image, machine_type=args.machine_type)
-        print(f"prefetched {args.image}: {done.blobs} blobs, {_human(done.total_bytes)}")
+        print(f"prefetched {args.image}: {done.blobs} blobs, {format_size(done.total_bytes)}")
 
     return _react(args.image, warm)
 

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 
 from metahub.config import features
 from metahub.oci.grammar import COMPONENT, split_reference
+from metahub.oci.sizes import format_size
 
 __all__ = [
     "Account",
@@ -43,7 +44,6 @@ __all__ = [
     "UpstreamConfig",
     "config_summary",
     "format_duration",
-    "format_size",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -221,14 +221,6 @@ def parse_duration(value: object) -> float:
     if not math.isfinite(seconds):
         raise ValueError("not a duration")
     return seconds
-
-
-def format_size(size: int) -> str:
-    """The largest IEC unit that keeps at least 1, for logs (``214748364800`` -> ``200GiB``)."""
-    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
-        if size >= _SIZE_UNITS[unit.lower()]:
-            return f"{size / _SIZE_UNITS[unit.lower()]:.4g}{unit}"
-    return f"{size}B"
 
 
 def format_duration(seconds: float) -> str:
