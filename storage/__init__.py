@@ -69,7 +69,9 @@ for the protocol and what holds on NFS)::
     stats(store.blobs)            # StoreStats(blob_count, total_bytes, temp_files, leases, quarantined)
 
 Digests are validated (``sha256:`` + 64 lowercase hex, :func:`parse_digest`) before they become a
-path; anything else raises :class:`InvalidDigest` (a ``ValueError``).
+path; anything else raises :class:`InvalidDigest` (a ``ValueError``). Digest strings are made and
+taken apart by ``storage.digest`` alone (``sha256_digest``, ``from_hex``, ``parse_digest``,
+``is_digest``; ``matches`` for a body an upstream names by any registered algorithm), in metahub too.
 
 All calls block on file I/O. On a shared filesystem that may stall, call them from a thread.
 """
@@ -87,7 +89,17 @@ from .blobstore import (
     SizeMismatch,
     TempFileRemoved,
 )
-from .digest import InvalidDigest, is_digest, parse_digest, sha256_digest
+from .digest import (
+    ALGORITHM,
+    ALGORITHMS,
+    InvalidDigest,
+    algorithm_of,
+    from_hex,
+    is_digest,
+    matches,
+    parse_digest,
+    sha256_digest,
+)
 from .exclusive import create_exclusive
 from .index import BlobRecord, Index, TagRecord
 from .index_lock import IndexInUse, IndexLock
@@ -106,6 +118,8 @@ from .store import ReindexResult, Storage
 from .verify import StoreStats, VerifyProgress, VerifyResult, quarantine_dir, stats, verify
 
 __all__ = [
+    "ALGORITHM",
+    "ALGORITHMS",
     "AccessStamps",
     "BlobFile",
     "BlobFollower",
@@ -139,10 +153,13 @@ __all__ = [
     "TempFileRemoved",
     "VerifyProgress",
     "VerifyResult",
+    "algorithm_of",
     "collect",
     "create_exclusive",
+    "from_hex",
     "collect_with_lease",
     "is_digest",
+    "matches",
     "parse_digest",
     "quarantine_dir",
     "sha256_digest",

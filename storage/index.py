@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import lmdb
 
-from .digest import parse_digest
+from .digest import from_hex, parse_digest
 
 T = TypeVar("T")
 
@@ -133,7 +133,7 @@ class Index:
     def iter_blobs(self) -> Iterator[BlobRecord]:
         with self.env.begin() as txn:
             for key, raw in txn.cursor(db=self._blobs):
-                yield BlobRecord("sha256:" + bytes(key).hex(), **json.loads(raw))
+                yield BlobRecord(from_hex(bytes(key).hex()), **json.loads(raw))
 
     def count_blobs(self) -> int:
         with self.env.begin() as txn:

@@ -56,6 +56,7 @@ from storage import (
     SizeMismatch,
     Storage,
     TempFileRemoved,
+    parse_digest,
 )
 
 log = Logger()
@@ -340,7 +341,7 @@ class Downloads:
         # without this route's clients: fetch beside it, unleased (the store keeps one file).
         if not self._fetching_elsewhere(route, digest):
             try:
-                lease = await self.in_thread(self.leases.try_take, digest[7:], self.lease_timeout)
+                lease = await self.in_thread(self.leases.try_take, parse_digest(digest), self.lease_timeout)
             except OSError as error:  # the lease is the first file this download writes
                 raise self._unavailable(error, f"a lease for {digest}") from error
             if lease is None:
@@ -363,7 +364,7 @@ class Downloads:
             if lease is not None:
                 await self._release(lease)
             raise
-        download = Download(digest, route, size, writer, self.clock, self.lanes(f"download {digest[7:19]}"))
+        download = Download(digest, route, size, writer, self.clock, self.lanes(f"download {parse_digest(digest)[:12]}"))
         if others:
             self.clock.callLater(self.lease_timeout, lambda: ensureDeferred(self._drop_later(digest, writer.temp_path)))
         if lease is not None:
@@ -512,7 +513,7 @@ class Downloads:
         """("committed" | "writing" | "gone", temp file): runs in a thread, it reads the shared dir."""
         if self.storage.blobs.stat(digest) is not None:
             return "committed", None
-        lease = self.leases.holder(digest[7:])
+        lease = self.leases.holder(parse_digest(digest))
         temps = self.storage.blobs.in_progress(digest)
         alive = lease is not None and lease.age(self.leases.clock()) <= self.lease_timeout
         if alive or (lease is not None and temps and lease.holder is None):

@@ -15,7 +15,7 @@ from metahub.cache.manifests import read_stored
 from metahub.cache.routing import route
 from metahub.config.file import Config
 from metahub.oci import media
-from metahub.oci.grammar import split_reference
+from metahub.oci.grammar import is_digest_reference, split_reference
 from storage import (
     GcResult,
     Leases,
@@ -34,7 +34,7 @@ def pinned_digests(config: Config, storage: Storage, shared_tags: SharedTags) ->
     for reference in config.pin:
         name, ref = split_reference(reference)
         target = route(config, name)
-        if ref.startswith("sha256:"):
+        if is_digest_reference(ref):
             _reach(storage, ref, pinned)
             continue
         tag = storage.index.get_tag(target.upstream.name, target.repository, ref) or shared_tags.read(

@@ -26,6 +26,7 @@ from metahub.cache.routing import Route
 from metahub.config.file import MachineType
 from metahub.hardware.resolve import resolve
 from metahub.oci import errors, media
+from metahub.oci.grammar import is_digest_reference
 from metahub.oci.media import Manifest
 from metahub.runtime.metrics import Metrics
 from metahub.runtime.threads import ThreadRunner
@@ -95,7 +96,7 @@ class Manifests:
         self._body_bytes = 0
 
     async def get(self, route: Route, reference: str) -> Manifest:
-        if reference.startswith("sha256:"):
+        if is_digest_reference(reference):
             return await self.by_digest(route, reference)
         return await self.by_tag(route, reference)
 

@@ -22,7 +22,7 @@ from metahub.runtime.metrics import Metrics
 from metahub.upstream.upstreams import Upstreams
 from metahub.web.blobs import Blobs, _follow, wait_for_more
 from metahub.web.streaming import send
-from storage import Leases, Storage, sha256_digest
+from storage import Leases, Storage, parse_digest, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files
 from storage import lease as storage_lease
@@ -163,7 +163,7 @@ def test_a_second_node_follows_the_lease_holder_instead_of_fetching(tmp_path) ->
     assert following.temp_path == joined_a.result.temp_path  # found node A's growing file
     response.protocol.dataReceived(data[1000:])
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert node_a.leases.holder(digest[7:]) is None  # released after the commit
+    assert node_a.leases.holder(parse_digest(digest)) is None  # released after the commit
     clock.advance(0.1)
     assert following.finished.result is True and node_b.active(digest) is None
 
@@ -475,7 +475,7 @@ def test_a_hanging_upstream_does_not_hold_up_another_upstreams_clients(tmp_path)
     hanging.answer.errback(errors.gateway_timeout("upstream slow did not answer"))
     assert isinstance(stuck.result.value, errors.RegistryError) and stuck.result.value.status == 504
     stuck.addErrback(lambda _: None)
-    assert downloads.leases.holder(digest[7:]) is None  # the hanging fetch's lease is released
+    assert downloads.leases.holder(parse_digest(digest)) is None  # the hanging fetch's lease is released
 
 
 def test_twenty_clients_through_one_route_share_one_fetch(tmp_path) -> None:
@@ -745,6 +745,6 @@ def test_a_follower_never_picks_the_dead_holders_file_once_the_lease_was_taken_o
     dead.heartbeat.stop()  # node A dies mid-download: its lease and file stay
     os.utime(dead.temp_path, (1000, 1000))  # the file's last write, on the leases' clock
     clock.advance(31)
-    assert node_b.leases.try_take(digest[7:], 30.0) is not None  # node B takes over...
+    assert node_b.leases.try_take(parse_digest(digest), 30.0) is not None  # node B takes over...
     # ...and has not created its own file yet: node C must wait for it, not follow node A's.
     assert node_c._remote_state(digest) == ("writing", None)
