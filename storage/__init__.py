@@ -55,7 +55,6 @@ for the protocol and what holds on NFS)::
     tags = SharedTags(store.blobs.root)                 # <root>/tags/<upstream>/<repo>/_tags/<tag>.json
     tags.write(upstream, repo, tag, digest, checked=now)   # atomic replace, readable by every node
     tags.read(upstream, repo, tag)                      # TagRecord(digest, checked) or None
-    tags.remove(upstream, repo, tag)                    # upstream says the tag is gone
 
     # LRU eviction: a blob file's mtime is its last access, stamped in batches.
     stamps = AccessStamps(resolution=60.0); stamps.note(digest, now)

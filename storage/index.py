@@ -157,13 +157,6 @@ class Index:
             cursor = txn.cursor(db=self._links)
             return cursor.set_key_dup(_key(digest), repository.encode())
 
-    def repositories(self, digest: str) -> list[str]:
-        with self.env.begin() as txn:
-            cursor = txn.cursor(db=self._links)
-            if not cursor.set_key(_key(digest)):
-                return []
-            return [bytes(value).decode() for value in cursor.iternext_dup()]
-
     # -- access times --------------------------------------------------------------------------
 
     def record_access(self, digest: str, now: float) -> None:

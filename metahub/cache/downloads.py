@@ -273,12 +273,6 @@ class Downloads:
         #: Downloads being started: the route of the request that started each, and who waits.
         self._starting: dict[_Key, tuple[Route, list[Deferred[Download]]]] = {}
 
-    def active(self, digest: str, upstream: str | None = None) -> Download | None:
-        """The download of ``digest`` under way through ``upstream`` (None: through any)."""
-        if upstream is not None:
-            return self._active.get((upstream, digest))
-        return next((d for (_, other), d in self._active.items() if other == digest), None)
-
     def committing(self) -> Deferred[list[bool]]:
         """Fires once every download whose bytes have verified is committed. A clean stop waits
         for these: their clients already have the whole blob, so it must be in the store."""

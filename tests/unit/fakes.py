@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from metahub.cache.downloads import Download, Downloads
+from metahub.cache.routing import Route
 from metahub.config.file import (
     Account,
     Config,
@@ -68,6 +70,21 @@ def auth_config(anonymous: str = "deny") -> Config:
             "ci": Account("ci", AUTH_HASH, ("type1",), ("library/*", "myorg/**")),
         },
     )
+
+
+# --- downloads -----------------------------------------------------------------------------------
+
+
+def join_now(downloads: Downloads, route: Route, digest: str) -> Download:
+    """What ``downloads.join`` answers at once (the fakes' threads are inline): the download under
+    way, else a new one; raises what join raises (``AlreadyStored`` once the blob is stored)."""
+    joined = ensureDeferred(downloads.join(route, digest))
+    outcome: list[Download | Failure] = []
+    joined.addBoth(outcome.append)
+    assert outcome, "the join is still waiting"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]  # type: ignore[return-value]  # not a Failure, checked above
 
 
 # --- the store -----------------------------------------------------------------------------------

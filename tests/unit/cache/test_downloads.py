@@ -5,6 +5,7 @@ import errno
 import os
 from collections.abc import Callable
 
+import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -14,7 +15,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.test.requesthelper import DummyRequest
 
 from metahub.cache.capacity import StoreCapacity
-from metahub.cache.downloads import QUEUED_LIMIT, Download, Downloads
+from metahub.cache.downloads import QUEUED_LIMIT, AlreadyStored, Download, Downloads
 from metahub.cache.routing import Route
 from metahub.config.file import UpstreamConfig
 from metahub.oci import errors
@@ -26,7 +27,7 @@ from storage import Leases, Storage, parse_digest, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files
 from storage import lease as storage_lease
-from tests.unit.fakes import FakeRequest, InlineLane
+from tests.unit.fakes import FakeRequest, InlineLane, join_now
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -62,6 +63,8 @@ class FakeClient:
 
     def get_blob(self, repository: str, digest: str) -> Deferred:
         self.calls += 1
+        if self.answer.called:  # a later fetch, which upstream has not answered (yet)
+            self.answer = Deferred()
         return self.answer
 
     def head_blob(self, repository: str, digest: str) -> Deferred:
@@ -95,13 +98,14 @@ def test_concurrent_joins_share_one_fetch_and_commit(tmp_path) -> None:
     assert client.calls == 1 and not first.called
     client.answer.callback(response)
     download = first.result
-    assert second.result is download and downloads.active(digest) is download
+    assert second.result is download
     assert ensureDeferred(downloads.join(ROUTE, digest)).result is download and client.calls == 1
     response.protocol.dataReceived(data[:100])
     response.protocol.dataReceived(data[100:])
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert download.finished.result is True
-    assert downloads.active(digest) is None
+    with pytest.raises(AlreadyStored):  # the download is over: a new join finds the blob stored
+        join_now(downloads, ROUTE, digest)
     assert storage.blobs.stat(digest).size == 5000
     assert storage.index.is_linked(digest, ROUTE.key)
 
@@ -116,7 +120,8 @@ def test_wrong_bytes_are_not_committed(tmp_path) -> None:
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert joined.result.finished.result is False
     assert storage.blobs.stat(digest) is None and os.listdir(storage.blobs.tmp_dir) == []
-    assert downloads.active(digest) is None
+    ensureDeferred(downloads.join(ROUTE, digest))
+    assert client.calls == 2  # the failed download is over: a new join fetches again
 
 
 def test_a_stalled_upstream_is_cut_off_after_read_timeout(tmp_path) -> None:
@@ -133,7 +138,9 @@ def test_a_stalled_upstream_is_cut_off_after_read_timeout(tmp_path) -> None:
     clock.advance(2)
     assert response.transport.stopped
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
-    assert joined.result.finished.result is False and downloads.active(sha256_digest(data)) is None
+    assert joined.result.finished.result is False
+    ensureDeferred(downloads.join(ROUTE, sha256_digest(data)))
+    assert client.calls == 2  # the failed download is over: a new join fetches again
 
 
 def test_an_error_while_starting_the_body_does_not_leave_a_stuck_download(tmp_path) -> None:
@@ -143,7 +150,9 @@ def test_an_error_while_starting_the_body_does_not_leave_a_stuck_download(tmp_pa
     joined = ensureDeferred(downloads.join(ROUTE, digest))
     client.answer.callback(response)
     assert joined.result.finished.result is False
-    assert downloads.active(digest) is None and os.listdir(storage.blobs.tmp_dir) == []
+    assert os.listdir(storage.blobs.tmp_dir) == []
+    ensureDeferred(downloads.join(ROUTE, digest))
+    assert client.calls == 2  # the failed download is over: a new join fetches again
 
 
 def test_a_second_node_follows_the_lease_holder_instead_of_fetching(tmp_path) -> None:
@@ -165,7 +174,9 @@ def test_a_second_node_follows_the_lease_holder_instead_of_fetching(tmp_path) ->
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert node_a.leases.holder(parse_digest(digest)) is None  # released after the commit
     clock.advance(0.1)
-    assert following.finished.result is True and node_b.active(digest) is None
+    assert following.finished.result is True
+    with pytest.raises(AlreadyStored):  # node B's following is over too: a new join finds the blob
+        join_now(node_b, ROUTE, digest)
 
 
 def test_a_dead_holders_lease_is_taken_over(tmp_path) -> None:
@@ -175,14 +186,14 @@ def test_a_dead_holders_lease_is_taken_over(tmp_path) -> None:
     dead_response, response = FakeResponse(len(data)), FakeResponse(len(data))
     node_a, client_a, _, _ = make(tmp_path, dead_response, "a", clock)
     node_b, client_b, _, storage_b = make(tmp_path, response, "b", clock)
-    ensureDeferred(node_a.join(ROUTE, digest))
+    dying = ensureDeferred(node_a.join(ROUTE, digest))
     client_a.answer.callback(dead_response)
     dead_response.protocol.dataReceived(data[:500])
-    node_a.active(digest).heartbeat.stop()  # node A dies: no more heartbeats
+    dying.result.heartbeat.stop()  # node A dies: no more heartbeats
     following = ensureDeferred(node_b.join(ROUTE, digest)).result
     assert following.writer is None
     clock.advance(31)  # silent past lease_timeout: node B's watcher gives up on it
-    assert following.finished.result is False and node_b.active(digest) is None
+    assert following.finished.result is False
     retried = ensureDeferred(node_b.join(ROUTE, digest))
     assert client_b.calls == 1  # node B took the stale lease and fetches itself
     client_b.answer.callback(response)
@@ -329,7 +340,8 @@ def test_a_failed_write_stops_the_upstream_and_commits_nothing(tmp_path) -> None
     response.protocol.connectionLost(Failure(ResponseDone()))
     lane.run_all()
     assert download.finished.result is False and storage.blobs.stat(download.digest) is None
-    assert downloads.active(download.digest) is None
+    ensureDeferred(downloads.join(ROUTE, download.digest))
+    assert client.calls == 2  # the failed download is over: a new join fetches again
 
 
 def test_a_store_that_takes_nothing_fails_the_download_with_its_own_message(tmp_path) -> None:
@@ -738,10 +750,10 @@ def test_a_follower_never_picks_the_dead_holders_file_once_the_lease_was_taken_o
     node_a, client_a, _, _ = make(tmp_path, dead_response, "a", clock)
     node_b, _, _, _ = make(tmp_path, FakeResponse(len(data)), "b", clock)
     node_c, _, _, _ = make(tmp_path, FakeResponse(len(data)), "c", clock)
-    ensureDeferred(node_a.join(ROUTE, digest))
+    joined = ensureDeferred(node_a.join(ROUTE, digest))
     client_a.answer.callback(dead_response)
     dead_response.protocol.dataReceived(data[:500])
-    dead = node_a.active(digest)
+    dead = joined.result
     dead.heartbeat.stop()  # node A dies mid-download: its lease and file stay
     os.utime(dead.temp_path, (1000, 1000))  # the file's last write, on the leases' clock
     clock.advance(31)

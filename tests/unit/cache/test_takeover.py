@@ -10,6 +10,7 @@ import json
 import os
 import time
 
+import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -18,7 +19,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.test.requesthelper import DummyRequest
 
-from metahub.cache.downloads import WRITE_BYTES, Downloads
+from metahub.cache.downloads import WRITE_BYTES, AlreadyStored, Downloads
 from metahub.cache.manifests import Manifests
 from metahub.cache.routing import Route
 from metahub.config.file import UpstreamConfig
@@ -41,7 +42,7 @@ from storage import (
     parse_digest,
     sha256_digest,
 )
-from tests.unit.fakes import InlineLane, inline
+from tests.unit.fakes import InlineLane, inline, join_now
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -185,7 +186,7 @@ def test_a_client_following_a_dead_holder_gets_the_whole_blob_from_the_node_that
     client, served = b.serve()
     advance(clock, 1)
     assert b.upstream.gets == 0 and len(client.body()) > WRITE_BYTES  # B follows A's file
-    dead = a.downloads.active(DIGEST)
+    dead = join_now(a.downloads, ROUTE, DIGEST)
     dead.heartbeat.stop()  # node A is killed: no heartbeat, its lease and file stay
     advance(clock, 29)
     assert b.upstream.gets == 0  # the lease is not stale yet
@@ -208,7 +209,7 @@ def test_a_holder_that_lost_its_lease_steps_aside_and_its_clients_finish_from_th
     a_body = a.upstream.answer()
     a_body.send(DATA[:HALF])
     assert len(client.body()) > WRITE_BYTES
-    stalled = a.downloads.active(DIGEST)
+    stalled = join_now(a.downloads, ROUTE, DIGEST)
     stalled.heartbeat.stop()  # node A's store stalls: its heartbeats hang
     advance(clock, 31)
     _, taking = b.serve()  # a request on node B finds the lease stale and takes it over
@@ -239,7 +240,7 @@ def test_a_holder_whose_commit_comes_after_the_takers_ends_cleanly(tmp_path) -> 
     a_body = a.upstream.answer()
     a_body.send(DATA)
     a_body.end()  # every byte arrived; writing, verifying and committing them wait for the store
-    stalled = a.downloads.active(DIGEST)
+    stalled = join_now(a.downloads, ROUTE, DIGEST)
     stalled.heartbeat.stop()  # and so do its heartbeats
     advance(clock, 31)
     _, taking = b.serve()
@@ -257,7 +258,9 @@ def test_a_holder_whose_commit_comes_after_the_takers_ends_cleanly(tmp_path) -> 
         globalLogPublisher.removeObserver(observer)
     assert errors == [] and stalled.finished.called
     # The store is not taken for failing (that would send the next requests around it).
-    assert a.downloads.capacity.can_store() and a.downloads.active(DIGEST) is None
+    assert a.downloads.capacity.can_store()
+    with pytest.raises(AlreadyStored):  # A's download is over: a new join finds the blob stored
+        join_now(a.downloads, ROUTE, DIGEST)
     assert served.called and client.finished and client.body() == DATA
 
 
@@ -373,7 +376,7 @@ def test_a_dead_holders_file_written_after_its_last_heartbeat_is_removed_later(t
     a.serve()
     a_body = a.upstream.answer()
     a_body.send(DATA[:HALF])
-    dead = a.downloads.active(DIGEST)
+    dead = join_now(a.downloads, ROUTE, DIGEST)
     dead.heartbeat.stop()  # killed...
     advance(clock, 31)
     last_write = clock.seconds() - 10  # ...after writing once more, past its last heartbeat
@@ -381,7 +384,7 @@ def test_a_dead_holders_file_written_after_its_last_heartbeat_is_removed_later(t
     b.serve()
     assert b.upstream.gets == 1 and os.path.exists(dead.temp_path)  # too fresh to be sure at takeover
     b_body = b.upstream.answer()
-    ours = b.downloads.active(DIGEST).temp_path
+    ours = join_now(b.downloads, ROUTE, DIGEST).temp_path
     advance(clock, 20)
     b_body.send(DATA[:1000])  # a live download (ours) is never removed
     advance(clock, 10.5)
