@@ -258,10 +258,10 @@ class Downloads:
         leases: Leases,
         lanes: LaneFactory,
         lease_timeout: float = 30.0,
-        capacity: StoreCapacity | None = None,
+        capacity: StoreCapacity,
     ) -> None:
         self.storage = storage
-        self.capacity = capacity or StoreCapacity(clock=clock, metrics=metrics)
+        self.capacity = capacity
         self.lanes = lanes
         self.leases = leases
         self.lease_timeout = lease_timeout

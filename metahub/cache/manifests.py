@@ -79,10 +79,10 @@ class Manifests:
         metrics: Metrics,
         tag_ttl: float,
         shared_tags: SharedTags,
-        capacity: StoreCapacity | None = None,
+        capacity: StoreCapacity,
     ) -> None:
         self.storage = storage
-        self.capacity = capacity or StoreCapacity(clock=clock, metrics=metrics)
+        self.capacity = capacity
         self.shared_tags = shared_tags
         self.upstreams = upstreams
         self.clock = clock

@@ -67,7 +67,7 @@ class Blobs:
         in_thread: ThreadRunner,
         metrics: Metrics,
         releaser: Releaser | None = None,
-        read_in_thread: ThreadRunner | None = None,
+        read_in_thread: ThreadRunner,
     ) -> None:
         self.storage = storage
         self.releaser = releaser
@@ -77,7 +77,7 @@ class Blobs:
         self.in_thread = in_thread
         #: Reads of files already open: a pool of their own, never queued behind opens that a
         #: stalled store holds up (docs/cluster.md).
-        self.read_in_thread = read_in_thread or in_thread
+        self.read_in_thread = read_in_thread
         self.metrics = metrics
 
     async def find(self, digest: str) -> BlobRecord | None:

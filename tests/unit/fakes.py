@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from metahub.cache.capacity import StoreCapacity
 from metahub.cache.downloads import Download, Downloads
 from metahub.cache.routing import Route
 from metahub.config.file import (
@@ -26,6 +27,7 @@ from metahub.config.file import (
     UpstreamConfig,
     parse_config,
 )
+from metahub.runtime.metrics import Metrics
 from metahub.web.auth import hash_password
 from storage import BlobStore, sha256_digest, stamp_access
 
@@ -73,6 +75,11 @@ def auth_config(anonymous: str = "deny") -> Config:
 
 
 # --- downloads -----------------------------------------------------------------------------------
+
+
+def store_capacity(clock: Clock, metrics: Metrics) -> StoreCapacity:
+    """A store that takes files until one fails, as the root builds it (minus making room)."""
+    return StoreCapacity(clock=clock, metrics=metrics)
 
 
 def join_now(downloads: Downloads, route: Route, digest: str) -> Download:

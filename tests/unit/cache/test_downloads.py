@@ -27,7 +27,7 @@ from storage import Leases, Storage, parse_digest, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files
 from storage import lease as storage_lease
-from tests.unit.fakes import FakeRequest, InlineLane, join_now
+from tests.unit.fakes import FakeRequest, InlineLane, inline, join_now, store_capacity
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -82,9 +82,10 @@ def make(tmp_path, response: FakeResponse, node: str = "a", clock: Clock | None 
     storage = Storage(str(tmp_path / "store"), str(tmp_path / f"index-{node}"), clock=clock.seconds)
     client = FakeClient(response)
     leases = Leases(str(tmp_path / "store"), clock=clock.seconds, node=node)
+    metrics = Metrics()
     downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
-                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(), leases=leases,
-                          lanes=lambda name: InlineLane())
+                          in_thread=inline, metrics=metrics, leases=leases,
+                          lanes=lambda name: InlineLane(), capacity=store_capacity(clock, metrics))
     return downloads, client, clock, storage
 
 
@@ -275,9 +276,11 @@ def make_with_lane(tmp_path, data: bytes, clock: Clock | None = None):
     response.transport = PausableTransport()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = FakeClient(response)
+    metrics = Metrics()
     downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
-                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(),
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: lane)
+                          in_thread=inline, metrics=metrics,
+                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: lane,
+                          capacity=store_capacity(clock, metrics))
     return downloads, client, response, lane, storage
 
 
@@ -394,7 +397,7 @@ def test_a_follower_of_this_node_ends_with_every_byte_before_the_commit(tmp_path
     download = start(downloads, client, response, data)
     follower = _follow(storage.blobs, download)
     request = FakeRequest()
-    sent = ensureDeferred(send(request, follower, lambda f, *a: succeed(f(*a)), lambda n: None,
+    sent = ensureDeferred(send(request, follower, inline, lambda n: None,
                                wait_for_more(follower, download), download.size))
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
@@ -425,12 +428,12 @@ def test_a_repository_joining_another_ones_download_must_be_confirmed_first(tmp_
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = GuardedClient(response)
-    inline = lambda f, *a: succeed(f(*a))  # noqa: E731
+    metrics = Metrics()
     downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock, in_thread=inline,
-                          metrics=Metrics(), leases=Leases(str(tmp_path / "store"), clock=clock.seconds),
-                          lanes=lambda name: InlineLane())
+                          metrics=metrics, leases=Leases(str(tmp_path / "store"), clock=clock.seconds),
+                          lanes=lambda name: InlineLane(), capacity=store_capacity(clock, metrics))
     blobs = Blobs(storage=storage, upstreams=upstreams(local=client), downloads=downloads, clock=clock,
-                  in_thread=inline, metrics=Metrics())
+                  in_thread=inline, read_in_thread=inline, metrics=Metrics())
     other = Route(UPSTREAM, "team/other")
     ensureDeferred(downloads.join(ROUTE, digest))  # team/app asked first: its fetch is starting
     asked = [ensureDeferred(blobs.serve(DummyRequest([b""]), other, digest, head=False))]
@@ -465,9 +468,11 @@ def two_upstreams(tmp_path, data: bytes):
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     response = FakeResponse(len(data))
     healthy, hanging = FakeClient(response), FakeClient(FakeResponse(len(data)))
+    metrics = Metrics()
     downloads = Downloads(storage=storage, upstreams=upstreams(local=healthy, slow=hanging), clock=clock,
-                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(),
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane())
+                          in_thread=inline, metrics=metrics,
+                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane(),
+                          capacity=store_capacity(clock, metrics))
     return downloads, healthy, hanging, response, storage
 
 
@@ -511,9 +516,11 @@ def test_another_repositorys_failed_start_is_not_handed_to_this_one(tmp_path) ->
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = Answers(response)
+    metrics = Metrics()
     downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
-                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(),
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane())
+                          in_thread=inline, metrics=metrics,
+                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane(),
+                          capacity=store_capacity(clock, metrics))
     other = Route(UPSTREAM, "team/other")
     refused = ensureDeferred(downloads.join(other, digest))  # team/other lacks the blob
     same_repo = ensureDeferred(downloads.join(other, digest))
@@ -571,13 +578,13 @@ def no_space(monkeypatch, after: int = 0) -> None:
 def blobs_over(tmp_path, client: FakeClient):
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
-    inline = lambda f, *a: succeed(f(*a))  # noqa: E731
     metrics = Metrics()
     counted = upstreams(metrics, local=client)
     downloads = Downloads(storage=storage, upstreams=counted, clock=clock, in_thread=inline, metrics=metrics,
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane())
+                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane(),
+                          capacity=store_capacity(clock, metrics))
     blobs = Blobs(storage=storage, upstreams=counted, downloads=downloads, clock=clock, in_thread=inline,
-                  metrics=metrics)
+                  read_in_thread=inline, metrics=metrics)
     return blobs, storage, clock, metrics
 
 
@@ -724,7 +731,7 @@ def test_a_follower_of_another_nodes_fetch_that_failed_before_a_byte_fetches_for
     node_a, client_a, _, _ = make(tmp_path, FakeResponse(len(data)), "a", clock)
     node_b, client_b, _, storage_b = make(tmp_path, response, "b", clock)
     blobs_b = Blobs(storage=storage_b, upstreams=upstreams(local=client_b), downloads=node_b, clock=clock,
-                    in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics())
+                    in_thread=inline, read_in_thread=inline, metrics=Metrics())
     stuck = ensureDeferred(node_a.join(ROUTE, digest))  # node A holds the lease; its upstream hangs
     request = Served()
     served = ensureDeferred(blobs_b.serve(request, ROUTE, digest, head=False))

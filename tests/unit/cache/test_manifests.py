@@ -19,6 +19,7 @@ from metahub.upstream.upstreams import Upstreams
 from storage import SharedTags, Storage, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files
+from tests.unit.fakes import store_capacity
 
 BODY = json.dumps({"schemaVersion": 2, "mediaType": media.OCI_MANIFEST, "layers": []}).encode()
 DIGEST = sha256_digest(BODY)
@@ -55,8 +56,10 @@ def make(tmp_path):
         reads.append(function.__name__)
         return succeed(function(*args))
 
+    metrics = Metrics()
     manifests = Manifests(storage=storage, upstreams=upstreams(upstream), clock=clock, in_thread=in_thread,
-                          metrics=Metrics(), tag_ttl=300.0, shared_tags=SharedTags(str(tmp_path / "store")))
+                          metrics=metrics, tag_ttl=300.0, shared_tags=SharedTags(str(tmp_path / "store")),
+                          capacity=store_capacity(clock, metrics))
     return manifests, upstream, clock, reads
 
 
@@ -94,8 +97,10 @@ def test_a_tag_another_node_resolved_is_read_from_the_shared_store_once(tmp_path
         shared_reads.append(getattr(function, "__name__", ""))
         return succeed(function(*args))
 
+    metrics = Metrics()
     node_b = Manifests(storage=storage_b, upstreams=upstreams(upstream), clock=clock, in_thread=in_thread,
-                       metrics=Metrics(), tag_ttl=300.0, shared_tags=SharedTags(str(tmp_path / "store")))
+                       metrics=metrics, tag_ttl=300.0, shared_tags=SharedTags(str(tmp_path / "store")),
+                       capacity=store_capacity(clock, metrics))
     for _ in range(3):
         assert ensureDeferred(node_b.by_tag(ROUTE, "1.0")).result.body == BODY
     assert shared_reads.count("read") == 1 and upstream.gets == 1  # adopted once, then from B's index

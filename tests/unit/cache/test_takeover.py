@@ -42,7 +42,7 @@ from storage import (
     parse_digest,
     sha256_digest,
 )
-from tests.unit.fakes import InlineLane, inline, join_now
+from tests.unit.fakes import InlineLane, inline, join_now, store_capacity
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -154,9 +154,10 @@ class Node:
         self.leases = Leases(str(tmp_path / "store"), clock=clock.seconds, node=name)
         upstreams = Upstreams(clients={"local": self.upstream}, metrics=self.metrics)  # type: ignore[dict-item]
         self.downloads = Downloads(storage=self.storage, upstreams=upstreams, clock=clock, in_thread=inline,
-                                   metrics=self.metrics, leases=self.leases, lanes=lambda _: lane or InlineLane())
+                                   metrics=self.metrics, leases=self.leases, lanes=lambda _: lane or InlineLane(),
+                                   capacity=store_capacity(clock, self.metrics))
         self.blobs = Blobs(storage=self.storage, upstreams=upstreams, downloads=self.downloads, clock=clock,
-                           in_thread=inline, metrics=self.metrics)
+                           in_thread=inline, read_in_thread=inline, metrics=self.metrics)
 
     def serve(self) -> tuple[Client, Deferred]:
         client = Client()
@@ -335,7 +336,7 @@ def test_revalidating_a_tag_answers_before_the_shared_store_is_written(tmp_path)
     metrics = Metrics()
     upstreams = Upstreams(clients={"local": Registry()}, metrics=metrics)  # type: ignore[dict-item]
     manifests = Manifests(storage=storage, upstreams=upstreams, clock=clock, in_thread=in_thread, metrics=metrics,
-                          tag_ttl=300.0, shared_tags=shared)
+                          tag_ttl=300.0, shared_tags=shared, capacity=store_capacity(clock, metrics))
     assert ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result.digest == digest  # resolved, not waiting
     clock.advance(301)
     assert ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result.digest == digest  # revalidated, not waiting
