@@ -6,14 +6,20 @@ and time moves only when a test advances it. The in-memory registry built from t
 """
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from metahub.cache.capacity import StoreCapacity
 from metahub.cache.downloads import Download, Downloads
@@ -191,16 +197,48 @@ class AbortRecorder:
 
 
 class FakeRequest:
-    """Enough of twisted.web's Request: it pauses its producer when ``limit`` bytes are unsent."""
+    """Enough of twisted.web's Request for the handlers, in memory (Twisted's own DummyRequest is a
+    helper of its test suite, not public API): request line, headers and body in; code, headers and
+    body out. A producer is paused once ``limit`` bytes are unsent (:meth:`drain` sends them);
+    :meth:`finish` fires ``notifyFinish`` as twisted.web does, and the transport records an abort.
+    """
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(
+        self, limit: int | None = None, *, method: bytes = b"GET", uri: bytes = b"/",
+        headers: dict[bytes, bytes] | None = None, content: bytes = b"", client: IAddress | None = None,
+    ) -> None:
         self.limit = limit
+        self.method, self.uri, self.clientproto = method, uri, b"HTTP/1.1"
+        self.path = uri.partition(b"?")[0]
+        self.requestHeaders = Headers({name: [value] for name, value in (headers or {}).items()})
+        self.content = io.BytesIO(content)
+        #: Where the request came from; a UNIX socket (not on IP) unless a test says otherwise.
+        self.client: IAddress = client if client is not None else UNIXAddress(None)
+        self.code = 200
+        self.responseHeaders = Headers()
         self.written: list[bytes] = []
+        self.sentLength = 0
         self.unsent = 0
         self.producer: Any = None  # the IPushProducer send() registers
         self.finished = False
         self.transport = AbortRecorder()
         self._finish: Deferred[None] = Deferred()
+
+    def getClientAddress(self) -> IAddress:  # noqa: N802
+        return self.client
+
+    def isSecure(self) -> bool:  # noqa: N802
+        return False
+
+    def getHeader(self, name: bytes | str) -> bytes | str | None:  # noqa: N802
+        values = self.requestHeaders.getRawHeaders(name)
+        return values[-1] if values else None
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:  # noqa: N802
+        self.code = code
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:  # noqa: N802
+        self.responseHeaders.setRawHeaders(name, [value])
 
     def registerProducer(self, producer, streaming: bool) -> None:  # noqa: N802
         assert streaming
@@ -214,6 +252,7 @@ class FakeRequest:
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+        self.sentLength += len(data)
         self.unsent += len(data)
         if self.limit is not None and self.unsent >= self.limit:
             self.producer.pauseProducing()
@@ -224,6 +263,24 @@ class FakeRequest:
 
     def finish(self) -> None:
         self.finished = True
+        self._finish.callback(None)
+
+    def hang_up(self) -> None:
+        """The client goes away before the response ends: ``notifyFinish`` errbacks, as in twisted.web."""
+        self._finish.errback(Failure(ConnectionDone()))
+
+    def body(self) -> bytes:
+        return b"".join(self.written)
+
+
+def login_request(username: str, password: str, method: bytes = b"GET", client: IAddress | None = None) -> FakeRequest:
+    """A ``/token`` request with a login: Basic (GET, as docker and podman send it) or a password
+    grant (POST, containerd's form)."""
+    if method == b"GET":
+        basic = b"Basic " + base64.b64encode(f"{username}:{password}".encode())
+        return FakeRequest(method=method, uri=b"/token", headers={b"authorization": basic}, client=client)
+    form = f"grant_type=password&username={username}&password={password}".encode()
+    return FakeRequest(method=method, uri=b"/token", content=form, client=client)
 
 
 def inline_threads(root: Any) -> None:

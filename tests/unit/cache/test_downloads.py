@@ -7,12 +7,10 @@ from collections.abc import Callable
 
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
-from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.test.requesthelper import DummyRequest
 
 from metahub.cache.capacity import StoreCapacity
 from metahub.cache.downloads import QUEUED_LIMIT, AlreadyStored, Download, Downloads
@@ -436,9 +434,9 @@ def test_a_repository_joining_another_ones_download_must_be_confirmed_first(tmp_
                   in_thread=inline, read_in_thread=inline, metrics=Metrics())
     other = Route(UPSTREAM, "team/other")
     ensureDeferred(downloads.join(ROUTE, digest))  # team/app asked first: its fetch is starting
-    asked = [ensureDeferred(blobs.serve(DummyRequest([b""]), other, digest, head=False))]
+    asked = [ensureDeferred(blobs.serve(FakeRequest(), other, digest, head=False))]
     client.answer.callback(response)  # started: now under way
-    asked.append(ensureDeferred(blobs.serve(DummyRequest([b""]), other, digest, head=False)))
+    asked.append(ensureDeferred(blobs.serve(FakeRequest(), other, digest, head=False)))
     for stage, request in zip(("while starting", "while under way"), asked):
         failure = request.result
         request.addErrback(lambda _: None)
@@ -536,31 +534,6 @@ def test_another_repositorys_failed_start_is_not_handed_to_this_one(tmp_path) ->
     assert joined.result.finished.result is True and storage.index.is_linked(digest, ROUTE.key)
 
 
-class Aborting:
-    def __init__(self) -> None:
-        self.aborted = False
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-
-
-class Served(DummyRequest):
-    """A DummyRequest that takes a push producer (as twisted.web's Request does) and can be aborted."""
-
-    def __init__(self, range_header: str | None = None) -> None:
-        super().__init__([b""])
-        self.transport = Aborting()
-        self.producer = None
-        if range_header is not None:
-            self.requestHeaders.setRawHeaders(b"range", [range_header])
-
-    def registerProducer(self, producer, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-
 def no_space(monkeypatch, after: int = 0) -> None:
     """The store's filesystem fills up once ``after`` more bytes are written (files can still be made)."""
     budget = [after]
@@ -599,7 +572,7 @@ def test_a_full_store_serves_a_cold_blob_from_upstream_verified_and_not_kept(tmp
     blobs, storage, clock, metrics = blobs_over(tmp_path, client)
     no_space(monkeypatch)
     for attempt in range(2):  # the first finds the store full; the second does not try it again
-        request = Served()
+        request = FakeRequest()
         served = ensureDeferred(blobs.serve(request, ROUTE, digest, head=False))
         response = FakeResponse(len(data))
         client.answers[-1].callback(response)
@@ -608,7 +581,7 @@ def test_a_full_store_serves_a_cold_blob_from_upstream_verified_and_not_kept(tmp
         assert b"".join(request.written) == data[:-1] and not request.finished  # the verdict's byte waits
         response.protocol.connectionLost(Failure(ResponseDone()))
         assert served.called and request.finished and b"".join(request.written) == data
-        assert request.responseCode == 200 and request.responseHeaders.getRawHeaders(b"content-length") == [b"3000"]
+        assert request.code == 200 and request.responseHeaders.getRawHeaders(b"content-length") == [b"3000"]
     assert client.calls == 2 and storage.blobs.stat(digest) is None
     assert os.listdir(storage.blobs.tmp_dir) == [] and os.listdir(blobs.downloads.leases.dir) == []
     assert sample(metrics, "metahub_store_full") == 1
@@ -616,7 +589,7 @@ def test_a_full_store_serves_a_cold_blob_from_upstream_verified_and_not_kept(tmp
     assert sample(metrics, "metahub_store_bypassed_total", kind="blob") == 2
     clock.advance(31)  # the store is tried again
     monkeypatch.undo()
-    request = Served()
+    request = FakeRequest()
     ensureDeferred(blobs.serve(request, ROUTE, digest, head=False))
     response = FakeResponse(len(data))
     client.answers[-1].callback(response)
@@ -630,7 +603,7 @@ def test_wrong_bytes_from_upstream_abort_a_response_that_bypasses_the_store(tmp_
     client = Answers(FakeResponse(5))
     blobs, storage, _, _ = blobs_over(tmp_path, client)
     no_space(monkeypatch)
-    request = Served()
+    request = FakeRequest()
     ensureDeferred(blobs.serve(request, ROUTE, digest, head=False))
     response = FakeResponse(5)
     client.answers[-1].callback(response)
@@ -644,7 +617,7 @@ def test_a_range_bypassing_the_store_is_cut_from_the_verified_body(tmp_path, mon
     client = Answers(FakeResponse(len(data)))
     blobs, _, _, _ = blobs_over(tmp_path, client)
     no_space(monkeypatch)
-    request = Served("bytes=1000-1999")
+    request = FakeRequest(headers={b"range": b"bytes=1000-1999"})
     ensureDeferred(blobs.serve(request, ROUTE, sha256_digest(data), head=False))
     response = FakeResponse(len(data))
     client.answers[-1].callback(response)
@@ -652,7 +625,7 @@ def test_a_range_bypassing_the_store_is_cut_from_the_verified_body(tmp_path, mon
     assert b"".join(request.written) == data[1000:1999]  # the range's last byte waits for the rest
     response.protocol.dataReceived(data[2500:])
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert request.responseCode == 206 and b"".join(request.written) == data[1000:2000] and request.finished
+    assert request.code == 206 and b"".join(request.written) == data[1000:2000] and request.finished
     assert request.responseHeaders.getRawHeaders(b"content-range") == [b"bytes 1000-1999/3000"]
 
 
@@ -662,7 +635,7 @@ def test_a_download_out_of_space_midway_aborts_its_clients_and_their_retry_is_se
     client = Answers(FakeResponse(len(data)))
     blobs, storage, _, metrics = blobs_over(tmp_path, client)
     no_space(monkeypatch, after=(1 << 20) + 4096)  # the lease, then a megabyte, fit
-    first = Served()
+    first = FakeRequest()
     ensureDeferred(blobs.serve(first, ROUTE, digest, head=False))
     response = FakeResponse(len(data))
     response.transport = PausableTransport()
@@ -676,7 +649,7 @@ def test_a_download_out_of_space_midway_aborts_its_clients_and_their_retry_is_se
     assert first.transport.aborted and not first.finished
     assert os.listdir(storage.blobs.tmp_dir) == [] and storage.blobs.stat(digest) is None
     assert sample(metrics, "metahub_store_full") == 1
-    retry = Served()
+    retry = FakeRequest()
     ensureDeferred(blobs.serve(retry, ROUTE, digest, head=False))
     assert client.calls == 2  # straight to upstream: the store is not tried again at once
     response = FakeResponse(len(data))
@@ -708,7 +681,7 @@ def test_a_client_that_cannot_keep_up_pauses_the_upstream_of_a_pass_through(tmp_
     client = Answers(FakeResponse(len(data)))
     blobs, _, _, _ = blobs_over(tmp_path, client)
     no_space(monkeypatch)
-    request = Served()
+    request = FakeRequest()
     served = ensureDeferred(blobs.serve(request, ROUTE, sha256_digest(data), head=False))
     response = FakeResponse(len(data))
     response.transport = PausableTransport()
@@ -717,7 +690,7 @@ def test_a_client_that_cannot_keep_up_pauses_the_upstream_of_a_pass_through(tmp_
     assert response.transport.paused
     request.producer.resumeProducing()
     assert not response.transport.paused
-    request.processingFailed(Failure(ConnectionDone()))  # the client hangs up
+    request.hang_up()
     assert response.transport.stopped
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
     assert served.called and not request.finished and not request.transport.aborted
@@ -733,7 +706,7 @@ def test_a_follower_of_another_nodes_fetch_that_failed_before_a_byte_fetches_for
     blobs_b = Blobs(storage=storage_b, upstreams=upstreams(local=client_b), downloads=node_b, clock=clock,
                     in_thread=inline, read_in_thread=inline, metrics=Metrics())
     stuck = ensureDeferred(node_a.join(ROUTE, digest))  # node A holds the lease; its upstream hangs
-    request = Served()
+    request = FakeRequest()
     served = ensureDeferred(blobs_b.serve(request, ROUTE, digest, head=False))
     clock.advance(0.1)
     assert client_b.calls == 0 and client_b.heads == 1  # node B follows node A

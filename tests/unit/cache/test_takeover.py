@@ -17,7 +17,6 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.test.requesthelper import DummyRequest
 
 from metahub.cache.downloads import WRITE_BYTES, AlreadyStored, Downloads
 from metahub.cache.manifests import Manifests
@@ -42,7 +41,7 @@ from storage import (
     parse_digest,
     sha256_digest,
 )
-from tests.unit.fakes import InlineLane, inline, join_now, store_capacity
+from tests.unit.fakes import FakeRequest, InlineLane, inline, join_now, store_capacity
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -128,24 +127,6 @@ class HeldLane(InlineLane):
             super().run(job, *args).chainDeferred(done)
 
 
-class Client(DummyRequest):
-    """A client's request: takes a push producer and can be aborted, as twisted.web's does."""
-
-    def __init__(self) -> None:
-        super().__init__([b""])
-        self.transport = Transport()
-        self.producer = None
-
-    def registerProducer(self, producer, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def body(self) -> bytes:
-        return b"".join(self.written)
-
-
 class Node:
     def __init__(self, tmp_path, name: str, clock: Clock, lane: InlineLane | None = None) -> None:
         self.storage = Storage(str(tmp_path / "store"), str(tmp_path / f"index-{name}"), clock=clock.seconds)
@@ -159,8 +140,8 @@ class Node:
         self.blobs = Blobs(storage=self.storage, upstreams=upstreams, downloads=self.downloads, clock=clock,
                            in_thread=inline, read_in_thread=inline, metrics=self.metrics)
 
-    def serve(self) -> tuple[Client, Deferred]:
-        client = Client()
+    def serve(self) -> tuple[FakeRequest, Deferred]:
+        client = FakeRequest()
         return client, ensureDeferred(self.blobs.serve(client, ROUTE, DIGEST, head=False))
 
     def aborted(self) -> float:
@@ -283,7 +264,7 @@ def test_an_aborted_response_says_what_happened_and_is_counted(tmp_path) -> None
     writer = storage.blobs.writer(DIGEST, len(DATA))
     writer.write(DATA[:5000])
     follower = BlobFollower(storage.blobs, DIGEST, os.open(writer.temp_path, os.O_RDONLY), writer.temp_path)
-    client = Client()
+    client = FakeRequest()
     reasons: list[str] = []
     lines: list[str] = []
     observer = lambda event: lines.append(str(event.get("why", ""))) if event.get("log_namespace", "").endswith("streaming") else None  # noqa: E731
@@ -304,8 +285,8 @@ def test_an_aborted_response_says_what_happened_and_is_counted(tmp_path) -> None
 
 
 def test_the_access_log_marks_an_aborted_response() -> None:
-    request = DummyRequest([b"v2"])
-    request.method, request.uri, request.clientproto, request.code, request.sentLength = b"GET", b"/v2/x", b"HTTP/1.1", 200, 10
+    request = FakeRequest(uri=b"/v2/x")
+    request.write(b"0123456789")
     assert "aborted" not in _access_line("[now]", request)
     request.metahub_aborted = "source_idle"
     assert _access_line("[now]", request).endswith(" aborted:source_idle")

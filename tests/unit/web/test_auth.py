@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import threading
@@ -10,7 +9,6 @@ import threading
 import pytest
 from twisted.internet.defer import ensureDeferred, succeed
 from twisted.python.failure import Failure
-from twisted.web.test.requesthelper import DummyRequest
 
 from metahub.oci import errors
 from metahub.web import login
@@ -24,7 +22,7 @@ from metahub.web.auth import (
     load_token_key,
     repository_pattern,
 )
-from tests.unit.fakes import AUTH_HASH, ManualClock, auth_config
+from tests.unit.fakes import AUTH_HASH, ManualClock, auth_config, login_request
 
 WRONG_PASSWORD = b'{"errors": [{"code": "UNAUTHORIZED", "message": "incorrect username or password"}]}'
 
@@ -160,14 +158,8 @@ def test_token_requests_reuse_a_recent_login(auth: Authenticator) -> None:
         kdf_runs.append(args[0])
         return succeed(function(*args))
 
-    basic = b"Basic " + base64.b64encode(b"qnib-type1:pw")
     for method in (b"GET", b"GET", b"POST"):  # docker and podman send Basic; containerd a password grant
-        request = DummyRequest([b"token"])
-        request.method = method
-        if method == b"GET":
-            request.requestHeaders.setRawHeaders(b"authorization", [basic])
-        else:
-            request.content = io.BytesIO(b"grant_type=password&username=qnib-type1&password=pw")
+        request = login_request("qnib-type1", "pw", method)
         answer = json.loads(ensureDeferred(login.token(request, auth, in_thread)).result)
         assert auth.verify(answer["token"]) == Identity("qnib", "type1")
     assert kdf_runs == ["qnib-type1"]  # one scrypt run for a pull's several token requests
@@ -175,12 +167,7 @@ def test_token_requests_reuse_a_recent_login(auth: Authenticator) -> None:
 
 def token_answer(auth: Authenticator, username: str, password: str, method: bytes = b"GET") -> tuple[int, bytes]:
     """``/token`` with a Basic login (GET) or a password grant (POST): (status, body)."""
-    request = DummyRequest([b"token"])
-    request.method = method
-    if method == b"GET":
-        request.requestHeaders.setRawHeaders(b"authorization", [b"Basic " + base64.b64encode(f"{username}:{password}".encode())])
-    else:
-        request.content = io.BytesIO(f"grant_type=password&username={username}&password={password}".encode())
+    request = login_request(username, password, method)
     done = ensureDeferred(login.token(request, auth, lambda function, *args: succeed(function(*args))))
     if isinstance(done.result, Failure):
         error = done.result.trap(errors.RegistryError) and done.result.value
@@ -205,12 +192,8 @@ def test_a_refused_login_is_remembered_without_another_kdf_run(auth: Authenticat
         kdf_runs.append(args[0])
         return succeed(function(*args))
 
-    basic = b"Basic " + base64.b64encode(b"qnib-type1:wrong")
     for _ in range(3):  # a node with a stale password retrying
-        request = DummyRequest([b"token"])
-        request.method = b"GET"
-        request.requestHeaders.setRawHeaders(b"authorization", [basic])
-        done = ensureDeferred(login.token(request, auth, in_thread))
+        done = ensureDeferred(login.token(login_request("qnib-type1", "wrong"), auth, in_thread))
         assert done.result.value.body() == WRONG_PASSWORD
         done.addErrback(lambda _: None)
     assert kdf_runs == ["qnib-type1"]

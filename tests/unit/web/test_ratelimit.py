@@ -1,8 +1,6 @@
 """Failed-login limits (token buckets on a fake clock), the KDF's bounded pool, and /metrics access."""
 from __future__ import annotations
 
-import base64
-import io
 import ipaddress
 import json
 import os
@@ -14,7 +12,6 @@ from twisted.internet import address
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.test.requesthelper import DummyRequest
 
 from metahub.config.file import LOCAL_NETWORKS, LoginLimits, parse_config
 from metahub.oci import errors
@@ -23,7 +20,13 @@ from metahub.web import login
 from metahub.web.addresses import limit_key, require_allowed
 from metahub.web.auth import Authenticator, Identity
 from metahub.web.ratelimit import Buckets, FailureLimiter
-from tests.unit.fakes import auth_config, config_error, minimal
+from tests.unit.fakes import (
+    FakeRequest,
+    auth_config,
+    config_error,
+    login_request,
+    minimal,
+)
 
 
 def limited(limiter: FailureLimiter, address: str, account: str) -> str | None:
@@ -110,22 +113,12 @@ def test_refused_attempts_add_nothing_to_the_tables() -> None:
     assert (len(limiter.addresses), len(limiter.accounts)) == (1, 1)
 
 
-def from_client(client: object, path: bytes = b"token") -> DummyRequest:
-    request = DummyRequest([path])
-    request.client = client  # DummyRequest's own client argument is ignored
-    request.isSecure = lambda: False
-    return request
+def from_client(client: address.IPv4Address | address.IPv6Address | address.UNIXAddress) -> FakeRequest:
+    return FakeRequest(uri=b"/token", client=client)
 
 
-def token_request(username: str, password: str, client: str, method: bytes = b"GET") -> DummyRequest:
-    request = from_client(address.IPv4Address("TCP", client, 40000))
-    request.method = method
-    if method == b"GET":
-        basic = base64.b64encode(f"{username}:{password}".encode())
-        request.requestHeaders.setRawHeaders(b"authorization", [b"Basic " + basic])
-    else:
-        request.content = io.BytesIO(f"grant_type=password&username={username}&password={password}".encode())
-    return request
+def token_request(username: str, password: str, client: str, method: bytes = b"GET") -> FakeRequest:
+    return login_request(username, password, method, address.IPv4Address("TCP", client, 40000))
 
 
 def outcome(done: Deferred) -> errors.RegistryError | bytes:
