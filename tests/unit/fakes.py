@@ -273,6 +273,17 @@ class FakeRequest:
         return b"".join(self.written)
 
 
+class CountedKDF:
+    """The logins' KDF pool, inline, remembering whose login each run checked (its first argument)."""
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        self.runs.append(args[0])
+        return inline(function, *args)
+
+
 def login_request(username: str, password: str, method: bytes = b"GET", client: IAddress | None = None) -> FakeRequest:
     """A ``/token`` request with a login: Basic (GET, as docker and podman send it) or a password
     grant (POST, containerd's form)."""

@@ -75,16 +75,23 @@ def upstreams(metrics: Metrics | None = None, **clients: object) -> Upstreams:
     return Upstreams(clients=clients, metrics=metrics or Metrics())  # type: ignore[arg-type]  # fakes
 
 
+def downloads_over(
+    tmp_path, clock: Clock, storage: Storage, node: str | None = None, lane: InlineLane | None = None,
+    metrics: Metrics | None = None, **clients: object,
+) -> Downloads:
+    """This node's Downloads from the fake upstream ``clients`` (by upstream name), as the root
+    builds them: inline threads, ``lane`` (or an inline one) for the writes, one Metrics."""
+    metrics = metrics or Metrics()
+    return Downloads(storage=storage, upstreams=upstreams(metrics, **clients), clock=clock, in_thread=inline,
+                     metrics=metrics, leases=Leases(str(tmp_path / "store"), clock=clock.seconds, node=node),
+                     lanes=lambda name: lane or InlineLane(), capacity=store_capacity(clock, metrics))
+
+
 def make(tmp_path, response: FakeResponse, node: str = "a", clock: Clock | None = None):
     clock = clock or Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / f"index-{node}"), clock=clock.seconds)
     client = FakeClient(response)
-    leases = Leases(str(tmp_path / "store"), clock=clock.seconds, node=node)
-    metrics = Metrics()
-    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
-                          in_thread=inline, metrics=metrics, leases=leases,
-                          lanes=lambda name: InlineLane(), capacity=store_capacity(clock, metrics))
-    return downloads, client, clock, storage
+    return downloads_over(tmp_path, clock, storage, node, local=client), client, clock, storage
 
 
 def test_concurrent_joins_share_one_fetch_and_commit(tmp_path) -> None:
@@ -274,12 +281,7 @@ def make_with_lane(tmp_path, data: bytes, clock: Clock | None = None):
     response.transport = PausableTransport()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = FakeClient(response)
-    metrics = Metrics()
-    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
-                          in_thread=inline, metrics=metrics,
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: lane,
-                          capacity=store_capacity(clock, metrics))
-    return downloads, client, response, lane, storage
+    return downloads_over(tmp_path, clock, storage, lane=lane, local=client), client, response, lane, storage
 
 
 def start(downloads: Downloads, client: FakeClient, response: FakeResponse, data: bytes) -> Download:
@@ -426,10 +428,7 @@ def test_a_repository_joining_another_ones_download_must_be_confirmed_first(tmp_
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = GuardedClient(response)
-    metrics = Metrics()
-    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock, in_thread=inline,
-                          metrics=metrics, leases=Leases(str(tmp_path / "store"), clock=clock.seconds),
-                          lanes=lambda name: InlineLane(), capacity=store_capacity(clock, metrics))
+    downloads = downloads_over(tmp_path, clock, storage, local=client)
     blobs = Blobs(storage=storage, upstreams=upstreams(local=client), downloads=downloads, clock=clock,
                   in_thread=inline, read_in_thread=inline, metrics=Metrics())
     other = Route(UPSTREAM, "team/other")
@@ -466,11 +465,7 @@ def two_upstreams(tmp_path, data: bytes):
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     response = FakeResponse(len(data))
     healthy, hanging = FakeClient(response), FakeClient(FakeResponse(len(data)))
-    metrics = Metrics()
-    downloads = Downloads(storage=storage, upstreams=upstreams(local=healthy, slow=hanging), clock=clock,
-                          in_thread=inline, metrics=metrics,
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane(),
-                          capacity=store_capacity(clock, metrics))
+    downloads = downloads_over(tmp_path, clock, storage, local=healthy, slow=hanging)
     return downloads, healthy, hanging, response, storage
 
 
@@ -514,11 +509,7 @@ def test_another_repositorys_failed_start_is_not_handed_to_this_one(tmp_path) ->
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = Answers(response)
-    metrics = Metrics()
-    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
-                          in_thread=inline, metrics=metrics,
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane(),
-                          capacity=store_capacity(clock, metrics))
+    downloads = downloads_over(tmp_path, clock, storage, local=client)
     other = Route(UPSTREAM, "team/other")
     refused = ensureDeferred(downloads.join(other, digest))  # team/other lacks the blob
     same_repo = ensureDeferred(downloads.join(other, digest))
@@ -552,11 +543,8 @@ def blobs_over(tmp_path, client: FakeClient):
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     metrics = Metrics()
-    counted = upstreams(metrics, local=client)
-    downloads = Downloads(storage=storage, upstreams=counted, clock=clock, in_thread=inline, metrics=metrics,
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane(),
-                          capacity=store_capacity(clock, metrics))
-    blobs = Blobs(storage=storage, upstreams=counted, downloads=downloads, clock=clock, in_thread=inline,
+    downloads = downloads_over(tmp_path, clock, storage, metrics=metrics, local=client)
+    blobs = Blobs(storage=storage, upstreams=downloads.upstreams, downloads=downloads, clock=clock, in_thread=inline,
                   read_in_thread=inline, metrics=metrics)
     return blobs, storage, clock, metrics
 

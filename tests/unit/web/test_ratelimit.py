@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 from twisted.internet import address
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -21,9 +21,11 @@ from metahub.web.addresses import limit_key, require_allowed
 from metahub.web.auth import Authenticator, Identity
 from metahub.web.ratelimit import Buckets, FailureLimiter
 from tests.unit.fakes import (
+    CountedKDF,
     FakeRequest,
     auth_config,
     config_error,
+    inline,
     login_request,
     minimal,
 )
@@ -134,30 +136,26 @@ def test_over_the_limit_token_answers_429_before_any_kdf_run(method: bytes) -> N
     clock = Clock()
     config = replace(auth_config(), logins=LoginLimits(failures_per_minute=2, burst=3))
     auth = Authenticator(config, b"k" * 32, clock.seconds)
-    kdf_runs: list[str] = []
-
-    def kdf(function, *args):
-        kdf_runs.append(args[0])
-        return succeed(function(*args))
+    kdf = CountedKDF()
 
     answers = [outcome(ensureDeferred(login.token(token_request("qnib-type1", f"guess{i}", "192.0.2.7", method), auth, kdf)))
                for i in range(6)]
     assert [a.status for a in answers] == [401, 401, 401, 429, 429, 429]
-    assert len(kdf_runs) == 3
+    assert len(kdf.runs) == 3
     assert answers[3].headers["Retry-After"] == "30"
     assert json.loads(answers[3].body())["errors"][0]["code"] == "TOOMANYREQUESTS"
     # The right password is refused too while the account is over its limit (no KDF run decides).
     assert outcome(ensureDeferred(login.token(token_request("qnib-type1", "pw", "192.0.2.8", method), auth, kdf))).status == 429
     clock.advance(30)
     assert json.loads(outcome(ensureDeferred(login.token(token_request("qnib-type1", "pw", "192.0.2.8", method), auth, kdf))))["token"]
-    assert len(kdf_runs) == 4
+    assert len(kdf.runs) == 4
 
 
 def test_basic_on_any_route_is_limited_too() -> None:
     clock = Clock()
     config = replace(auth_config(), logins=LoginLimits(failures_per_minute=1, burst=1))
     auth = Authenticator(config, b"k" * 32, clock.seconds)
-    kdf = lambda function, *args: succeed(function(*args))  # noqa: E731
+    kdf = inline
     first = outcome(ensureDeferred(login.identify(token_request("ghost", "x", "192.0.2.7"), auth, kdf)))
     second = outcome(ensureDeferred(login.identify(token_request("ghost", "y", "192.0.2.7"), auth, kdf)))
     assert (first.status, second.status, second.headers["Retry-After"]) == (401, 429, "60")
