@@ -5,7 +5,9 @@ The server needs exactly this API::
     from storage import Storage, FollowState, DigestMismatch, SizeMismatch, BlobNotFound
 
     store = Storage("/srv/store", "/var/lib/metahub/index")   # open in startService, not at import
-    store.lookup(digest)          # BlobRecord(size, media_type, ...) or None; adopts files the index lacks
+    store.index.get_blob(digest)  # BlobRecord(size, media_type, ...) or None: a file the index lacks
+    store.blobs.stat(digest)      # BlobFile(digest, size, mtime) or None, which the caller adopts:
+    store.index.put_blob(...)     # (see below) from the thread that writes the index
     store.forget(digest)          # the file was gone (evicted elsewhere): drop the index entry
     store.reindex()               # rebuild the index from the files (maintenance, full scan)
     store.clean_leftovers(leases) # dead writers' temp files, leases, break files and tombs (hourly)
@@ -53,7 +55,6 @@ for the protocol and what holds on NFS)::
     tags = SharedTags(store.blobs.root)                 # <root>/tags/<upstream>/<repo>/_tags/<tag>.json
     tags.write(upstream, repo, tag, digest, checked=now)   # atomic replace, readable by every node
     tags.read(upstream, repo, tag)                      # TagRecord(digest, checked) or None
-    tags.remove(upstream, repo, tag)                    # upstream says the tag is gone
 
     # LRU eviction: a blob file's mtime is its last access, stamped in batches.
     stamps = AccessStamps(resolution=60.0); stamps.note(digest, now)
@@ -67,7 +68,9 @@ for the protocol and what holds on NFS)::
     stats(store.blobs)            # StoreStats(blob_count, total_bytes, temp_files, leases, quarantined)
 
 Digests are validated (``sha256:`` + 64 lowercase hex, :func:`parse_digest`) before they become a
-path; anything else raises :class:`InvalidDigest` (a ``ValueError``).
+path; anything else raises :class:`InvalidDigest` (a ``ValueError``). Digest strings are made and
+taken apart by ``storage.digest`` alone (``sha256_digest``, ``from_hex``, ``parse_digest``,
+``is_digest``; ``matches`` for a body an upstream names by any registered algorithm), in metahub too.
 
 All calls block on file I/O. On a shared filesystem that may stall, call them from a thread.
 """
@@ -85,7 +88,17 @@ from .blobstore import (
     SizeMismatch,
     TempFileRemoved,
 )
-from .digest import InvalidDigest, is_digest, parse_digest, sha256_digest
+from .digest import (
+    ALGORITHM,
+    ALGORITHMS,
+    InvalidDigest,
+    algorithm_of,
+    from_hex,
+    is_digest,
+    matches,
+    parse_digest,
+    sha256_digest,
+)
 from .exclusive import create_exclusive
 from .index import BlobRecord, Index, TagRecord
 from .index_lock import IndexInUse, IndexLock
@@ -104,6 +117,8 @@ from .store import ReindexResult, Storage
 from .verify import StoreStats, VerifyProgress, VerifyResult, quarantine_dir, stats, verify
 
 __all__ = [
+    "ALGORITHM",
+    "ALGORITHMS",
     "AccessStamps",
     "BlobFile",
     "BlobFollower",
@@ -137,10 +152,13 @@ __all__ = [
     "TempFileRemoved",
     "VerifyProgress",
     "VerifyResult",
+    "algorithm_of",
     "collect",
     "create_exclusive",
+    "from_hex",
     "collect_with_lease",
     "is_digest",
+    "matches",
     "parse_digest",
     "quarantine_dir",
     "sha256_digest",

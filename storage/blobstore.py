@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
-from .digest import parse_digest
+from .digest import from_hex, parse_digest
 from .files import fsync_dir, write_all
 
 _PART = ".part"
@@ -173,7 +173,7 @@ class BlobStore:
                     continue
                 with os.scandir(prefix.path) as entries:
                     for entry in entries:
-                        digest = "sha256:" + entry.name
+                        digest = from_hex(entry.name)
                         if not entry.name.startswith(prefix.name):
                             continue
                         try:
@@ -230,7 +230,7 @@ class BlobWriter:
             raise BlobWriteError("verify on a closed blob writer")
         if self._verified:
             return
-        actual = "sha256:" + self._hash.hexdigest()
+        actual = from_hex(self._hash.hexdigest())
         if self.expected_size is not None and self.bytes_written != self.expected_size:
             self.abort()
             raise SizeMismatch(self.expected_size, self.bytes_written)
@@ -485,7 +485,7 @@ class BlobFollower:
         if self.position != self._size:
             return self._fail(FollowFailure.MISMATCH)
         if self.verify_bytes:
-            if "sha256:" + self._hash.hexdigest() != self.digest:
+            if from_hex(self._hash.hexdigest()) != self.digest:
                 return self._fail(FollowFailure.MISMATCH)
         elif self._switched_at and self._old_fd is not None and not self._same_prefix(self._switched_at):
             return self._fail(FollowFailure.MISMATCH)

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import lmdb
 
-from .digest import parse_digest
+from .digest import from_hex, parse_digest
 
 T = TypeVar("T")
 
@@ -133,7 +133,7 @@ class Index:
     def iter_blobs(self) -> Iterator[BlobRecord]:
         with self.env.begin() as txn:
             for key, raw in txn.cursor(db=self._blobs):
-                yield BlobRecord("sha256:" + bytes(key).hex(), **json.loads(raw))
+                yield BlobRecord(from_hex(bytes(key).hex()), **json.loads(raw))
 
     def count_blobs(self) -> int:
         with self.env.begin() as txn:
@@ -156,13 +156,6 @@ class Index:
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self._links)
             return cursor.set_key_dup(_key(digest), repository.encode())
-
-    def repositories(self, digest: str) -> list[str]:
-        with self.env.begin() as txn:
-            cursor = txn.cursor(db=self._links)
-            if not cursor.set_key(_key(digest)):
-                return []
-            return [bytes(value).decode() for value in cursor.iternext_dup()]
 
     # -- access times --------------------------------------------------------------------------
 

@@ -106,13 +106,5 @@ class SharedTags:
             return None  # not written by this module (atomic replace never leaves a partial file)
         return TagRecord(digest=digest, checked=float(checked))
 
-    def remove(self, upstream: str, repository: str, tag: str) -> bool:
-        """Forget a tag (upstream says it no longer exists); True if there was a record."""
-        try:
-            os.unlink(self.path(upstream, repository, tag))
-        except (FileNotFoundError, NotADirectoryError):
-            return False
-        return True
-
 
 __all__ = ["InvalidTagPath", "SharedTags"]

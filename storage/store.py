@@ -1,8 +1,9 @@
 """The store a server uses: blob files plus this node's index, kept consistent with each other.
 
 The index is trusted for speed and corrected by the files: a digest the index lacks is looked up with
-one ``stat`` and adopted; a digest whose file is gone (evicted by another node) is forgotten when the
-caller reports it with :meth:`Storage.forget`.
+one ``stat`` (``blobs.stat``) and adopted (``index.put_blob``), by the caller, which knows which
+thread may do which (``Index`` writes belong to one thread); a digest whose file is gone (evicted by
+another node) is forgotten when the caller reports it with :meth:`Storage.forget`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from .blobstore import BlobStore
 from .gc import AccessStamps
-from .index import BlobRecord, Index
+from .index import Index
 from .lease import Leases
 
 #: Temporary files untouched for this long belong to dead writers (see BlobStore.clean_temp).
@@ -59,16 +60,6 @@ class Storage:
         would otherwise stay until some node restarts).
         """
         return self.blobs.clean_temp(older_than, self.clock()) + leases.clean(older_than)
-
-    def lookup(self, digest: str) -> BlobRecord | None:
-        """What is known of a committed blob, from the index or else from the file itself."""
-        record = self.index.get_blob(digest)
-        if record is not None:
-            return record
-        found = self.blobs.stat(digest)
-        if found is None:
-            return None
-        return self.index.put_blob(digest, found.size, self.clock())
 
     def record_access(self, digest: str, now: float) -> None:
         """Note a read, for the index's last access and the file's mtime stamp (both batched)."""

@@ -13,7 +13,6 @@ from typing import Any
 from metahub.app.prefetch import prefetch
 from metahub.app.root import Root
 from metahub.cache.eviction import run_collection
-from metahub.cache.manifests import ManifestBody
 from metahub.cache.routing import Route, route
 from metahub.cache.virtual import build_index
 from metahub.config.file import (
@@ -27,6 +26,8 @@ from metahub.config.file import (
 from metahub.hardware import detect, inspect, machine
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
+from metahub.oci.media import Manifest
+from metahub.oci.sizes import format_size
 from metahub.web.auth import hash_password
 from storage import (
     IndexInUse,
@@ -85,14 +86,6 @@ def cache_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def cache_stats(args: argparse.Namespace) -> int:
     """Size and counts of the (shared) store, and what this node's index knows."""
     config = _load(args.config)
@@ -103,9 +96,9 @@ def cache_stats(args: argparse.Namespace) -> int:
         holders = sorted({lease.holder.rsplit("-", 2)[0] for lease in Leases(config.storage.path).iter_leases() if lease.holder})
     finally:
         storage.close()
-    bound = _human(config.storage.max_size) if config.storage.max_size else "unbounded"
+    bound = format_size(config.storage.max_size) if config.storage.max_size else "unbounded"
     print(f"store:       {config.storage.path}")
-    print(f"size:        {_human(found.total_bytes)} in {found.blob_count} blobs (max_size: {bound})")
+    print(f"size:        {format_size(found.total_bytes)} in {found.blob_count} blobs (max_size: {bound})")
     print(f"index:       {indexed} blobs known to this node ({config.storage.index})")
     print(f"in progress: {found.temp_files} temporary files, {found.leases} leases")
     print(f"quarantined: {found.quarantined}")
@@ -139,8 +132,8 @@ def cache_gc(args: argparse.Namespace) -> int:
     finally:
         storage.close()
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(result.removed)} blobs ({_human(result.removed_bytes)}): "
-          f"{_human(result.before_bytes)} -> {_human(result.after_bytes)}; "
+    print(f"{verb} {len(result.removed)} blobs ({format_size(result.removed_bytes)}): "
+          f"{format_size(result.before_bytes)} -> {format_size(result.after_bytes)}; "
           f"kept {len(result.kept_pinned)} pinned, {len(result.kept_recent)} recently used")
     return 0
 
@@ -152,7 +145,7 @@ def cache_verify(args: argparse.Namespace) -> int:
 
     def progress(step: VerifyProgress) -> None:
         if sys.stderr.isatty():
-            print(f"\rverified {step.checked} blobs, {_human(step.bytes_checked)}", end="", file=sys.stderr)
+            print(f"\rverified {step.checked} blobs, {format_size(step.bytes_checked)}", end="", file=sys.stderr)
 
     try:
         result = verify(storage.blobs, quarantine=True, progress=progress)
@@ -173,7 +166,7 @@ def prefetch_command(args: argparse.Namespace) -> int:
 
     async def warm(reactor: Any) -> None:
         done = await prefetch(root=Root(config=config, reactor=reactor), image=args.image, machine_type=args.machine_type)
-        print(f"prefetched {args.image}: {done.blobs} blobs, {_human(done.total_bytes)}")
+        print(f"prefetched {args.image}: {done.blobs} blobs, {format_size(done.total_bytes)}")
 
     return _react(args.image, warm)
 
@@ -226,16 +219,15 @@ def inspect_command(args: argparse.Namespace) -> int:
         name, reference = split_reference(args.image)
         root = Root(config=config, reactor=reactor)  # no store: only the upstreams are asked
 
-        async def fetch(target: Route, ref: str) -> ManifestBody:
+        async def fetch(target: Route, ref: str) -> Manifest:
             client = root.upstreams.client(target.upstream.name)
-            got = await client.get_manifest(target.repository, ref, media.UPSTREAM_ACCEPT)
-            return ManifestBody(got.body, got.media_type or media.sniff_media_type(got.body), got.digest)
+            return await client.get_manifest(target.repository, ref, media.UPSTREAM_ACCEPT)
 
         target = route(config, name)
         virtual = root.virtual.find(target, reference)
         if virtual is not None:
             body, _ = await build_index(config, virtual, fetch)
-            manifest = ManifestBody(body, media.OCI_INDEX, sha256_digest(body))
+            manifest = Manifest(body, media.OCI_INDEX, sha256_digest(body))
         else:
             manifest = await fetch(target, reference)
         result = inspect.report(args.image, manifest.body, manifest.media_type, manifest.digest, config)

@@ -16,12 +16,11 @@ from twisted.internet.task import deferLater
 from metahub.app.root import Root
 from metahub.cache.capacity import StoreUnavailable
 from metahub.cache.downloads import AlreadyStored
-from metahub.cache.manifests import ManifestBody
 from metahub.cache.routing import route
-from metahub.cache.virtual import store_index
 from metahub.hardware.machine import machine_types
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
+from metahub.oci.media import Manifest
 
 
 @dataclass
@@ -49,18 +48,14 @@ async def prefetch(*, root: Root, image: str, machine_type: str | None, out: Tex
     try:
         storage, manifests, downloads = root.storage, root.manifests, root.downloads
         target = route(config, name)
-        virtual = root.virtual.find(target, reference)
-        if virtual is not None:
-            top, sources = await store_index(config, virtual, manifests, target)
-        else:
-            sources = {}
-            top = await manifests.get(target, reference)
-        images: list[ManifestBody] = [top]
+        top = await root.virtual.manifest(manifests, target, reference)
+        images: list[Manifest] = [top]
         if top.media_type in media.INDEX_TYPES:
             if machine_type is not None:
                 images = [await manifests.for_machine_type(target, top, machine_types(config.machine_types)[machine_type], image)]
             else:
-                images = [await manifests.by_digest(sources.get(d, target), d) for d in media.references(top.body)]
+                images = [await manifests.by_digest(await root.virtual.route_of(manifests, target, d), d)
+                          for d in media.references(top.body)]
         layers: dict[str, int] = {}
         for manifest in images:
             doc = media.load(manifest.body)
@@ -70,7 +65,7 @@ async def prefetch(*, root: Root, image: str, machine_type: str | None, out: Tex
         progress = Progress(total_bytes=sum(layers.values()), blobs=len(layers))
         show = _printer(out, progress)
         for digest, size in layers.items():
-            source = sources.get(digest, target)
+            source = await root.virtual.route_of(manifests, target, digest)
             if await root.in_thread(storage.blobs.stat, digest) is None:
                 try:
                     download = await downloads.join(source, digest)

@@ -58,6 +58,7 @@ from storage import (
     SizeMismatch,
     Storage,
     TempFileRemoved,
+    parse_digest,
 )
 
 log = Logger()
@@ -259,10 +260,10 @@ class Downloads:
         leases: Leases,
         lanes: LaneFactory,
         lease_timeout: float = 30.0,
-        capacity: StoreCapacity | None = None,
+        capacity: StoreCapacity,
     ) -> None:
         self.storage = storage
-        self.capacity = capacity or StoreCapacity(clock=clock, metrics=metrics)
+        self.capacity = capacity
         self.lanes = lanes
         self.leases = leases
         self.lease_timeout = lease_timeout
@@ -273,12 +274,6 @@ class Downloads:
         self._active: dict[_Key, Download] = {}
         #: Downloads being started: the route of the request that started each, and who waits.
         self._starting: dict[_Key, tuple[Route, list[Deferred[Download]]]] = {}
-
-    def active(self, digest: str, upstream: str | None = None) -> Download | None:
-        """The download of ``digest`` under way through ``upstream`` (None: through any)."""
-        if upstream is not None:
-            return self._active.get((upstream, digest))
-        return next((d for (_, other), d in self._active.items() if other == digest), None)
 
     def committing(self) -> Deferred[list[bool]]:
         """Fires once every download whose bytes have verified is committed. A clean stop waits
@@ -342,7 +337,7 @@ class Downloads:
         # without this route's clients: fetch beside it, unleased (the store keeps one file).
         if not self._fetching_elsewhere(route, digest):
             try:
-                lease = await self.in_thread(self.leases.try_take, digest[7:], self.lease_timeout)
+                lease = await self.in_thread(self.leases.try_take, parse_digest(digest), self.lease_timeout)
             except OSError as error:  # the lease is the first file this download writes
                 raise self._unavailable(error, f"a lease for {digest}") from error
             if lease is None:
@@ -365,7 +360,7 @@ class Downloads:
             if lease is not None:
                 await self._release(lease)
             raise
-        download = Download(digest, route, size, writer, self.clock, self.lanes(f"download {digest[7:19]}"))
+        download = Download(digest, route, size, writer, self.clock, self.lanes(f"download {parse_digest(digest)[:12]}"))
         if others:
             self.clock.callLater(self.lease_timeout, lambda: ensureDeferred(self._drop_later(digest, writer.temp_path)))
         if lease is not None:
@@ -514,7 +509,7 @@ class Downloads:
         """("committed" | "writing" | "gone", temp file): runs in a thread, it reads the shared dir."""
         if self.storage.blobs.stat(digest) is not None:
             return "committed", None
-        lease = self.leases.holder(digest[7:])
+        lease = self.leases.holder(parse_digest(digest))
         temps = self.storage.blobs.in_progress(digest)
         alive = lease is not None and lease.age(self.leases.clock()) <= self.lease_timeout
         if alive or (lease is not None and temps and lease.holder is None):

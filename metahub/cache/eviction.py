@@ -11,12 +11,12 @@ import errno
 
 from twisted.logger import Logger
 
+from metahub.cache.manifests import read_stored
 from metahub.cache.routing import route
 from metahub.config.file import Config
 from metahub.oci import media
-from metahub.oci.grammar import split_reference
+from metahub.oci.grammar import is_digest_reference, split_reference
 from storage import (
-    BlobNotFound,
     GcResult,
     Leases,
     SharedTags,
@@ -34,7 +34,7 @@ def pinned_digests(config: Config, storage: Storage, shared_tags: SharedTags) ->
     for reference in config.pin:
         name, ref = split_reference(reference)
         target = route(config, name)
-        if ref.startswith("sha256:"):
+        if is_digest_reference(ref):
             _reach(storage, ref, pinned)
             continue
         tag = storage.index.get_tag(target.upstream.name, target.repository, ref) or shared_tags.read(
@@ -49,13 +49,9 @@ def _reach(storage: Storage, digest: str, seen: set[str]) -> None:
     if digest in seen:
         return
     seen.add(digest)
-    try:
-        with storage.blobs.open(digest) as reader:
-            if reader.size > media.MAX_MANIFEST_SIZE:
-                return  # a layer, not a manifest
-            body = reader.read(reader.size)
-    except BlobNotFound:
-        return
+    body = read_stored(storage, digest)
+    if body is None:
+        return  # not here, or a layer, not a manifest
     doc = media.load(body)
     if "manifests" in doc or "layers" in doc:
         for child in media.references(body):

@@ -16,7 +16,6 @@ only in the bounded memory cache.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -27,6 +26,8 @@ from metahub.cache.routing import Route
 from metahub.hardware.machine import MachineType
 from metahub.hardware.resolve import resolve
 from metahub.oci import errors, media
+from metahub.oci.grammar import is_digest_reference
+from metahub.oci.media import Manifest
 from metahub.runtime.metrics import Metrics
 from metahub.runtime.threads import ThreadRunner
 from metahub.upstream.upstreams import Upstreams, unavailable
@@ -42,14 +43,8 @@ from storage import (
 log = Logger()
 
 
-@dataclass(frozen=True)
-class ManifestBody:
-    body: bytes
-    media_type: str
-    digest: str
-
-
-def _read_blob(storage: Storage, digest: str) -> bytes | None:
+def read_stored(storage: Storage, digest: str) -> bytes | None:
+    """The stored manifest ``digest``, or None when the store lacks it or it is too big to be one."""
     try:
         with storage.blobs.open(digest) as reader:
             if reader.size > media.MAX_MANIFEST_SIZE:
@@ -84,10 +79,10 @@ class Manifests:
         metrics: Metrics,
         tag_ttl: float,
         shared_tags: SharedTags,
-        capacity: StoreCapacity | None = None,
+        capacity: StoreCapacity,
     ) -> None:
         self.storage = storage
-        self.capacity = capacity or StoreCapacity(clock=clock, metrics=metrics)
+        self.capacity = capacity
         self.shared_tags = shared_tags
         self.upstreams = upstreams
         self.clock = clock
@@ -97,15 +92,15 @@ class Manifests:
         #: Shared tag writes under way: (upstream, repository, tag) -> the (digest, time) to write next.
         self._sharing: dict[tuple[str, str, str], tuple[str, float] | None] = {}
         self._resolutions: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self._bodies: OrderedDict[str, ManifestBody] = OrderedDict()
+        self._bodies: OrderedDict[str, Manifest] = OrderedDict()
         self._body_bytes = 0
 
-    async def get(self, route: Route, reference: str) -> ManifestBody:
-        if reference.startswith("sha256:"):
+    async def get(self, route: Route, reference: str) -> Manifest:
+        if is_digest_reference(reference):
             return await self.by_digest(route, reference)
         return await self.by_tag(route, reference)
 
-    def _remember(self, manifest: ManifestBody) -> None:
+    def _remember(self, manifest: Manifest) -> None:
         if manifest.digest in self._bodies:
             self._bodies.move_to_end(manifest.digest)
             return
@@ -115,7 +110,7 @@ class Manifests:
             _, dropped = self._bodies.popitem(last=False)
             self._body_bytes -= len(dropped.body)
 
-    async def _cached(self, route: Route, digest: str) -> ManifestBody | None:
+    async def _cached(self, route: Route, digest: str) -> Manifest | None:
         """The stored manifest, if this repository is known to have it."""
         if not self.storage.index.is_linked(digest, route.key):
             return None
@@ -124,21 +119,21 @@ class Manifests:
             self._bodies.move_to_end(digest)
             self.storage.record_access(digest, self.clock.seconds())
             return remembered
-        body = await self.in_thread(_read_blob, self.storage, digest)
+        body = await self.in_thread(read_stored, self.storage, digest)
         if body is None:
             self.storage.forget(digest)
             return None
         record = self.storage.index.get_blob(digest)
         media_type = record.media_type if record and record.media_type else media.sniff_media_type(body)
         self.storage.record_access(digest, self.clock.seconds())
-        manifest = ManifestBody(body, media_type, digest)
+        manifest = Manifest(body, media_type, digest)
         self._remember(manifest)
         return manifest
 
-    async def store(self, route: Route, body: bytes, media_type: str) -> ManifestBody:
+    async def store(self, route: Route, body: bytes, media_type: str) -> Manifest:
         """Keep a manifest (verified by construction: its digest is computed here) and link what it references."""
         digest = sha256_digest(body)
-        manifest = ManifestBody(body, media_type, digest)
+        manifest = Manifest(body, media_type, digest)
         if not await self._write(digest, body):
             # Not in the store, but this repository's all the same: kept in memory only (bounded),
             # so a client's next request by digest (a virtual index's, too) is still answered.
@@ -167,19 +162,19 @@ class Manifests:
         self.capacity.stored()
         return True
 
-    async def _fetch(self, route: Route, reference: str) -> ManifestBody:
+    async def _fetch(self, route: Route, reference: str) -> Manifest:
         client = self.upstreams.client(route.upstream.name)
         fetched = await client.get_manifest(route.repository, reference, media.UPSTREAM_ACCEPT)
-        return await self.store(route, fetched.body, fetched.media_type or media.sniff_media_type(fetched.body))
+        return await self.store(route, fetched.body, fetched.media_type)
 
-    async def by_digest(self, route: Route, digest: str) -> ManifestBody:
+    async def by_digest(self, route: Route, digest: str) -> Manifest:
         cached = await self._cached(route, digest)
         self.metrics.cache.labels("manifest", "hit" if cached else "miss").inc()
         if cached is not None:
             return cached
         return await self._fetch(route, digest)  # the client verifies the body against the digest
 
-    async def by_tag(self, route: Route, tag: str) -> ManifestBody:
+    async def by_tag(self, route: Route, tag: str) -> Manifest:
         upstream = route.upstream.name
         known = self.storage.index.get_tag(upstream, route.repository, tag)
         if known is None:  # another node may have resolved it
@@ -217,7 +212,7 @@ class Manifests:
     async def _adopt(self, route: Route, tag: str, known: TagRecord) -> None:
         """A tag another node confirmed for this repository: its manifest and blobs are the repo's,
         and the tag is recorded here too, so the next request does not read the shared copy again."""
-        body = await self.in_thread(_read_blob, self.storage, known.digest)
+        body = await self.in_thread(read_stored, self.storage, known.digest)
         if body is not None:
             self.storage.index.link([known.digest, *media.references(body)], route.key)
             self.storage.index.set_tag(route.upstream.name, route.repository, tag, known.digest, known.checked)
@@ -252,8 +247,8 @@ class Manifests:
             del self._sharing[key]
 
     async def for_machine_type(
-        self, route: Route, index: ManifestBody, machine_type: MachineType, reference: str
-    ) -> ManifestBody:
+        self, route: Route, index: Manifest, machine_type: MachineType, reference: str
+    ) -> Manifest:
         """The manifest of ``index`` that fits ``machine_type``, byte for byte as upstream has it."""
         key = (index.digest, machine_type.name)
         digest = self._resolutions.get(key)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 
-from metahub.cache.manifests import ManifestBody, Manifests
+from metahub.cache.manifests import Manifests
 from metahub.cache.routing import Route, route
 from metahub.config.file import Config, VirtualEntry, VirtualImage
 from metahub.oci import errors, media
 from metahub.oci.grammar import split_reference
+from metahub.oci.media import Manifest
+from metahub.oci.names import is_tag
 
-Fetch = Callable[[Route, str], Awaitable[ManifestBody]]
+Fetch = Callable[[Route, str], Awaitable[Manifest]]
 
 
 def _platform(entry: VirtualEntry) -> dict[str, object]:
@@ -63,7 +65,7 @@ async def build_index(config: Config, image: VirtualImage, fetch: Fetch) -> tupl
 
 async def store_index(
     config: Config, image: VirtualImage, manifests: Manifests, target: Route
-) -> tuple[ManifestBody, dict[str, Route]]:
+) -> tuple[Manifest, dict[str, Route]]:
     """Build ``image``'s index, link everything it reaches to ``target``, and keep the index."""
     body, sources = await build_index(config, image, manifests.get)
     manifests.storage.index.link(sources.keys(), target.key)
@@ -98,3 +100,32 @@ class VirtualImages:
 
     def images_of(self, target: Route) -> list[VirtualImage]:
         return [image for (key, _), image in self._images.items() if key == target.key]
+
+    async def manifest(self, manifests: Manifests, target: Route, reference: str) -> Manifest:
+        """What ``target:reference`` serves: under a virtual name, the image's index (built here and
+        kept) or a manifest it reaches (from the repository it comes from); under any other name,
+        the upstream's manifest through the cache. The one place that tells the two apart."""
+        if not self.is_virtual(target):
+            return await manifests.get(target, reference)
+        if is_tag(reference):
+            image = self.find(target, reference)
+            if image is None:
+                raise errors.manifest_unknown(reference)
+            return await self._build(manifests, target, image)
+        return await manifests.by_digest(await self.route_of(manifests, target, reference), reference)
+
+    async def route_of(self, manifests: Manifests, target: Route, digest: str) -> Route:
+        """The route to fetch ``digest`` through: under a virtual name the repository it really
+        comes from, else ``target`` itself."""
+        if not self.is_virtual(target):
+            return target
+        if self.source(target, digest) is None:
+            for image in self.images_of(target):  # after a restart the map is empty: rebuild it
+                await self._build(manifests, target, image)
+        return self.source(target, digest) or target
+
+    async def _build(self, manifests: Manifests, target: Route, image: VirtualImage) -> Manifest:
+        index, sources = await store_index(self.config, image, manifests, target)
+        self.remember(target, sources)
+        self.remember(target, {index.digest: target})
+        return index

@@ -45,6 +45,7 @@ from pydantic_core import ArgsKwargs, PydanticCustomError
 
 from metahub.config import features
 from metahub.oci.grammar import COMPONENT, split_reference
+from metahub.oci.sizes import format_size
 
 __all__ = [
     "Account",
@@ -59,7 +60,6 @@ __all__ = [
     "config_schema",
     "config_summary",
     "format_duration",
-    "format_size",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -119,14 +119,6 @@ def parse_duration(value: object) -> float:
     if not math.isfinite(seconds):
         raise ValueError("not a duration")
     return seconds
-
-
-def format_size(size: int) -> str:
-    """The largest IEC unit that keeps at least 1, for logs (``214748364800`` -> ``200GiB``)."""
-    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
-        if size >= _SIZE_UNITS[unit.lower()]:
-            return f"{size / _SIZE_UNITS[unit.lower()]:.4g}{unit}"
-    return f"{size}B"
 
 
 def format_duration(seconds: float) -> str:

@@ -1,7 +1,7 @@
 """The distribution spec's grammar for repository names, tags and image references.
 
 Kept free of metahub imports so both the config loader and the request path can use one
-definition; digests are storage's (the one check a store path relies on).
+definition; what a digest is, is storage's (the one check a store path relies on).
 """
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 COMPONENT = re.compile(_COMPONENT)
 NAME = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+#: A digest of any algorithm, well formed (the image spec's grammar); the store takes sha256 only.
+ANY_DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 MAX_NAME_LENGTH = 255
+
+
+def is_digest_reference(reference: str) -> bool:
+    """Whether a manifest reference names a digest rather than a tag: a tag cannot hold ``:``, a
+    digest always does (which digest, and whether it is one the store takes, is checked apart)."""
+    return ":" in reference
 
 
 def split_reference(reference: str) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -16,6 +17,19 @@ UPSTREAM_ACCEPT = [OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST]
 
 #: Manifests larger than this are refused (distribution uses the same bound); they are held in memory.
 MAX_MANIFEST_SIZE = 4 << 20
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest byte for byte as upstream serves it; ``digest`` has been checked against ``body``.
+
+    ``media_type`` is what upstream's ``Content-Type`` said, or, when it said nothing, what the
+    manifest itself says (:func:`sniff_media_type`).
+    """
+
+    body: bytes
+    media_type: str
+    digest: str
 
 
 def parse_accept(headers: list[str]) -> set[str] | None:

@@ -5,13 +5,15 @@ upstream URL unchecked.
 """
 from __future__ import annotations
 
-import re
-
 from metahub.oci import errors
-from metahub.oci.grammar import MAX_NAME_LENGTH, NAME, TAG
-from storage import is_digest
-
-_ANY_DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
+from metahub.oci.grammar import (
+    ANY_DIGEST,
+    MAX_NAME_LENGTH,
+    NAME,
+    TAG,
+    is_digest_reference,
+)
+from storage import ALGORITHM, algorithm_of, is_digest
 
 
 def check_name(name: str) -> str:
@@ -26,7 +28,7 @@ def check_digest(reference: str) -> str:
     """A digest reference: sha256 is served, another well-formed algorithm is refused clearly."""
     if is_digest(reference):
         return reference
-    if _ANY_DIGEST.fullmatch(reference) and not reference.startswith("sha256:"):
+    if ANY_DIGEST.fullmatch(reference) and algorithm_of(reference) != ALGORITHM:
         raise errors.digest_invalid(reference, "unsupported digest algorithm: only sha256 is accepted")
     raise errors.digest_invalid(reference, "invalid digest: expected sha256: followed by 64 lowercase hex")
 
@@ -37,7 +39,7 @@ def is_tag(reference: str) -> bool:
 
 def check_reference(reference: str) -> str:
     """A manifest reference: a tag, or a digest (anything with a ``:`` is read as a digest)."""
-    if ":" in reference:
+    if is_digest_reference(reference):
         return check_digest(reference)
     if not is_tag(reference):
         raise errors.manifest_unknown(reference, "invalid tag: see the distribution spec's tag grammar")

@@ -13,7 +13,6 @@ and passes the clock to treq as ``reactor`` so that treq's ``timeout=`` runs on 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import re
 import typing
@@ -71,12 +70,14 @@ from metahub.oci.errors import (
     too_many_requests,
     unauthorized,
 )
-from metahub.oci.media import MAX_MANIFEST_SIZE
+from metahub.oci.grammar import is_digest_reference
+from metahub.oci.media import MAX_MANIFEST_SIZE, Manifest, sniff_media_type
 from metahub.upstream.body import BodyProtocol
 from metahub.upstream.tls import handshake_failure, https_policy
 from metahub.upstream.wwwauth import Challenge, WWWAuthenticateError, parse_challenges
+from storage import ALGORITHMS, algorithm_of, matches, sha256_digest
 
-__all__ = ["HTTPRequester", "Manifest", "ManifestHead", "UpstreamClient", "make_http_clients"]
+__all__ = ["HTTPRequester", "ManifestHead", "UpstreamClient", "make_http_clients"]
 
 _TAGS_LIMIT = 4 * 1024 * 1024
 # Token answers and error documents are a few hundred bytes.
@@ -88,7 +89,6 @@ _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _TOKEN_LIFETIME = 60.0
 _TOKEN_MARGIN = 10.0
 _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
-_DIGEST_ALGORITHMS = frozenset({"sha256", "sha512"})
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 # Not here: RequestNotSent, which Twisted does not export (it is defined in a private module of
 # twisted.web). A connection raises it for a request it is not idle for; HTTPConnectionPool hands out
@@ -124,19 +124,6 @@ class HTTPRequester(typing.Protocol):
         timeout: float,
         reactor: IReactorTime,
     ) -> Deferred[IResponse]: ...
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A manifest exactly as upstream serves it; ``digest`` has been checked against ``body``.
-
-    ``media_type`` is upstream's ``Content-Type`` without parameters, or ``""`` when it sent none:
-    the caller then goes by the manifest's own ``mediaType``.
-    """
-
-    body: bytes
-    media_type: str
-    digest: str
 
 
 @dataclass(frozen=True)
@@ -239,7 +226,7 @@ class UpstreamClient:
         response = await self._call("GET", target, f"manifests/{_quote(reference)}", {"Accept": ", ".join(accept)})
         body = await self._read(response, MAX_MANIFEST_SIZE, "a manifest")
         digest = self._checked_digest(body, reference, _header(response, b"Docker-Content-Digest"))
-        return Manifest(body, _media_type(response), digest)
+        return Manifest(body, _media_type(response) or sniff_media_type(body), digest)
 
     async def head_manifest(self, repo: str, reference: str, accept: list[str]) -> ManifestHead:
         """Ask for a manifest's digest, type and size without downloading it.
@@ -250,7 +237,7 @@ class UpstreamClient:
         target = _Target(repo, reference, ("MANIFEST_UNKNOWN", "NAME_UNKNOWN"))
         response = await self._call("HEAD", target, f"manifests/{_quote(reference)}", {"Accept": ", ".join(accept)})
         await self._discard(response)
-        digest = reference if _is_digest(reference) else _header(response, b"Docker-Content-Digest")
+        digest = reference if is_digest_reference(reference) else _header(response, b"Docker-Content-Digest")
         size = _content_length(response)
         if digest is None or size is None:
             manifest = await self.get_manifest(repo, reference, accept)
@@ -527,15 +514,15 @@ class UpstreamClient:
         A tag's ``Docker-Content-Digest`` is checked too (when we know its algorithm), because it
         is the digest clients will pull by later.
         """
-        if _is_digest(reference):
+        if is_digest_reference(reference):
             claimed = reference
-            if claimed.partition(":")[0] not in _DIGEST_ALGORITHMS:
+            if algorithm_of(claimed) not in ALGORITHMS:
                 raise digest_invalid(reference, "unsupported digest algorithm")
-        elif header is not None and header.partition(":")[0] in _DIGEST_ALGORITHMS:
+        elif header is not None and algorithm_of(header) in ALGORITHMS:
             claimed = header
         else:
-            return _digest(body, "sha256")
-        if _digest(body, claimed.partition(":")[0]) != claimed:
+            return sha256_digest(body)
+        if not matches(claimed, body):
             raise RegistryError(
                 502, "DIGEST_INVALID",
                 f"upstream {self._config.name} sent a manifest that does not match its digest",
@@ -655,15 +642,6 @@ def _redirect_target(url: str, location: str | None) -> str | None:
 
 def _quote(reference: str) -> str:
     return quote(reference, safe=":")
-
-
-def _is_digest(reference: str) -> bool:
-    """A tag cannot hold ``:``, a digest always does."""
-    return ":" in reference
-
-
-def _digest(body: bytes, algorithm: str) -> str:
-    return f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
 
 
 def _header(response: IResponse, name: bytes) -> str | None:

@@ -14,8 +14,9 @@ from typing import TypeVar
 from twisted.web.iweb import IResponse
 
 from metahub.oci.errors import RegistryError
+from metahub.oci.media import Manifest
 from metahub.runtime.metrics import Metrics
-from metahub.upstream.client import Manifest, ManifestHead, UpstreamClient
+from metahub.upstream.client import ManifestHead, UpstreamClient
 
 T = TypeVar("T")
 

@@ -18,10 +18,10 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from metahub.cache.manifests import ManifestBody, Manifests
+from metahub.cache.manifests import Manifests
 from metahub.cache.routing import Route, route, spellings
-from metahub.cache.virtual import VirtualImages, store_index
-from metahub.config.file import Config, VirtualImage
+from metahub.cache.virtual import VirtualImages
+from metahub.config.file import Config
 from metahub.hardware import inspect
 from metahub.hardware.machine import MachineType
 from metahub.oci import errors, media
@@ -142,7 +142,8 @@ class RegistryResource(Resource):
             await self._manifest(request, name, target, check_reference(rest), machine_type, head)
         elif kind == "blobs":
             digest = check_digest(rest)
-            await self.registry.blobs.serve(request, await self._source(target, digest), digest, head)
+            source = await registry.virtual.route_of(registry.manifests, target, digest)
+            await registry.blobs.serve(request, source, digest, head)
         elif rest == "list":
             await self._tags(request, name, target, query)
         else:
@@ -155,10 +156,7 @@ class RegistryResource(Resource):
     async def _manifest(
         self, request: Request, name: str, target: Route, reference: str, machine_type: MachineType | None, head: bool
     ) -> None:
-        if self.registry.virtual.is_virtual(target):
-            manifest = await self._virtual_manifest(target, reference)
-        else:
-            manifest = await self.registry.manifests.get(target, reference)
+        manifest = await self.registry.virtual.manifest(self.registry.manifests, target, reference)
         if machine_type is not None and is_tag(reference) and manifest.media_type in media.INDEX_TYPES:
             # The login's machine type picks one build; a pull by digest is never rewritten.
             manifest = await self.registry.manifests.for_machine_type(target, manifest, machine_type, f"{name}:{reference}")
@@ -197,37 +195,8 @@ class RegistryResource(Resource):
             raise errors.name_invalid(image[:200], str(error)) from None
         target = route(registry.config, name)
         registry.auth.check_repository(identity, spellings(registry.config, target))
-        if registry.virtual.is_virtual(target):
-            manifest = await self._virtual_manifest(target, reference)
-        else:
-            manifest = await registry.manifests.get(target, reference)
+        manifest = await registry.virtual.manifest(registry.manifests, target, reference)
         return inspect.report(image, manifest.body, manifest.media_type, manifest.digest, registry.config)
-
-    async def _build_virtual(self, target: Route, image: VirtualImage) -> ManifestBody:
-        registry = self.registry
-        index, sources = await store_index(registry.config, image, registry.manifests, target)
-        registry.virtual.remember(target, sources)
-        registry.virtual.remember(target, {index.digest: target})
-        return index
-
-    async def _virtual_manifest(self, target: Route, reference: str) -> ManifestBody:
-        if is_tag(reference):
-            image = self.registry.virtual.find(target, reference)
-            if image is None:
-                raise errors.manifest_unknown(reference)
-            return await self._build_virtual(target, image)
-        source = await self._source(target, reference)
-        return await self.registry.manifests.by_digest(source, reference)
-
-    async def _source(self, target: Route, digest: str) -> Route:
-        """Under a virtual name, the repository a digest really comes from (else ``target``)."""
-        virtual = self.registry.virtual
-        if not virtual.is_virtual(target):
-            return target
-        if virtual.source(target, digest) is None:
-            for image in virtual.images_of(target):  # after a restart the map is empty: rebuild it
-                await self._build_virtual(target, image)
-        return virtual.source(target, digest) or target
 
     async def _tags(self, request: Request, name: str, target: Route, query: dict[str, str]) -> None:
         n_text, last = query.get("n"), query.get("last")

@@ -67,7 +67,7 @@ class Blobs:
         in_thread: ThreadRunner,
         metrics: Metrics,
         releaser: Releaser | None = None,
-        read_in_thread: ThreadRunner | None = None,
+        read_in_thread: ThreadRunner,
     ) -> None:
         self.storage = storage
         self.releaser = releaser
@@ -77,11 +77,12 @@ class Blobs:
         self.in_thread = in_thread
         #: Reads of files already open: a pool of their own, never queued behind opens that a
         #: stalled store holds up (docs/cluster.md).
-        self.read_in_thread = read_in_thread or in_thread
+        self.read_in_thread = read_in_thread
         self.metrics = metrics
 
     async def find(self, digest: str) -> BlobRecord | None:
-        """The index's record, or a stat of the file (in a thread: the store may be on NFS)."""
+        """The index's record, or a stat of the file (in a thread: the store may be on NFS), which
+        the index then adopts (here, on the thread that writes the index: storage.store says why)."""
         record = self.storage.index.get_blob(digest)
         if record is not None:
             return record

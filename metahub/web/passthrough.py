@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from metahub.upstream.body import BODY_DONE, BodyProtocol
 from metahub.web.connection import abort
+from storage import from_hex
 
 log = Logger()
 
@@ -94,7 +95,7 @@ class VerifyingRelay(BodyProtocol):
             self._why = f"the upstream body ended early: {reason.getErrorMessage()}"
         if self._why is None and self.size is not None and self.received != self.size:
             self._why = f"upstream sent {self.received} of the {self.size} bytes it announced"
-        actual = "sha256:" + self._hash.hexdigest()
+        actual = from_hex(self._hash.hexdigest())
         if self._why is None and actual != self.digest:
             self._why = f"upstream sent wrong bytes (got {actual})"
         if self._client_gone:

@@ -21,8 +21,9 @@ from urllib.parse import parse_qs, urlsplit
 from twisted.internet.defer import DeferredLock
 from twisted.web.server import Request
 
-from metahub.config.file import format_duration, format_size
+from metahub.config.file import format_duration
 from metahub.oci import errors
+from metahub.oci.sizes import format_size
 from metahub.web import login
 from metahub.web.auth import ANONYMOUS, SERVICE, Identity
 from storage import Storage, stats

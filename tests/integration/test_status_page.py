@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from metahub.config.file import format_size
+from metahub.oci.sizes import format_size
 from metahub.web.auth import hash_password
 from tests.peers import chromium, skopeo
 from tests.peers.oci import make_bench_index, make_image

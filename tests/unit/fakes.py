@@ -6,15 +6,24 @@ and time moves only when a test advances it. The in-memory registry built from t
 """
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
+from metahub.cache.capacity import StoreCapacity
+from metahub.cache.downloads import Download, Downloads
+from metahub.cache.routing import Route
 from metahub.config.file import (
     Account,
     Config,
@@ -25,6 +34,7 @@ from metahub.config.file import (
     UpstreamConfig,
     parse_config,
 )
+from metahub.runtime.metrics import Metrics
 from metahub.web.auth import hash_password
 from storage import BlobStore, sha256_digest, stamp_access
 
@@ -69,6 +79,26 @@ def auth_config(anonymous: str = "deny") -> Config:
             "ci": Account("ci", AUTH_HASH, ("type1",), ("library/*", "myorg/**")),
         },
     )
+
+
+# --- downloads -----------------------------------------------------------------------------------
+
+
+def store_capacity(clock: Clock, metrics: Metrics) -> StoreCapacity:
+    """A store that takes files until one fails, as the root builds it (minus making room)."""
+    return StoreCapacity(clock=clock, metrics=metrics)
+
+
+def join_now(downloads: Downloads, route: Route, digest: str) -> Download:
+    """What ``downloads.join`` answers at once (the fakes' threads are inline): the download under
+    way, else a new one; raises what join raises (``AlreadyStored`` once the blob is stored)."""
+    joined = ensureDeferred(downloads.join(route, digest))
+    outcome: list[Download | Failure] = []
+    joined.addBoth(outcome.append)
+    assert outcome, "the join is still waiting"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]  # type: ignore[return-value]  # not a Failure, checked above
 
 
 # --- the store -----------------------------------------------------------------------------------
@@ -176,16 +206,48 @@ class AbortRecorder:
 
 
 class FakeRequest:
-    """Enough of twisted.web's Request: it pauses its producer when ``limit`` bytes are unsent."""
+    """Enough of twisted.web's Request for the handlers, in memory (Twisted's own DummyRequest is a
+    helper of its test suite, not public API): request line, headers and body in; code, headers and
+    body out. A producer is paused once ``limit`` bytes are unsent (:meth:`drain` sends them);
+    :meth:`finish` fires ``notifyFinish`` as twisted.web does, and the transport records an abort.
+    """
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(
+        self, limit: int | None = None, *, method: bytes = b"GET", uri: bytes = b"/",
+        headers: dict[bytes, bytes] | None = None, content: bytes = b"", client: IAddress | None = None,
+    ) -> None:
         self.limit = limit
+        self.method, self.uri, self.clientproto = method, uri, b"HTTP/1.1"
+        self.path = uri.partition(b"?")[0]
+        self.requestHeaders = Headers({name: [value] for name, value in (headers or {}).items()})
+        self.content = io.BytesIO(content)
+        #: Where the request came from; a UNIX socket (not on IP) unless a test says otherwise.
+        self.client: IAddress = client if client is not None else UNIXAddress(None)
+        self.code = 200
+        self.responseHeaders = Headers()
         self.written: list[bytes] = []
+        self.sentLength = 0
         self.unsent = 0
         self.producer: Any = None  # the IPushProducer send() registers
         self.finished = False
         self.transport = AbortRecorder()
         self._finish: Deferred[None] = Deferred()
+
+    def getClientAddress(self) -> IAddress:  # noqa: N802
+        return self.client
+
+    def isSecure(self) -> bool:  # noqa: N802
+        return False
+
+    def getHeader(self, name: bytes | str) -> bytes | str | None:  # noqa: N802
+        values = self.requestHeaders.getRawHeaders(name)
+        return values[-1] if values else None
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:  # noqa: N802
+        self.code = code
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:  # noqa: N802
+        self.responseHeaders.setRawHeaders(name, [value])
 
     def registerProducer(self, producer, streaming: bool) -> None:  # noqa: N802
         assert streaming
@@ -199,6 +261,7 @@ class FakeRequest:
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+        self.sentLength += len(data)
         self.unsent += len(data)
         if self.limit is not None and self.unsent >= self.limit:
             self.producer.pauseProducing()
@@ -209,6 +272,35 @@ class FakeRequest:
 
     def finish(self) -> None:
         self.finished = True
+        self._finish.callback(None)
+
+    def hang_up(self) -> None:
+        """The client goes away before the response ends: ``notifyFinish`` errbacks, as in twisted.web."""
+        self._finish.errback(Failure(ConnectionDone()))
+
+    def body(self) -> bytes:
+        return b"".join(self.written)
+
+
+class CountedKDF:
+    """The logins' KDF pool, inline, remembering whose login each run checked (its first argument)."""
+
+    def __init__(self) -> None:
+        self.runs: list[str] = []
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        self.runs.append(args[0])
+        return inline(function, *args)
+
+
+def login_request(username: str, password: str, method: bytes = b"GET", client: IAddress | None = None) -> FakeRequest:
+    """A ``/token`` request with a login: Basic (GET, as docker and podman send it) or a password
+    grant (POST, containerd's form)."""
+    if method == b"GET":
+        basic = b"Basic " + base64.b64encode(f"{username}:{password}".encode())
+        return FakeRequest(method=method, uri=b"/token", headers={b"authorization": basic}, client=client)
+    form = f"grant_type=password&username={username}&password={password}".encode()
+    return FakeRequest(method=method, uri=b"/token", content=form, client=client)
 
 
 def inline_threads(root: Any) -> None:

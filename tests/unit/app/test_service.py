@@ -17,7 +17,12 @@ from zope.interface import implementer
 
 from metahub.app import tap
 from metahub.app.root import Root
-from metahub.app.service import COMMIT_GRACE, RESOLVER_THREADS, TIDY_INTERVAL, server_tree
+from metahub.app.service import (
+    COMMIT_GRACE,
+    RESOLVER_THREADS,
+    TIDY_INTERVAL,
+    server_tree,
+)
 from metahub.config.file import parse_config
 from storage import IndexLock
 from storage.nodes import NodeRecords

@@ -5,16 +5,15 @@ import errno
 import os
 from collections.abc import Callable
 
+import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
-from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.test.requesthelper import DummyRequest
 
 from metahub.cache.capacity import StoreCapacity
-from metahub.cache.downloads import QUEUED_LIMIT, Download, Downloads
+from metahub.cache.downloads import QUEUED_LIMIT, AlreadyStored, Download, Downloads
 from metahub.cache.routing import Route
 from metahub.config.file import UpstreamConfig
 from metahub.oci import errors
@@ -22,11 +21,11 @@ from metahub.runtime.metrics import Metrics
 from metahub.upstream.upstreams import Upstreams
 from metahub.web.blobs import Blobs, _follow, wait_for_more
 from metahub.web.streaming import send
-from storage import Leases, Storage, sha256_digest
+from storage import Leases, Storage, parse_digest, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files
 from storage import lease as storage_lease
-from tests.unit.fakes import FakeRequest, InlineLane
+from tests.unit.fakes import FakeRequest, InlineLane, inline, join_now, store_capacity
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -62,6 +61,8 @@ class FakeClient:
 
     def get_blob(self, repository: str, digest: str) -> Deferred:
         self.calls += 1
+        if self.answer.called:  # a later fetch, which upstream has not answered (yet)
+            self.answer = Deferred()
         return self.answer
 
     def head_blob(self, repository: str, digest: str) -> Deferred:
@@ -74,15 +75,23 @@ def upstreams(metrics: Metrics | None = None, **clients: object) -> Upstreams:
     return Upstreams(clients=clients, metrics=metrics or Metrics())  # type: ignore[arg-type]  # fakes
 
 
+def downloads_over(
+    tmp_path, clock: Clock, storage: Storage, node: str | None = None, lane: InlineLane | None = None,
+    metrics: Metrics | None = None, **clients: object,
+) -> Downloads:
+    """This node's Downloads from the fake upstream ``clients`` (by upstream name), as the root
+    builds them: inline threads, ``lane`` (or an inline one) for the writes, one Metrics."""
+    metrics = metrics or Metrics()
+    return Downloads(storage=storage, upstreams=upstreams(metrics, **clients), clock=clock, in_thread=inline,
+                     metrics=metrics, leases=Leases(str(tmp_path / "store"), clock=clock.seconds, node=node),
+                     lanes=lambda name: lane or InlineLane(), capacity=store_capacity(clock, metrics))
+
+
 def make(tmp_path, response: FakeResponse, node: str = "a", clock: Clock | None = None):
     clock = clock or Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / f"index-{node}"), clock=clock.seconds)
     client = FakeClient(response)
-    leases = Leases(str(tmp_path / "store"), clock=clock.seconds, node=node)
-    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
-                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(), leases=leases,
-                          lanes=lambda name: InlineLane())
-    return downloads, client, clock, storage
+    return downloads_over(tmp_path, clock, storage, node, local=client), client, clock, storage
 
 
 def test_concurrent_joins_share_one_fetch_and_commit(tmp_path) -> None:
@@ -95,14 +104,15 @@ def test_concurrent_joins_share_one_fetch_and_commit(tmp_path) -> None:
     assert client.calls == 1 and not first.called
     client.answer.callback(response)
     download = first.result
-    assert second.result is download and downloads.active(digest) is download
+    assert second.result is download
     assert ensureDeferred(downloads.join(ROUTE, digest)).result is download and client.calls == 1
     response.protocol.dataReceived(data[:100])
     response.protocol.dataReceived(data[100:])
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert download.finished.result is True
-    assert downloads.active(digest) is None
-    assert storage.lookup(digest).size == 5000
+    with pytest.raises(AlreadyStored):  # the download is over: a new join finds the blob stored
+        join_now(downloads, ROUTE, digest)
+    assert storage.blobs.stat(digest).size == 5000
     assert storage.index.is_linked(digest, ROUTE.key)
 
 
@@ -115,8 +125,9 @@ def test_wrong_bytes_are_not_committed(tmp_path) -> None:
     response.protocol.dataReceived(b"wrong")
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert joined.result.finished.result is False
-    assert storage.lookup(digest) is None and os.listdir(storage.blobs.tmp_dir) == []
-    assert downloads.active(digest) is None
+    assert storage.blobs.stat(digest) is None and os.listdir(storage.blobs.tmp_dir) == []
+    ensureDeferred(downloads.join(ROUTE, digest))
+    assert client.calls == 2  # the failed download is over: a new join fetches again
 
 
 def test_a_stalled_upstream_is_cut_off_after_read_timeout(tmp_path) -> None:
@@ -133,7 +144,9 @@ def test_a_stalled_upstream_is_cut_off_after_read_timeout(tmp_path) -> None:
     clock.advance(2)
     assert response.transport.stopped
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
-    assert joined.result.finished.result is False and downloads.active(sha256_digest(data)) is None
+    assert joined.result.finished.result is False
+    ensureDeferred(downloads.join(ROUTE, sha256_digest(data)))
+    assert client.calls == 2  # the failed download is over: a new join fetches again
 
 
 def test_an_error_while_starting_the_body_does_not_leave_a_stuck_download(tmp_path) -> None:
@@ -143,7 +156,9 @@ def test_an_error_while_starting_the_body_does_not_leave_a_stuck_download(tmp_pa
     joined = ensureDeferred(downloads.join(ROUTE, digest))
     client.answer.callback(response)
     assert joined.result.finished.result is False
-    assert downloads.active(digest) is None and os.listdir(storage.blobs.tmp_dir) == []
+    assert os.listdir(storage.blobs.tmp_dir) == []
+    ensureDeferred(downloads.join(ROUTE, digest))
+    assert client.calls == 2  # the failed download is over: a new join fetches again
 
 
 def test_a_second_node_follows_the_lease_holder_instead_of_fetching(tmp_path) -> None:
@@ -163,9 +178,11 @@ def test_a_second_node_follows_the_lease_holder_instead_of_fetching(tmp_path) ->
     assert following.temp_path == joined_a.result.temp_path  # found node A's growing file
     response.protocol.dataReceived(data[1000:])
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert node_a.leases.holder(digest[7:]) is None  # released after the commit
+    assert node_a.leases.holder(parse_digest(digest)) is None  # released after the commit
     clock.advance(0.1)
-    assert following.finished.result is True and node_b.active(digest) is None
+    assert following.finished.result is True
+    with pytest.raises(AlreadyStored):  # node B's following is over too: a new join finds the blob
+        join_now(node_b, ROUTE, digest)
 
 
 def test_a_dead_holders_lease_is_taken_over(tmp_path) -> None:
@@ -175,21 +192,21 @@ def test_a_dead_holders_lease_is_taken_over(tmp_path) -> None:
     dead_response, response = FakeResponse(len(data)), FakeResponse(len(data))
     node_a, client_a, _, _ = make(tmp_path, dead_response, "a", clock)
     node_b, client_b, _, storage_b = make(tmp_path, response, "b", clock)
-    ensureDeferred(node_a.join(ROUTE, digest))
+    dying = ensureDeferred(node_a.join(ROUTE, digest))
     client_a.answer.callback(dead_response)
     dead_response.protocol.dataReceived(data[:500])
-    node_a.active(digest).heartbeat.stop()  # node A dies: no more heartbeats
+    dying.result.heartbeat.stop()  # node A dies: no more heartbeats
     following = ensureDeferred(node_b.join(ROUTE, digest)).result
     assert following.writer is None
     clock.advance(31)  # silent past lease_timeout: node B's watcher gives up on it
-    assert following.finished.result is False and node_b.active(digest) is None
+    assert following.finished.result is False
     retried = ensureDeferred(node_b.join(ROUTE, digest))
     assert client_b.calls == 1  # node B took the stale lease and fetches itself
     client_b.answer.callback(response)
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert retried.result.finished.result is True
-    assert storage_b.lookup(digest).size == len(data)
+    assert storage_b.blobs.stat(digest).size == len(data)
 
 
 def test_followers_are_woken_per_megabyte_not_per_network_read(tmp_path) -> None:
@@ -264,10 +281,7 @@ def make_with_lane(tmp_path, data: bytes, clock: Clock | None = None):
     response.transport = PausableTransport()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = FakeClient(response)
-    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
-                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(),
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: lane)
-    return downloads, client, response, lane, storage
+    return downloads_over(tmp_path, clock, storage, lane=lane, local=client), client, response, lane, storage
 
 
 def start(downloads: Downloads, client: FakeClient, response: FakeResponse, data: bytes) -> Download:
@@ -299,7 +313,7 @@ def test_upstream_is_paused_while_the_lane_is_behind_and_resumed_when_it_catches
     response.protocol.dataReceived(data[queued:])
     response.protocol.connectionLost(Failure(ResponseDone()))
     lane.run_all()
-    assert download.finished.result is True and storage.lookup(download.digest).size == len(data)
+    assert download.finished.result is True and storage.blobs.stat(download.digest).size == len(data)
     assert lane.closed
 
 
@@ -328,8 +342,9 @@ def test_a_failed_write_stops_the_upstream_and_commits_nothing(tmp_path) -> None
     assert response.transport.stopped and isinstance(download.write_error, Exception)
     response.protocol.connectionLost(Failure(ResponseDone()))
     lane.run_all()
-    assert download.finished.result is False and storage.lookup(download.digest) is None
-    assert downloads.active(download.digest) is None
+    assert download.finished.result is False and storage.blobs.stat(download.digest) is None
+    ensureDeferred(downloads.join(ROUTE, download.digest))
+    assert client.calls == 2  # the failed download is over: a new join fetches again
 
 
 def test_a_store_that_takes_nothing_fails_the_download_with_its_own_message(tmp_path) -> None:
@@ -342,7 +357,7 @@ def test_a_store_that_takes_nothing_fails_the_download_with_its_own_message(tmp_
     assert response.transport.stopped and "store fell behind" in str(download.write_error)
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
     lane.run_all()
-    assert download.finished.result is False and storage.lookup(download.digest) is None
+    assert download.finished.result is False and storage.blobs.stat(download.digest) is None
 
 
 def test_every_caller_learns_the_outcome(tmp_path) -> None:
@@ -382,7 +397,7 @@ def test_a_follower_of_this_node_ends_with_every_byte_before_the_commit(tmp_path
     download = start(downloads, client, response, data)
     follower = _follow(storage.blobs, download)
     request = FakeRequest()
-    sent = ensureDeferred(send(request, follower, lambda f, *a: succeed(f(*a)), lambda n: None,
+    sent = ensureDeferred(send(request, follower, inline, lambda n: None,
                                wait_for_more(follower, download), download.size))
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
@@ -413,17 +428,14 @@ def test_a_repository_joining_another_ones_download_must_be_confirmed_first(tmp_
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = GuardedClient(response)
-    inline = lambda f, *a: succeed(f(*a))  # noqa: E731
-    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock, in_thread=inline,
-                          metrics=Metrics(), leases=Leases(str(tmp_path / "store"), clock=clock.seconds),
-                          lanes=lambda name: InlineLane())
+    downloads = downloads_over(tmp_path, clock, storage, local=client)
     blobs = Blobs(storage=storage, upstreams=upstreams(local=client), downloads=downloads, clock=clock,
-                  in_thread=inline, metrics=Metrics())
+                  in_thread=inline, read_in_thread=inline, metrics=Metrics())
     other = Route(UPSTREAM, "team/other")
     ensureDeferred(downloads.join(ROUTE, digest))  # team/app asked first: its fetch is starting
-    asked = [ensureDeferred(blobs.serve(DummyRequest([b""]), other, digest, head=False))]
+    asked = [ensureDeferred(blobs.serve(FakeRequest(), other, digest, head=False))]
     client.answer.callback(response)  # started: now under way
-    asked.append(ensureDeferred(blobs.serve(DummyRequest([b""]), other, digest, head=False)))
+    asked.append(ensureDeferred(blobs.serve(FakeRequest(), other, digest, head=False)))
     for stage, request in zip(("while starting", "while under way"), asked):
         failure = request.result
         request.addErrback(lambda _: None)
@@ -453,9 +465,7 @@ def two_upstreams(tmp_path, data: bytes):
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     response = FakeResponse(len(data))
     healthy, hanging = FakeClient(response), FakeClient(FakeResponse(len(data)))
-    downloads = Downloads(storage=storage, upstreams=upstreams(local=healthy, slow=hanging), clock=clock,
-                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(),
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane())
+    downloads = downloads_over(tmp_path, clock, storage, local=healthy, slow=hanging)
     return downloads, healthy, hanging, response, storage
 
 
@@ -471,11 +481,11 @@ def test_a_hanging_upstream_does_not_hold_up_another_upstreams_clients(tmp_path)
     assert download.lease is None  # the hanging fetch holds the digest's lease: fetched beside it
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert download.finished.result is True and storage.lookup(digest).size == len(data)
+    assert download.finished.result is True and storage.blobs.stat(digest).size == len(data)
     hanging.answer.errback(errors.gateway_timeout("upstream slow did not answer"))
     assert isinstance(stuck.result.value, errors.RegistryError) and stuck.result.value.status == 504
     stuck.addErrback(lambda _: None)
-    assert downloads.leases.holder(digest[7:]) is None  # the hanging fetch's lease is released
+    assert downloads.leases.holder(parse_digest(digest)) is None  # the hanging fetch's lease is released
 
 
 def test_twenty_clients_through_one_route_share_one_fetch(tmp_path) -> None:
@@ -499,9 +509,7 @@ def test_another_repositorys_failed_start_is_not_handed_to_this_one(tmp_path) ->
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = Answers(response)
-    downloads = Downloads(storage=storage, upstreams=upstreams(local=client), clock=clock,
-                          in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics(),
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane())
+    downloads = downloads_over(tmp_path, clock, storage, local=client)
     other = Route(UPSTREAM, "team/other")
     refused = ensureDeferred(downloads.join(other, digest))  # team/other lacks the blob
     same_repo = ensureDeferred(downloads.join(other, digest))
@@ -515,31 +523,6 @@ def test_another_repositorys_failed_start_is_not_handed_to_this_one(tmp_path) ->
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
     assert joined.result.finished.result is True and storage.index.is_linked(digest, ROUTE.key)
-
-
-class Aborting:
-    def __init__(self) -> None:
-        self.aborted = False
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-
-
-class Served(DummyRequest):
-    """A DummyRequest that takes a push producer (as twisted.web's Request does) and can be aborted."""
-
-    def __init__(self, range_header: str | None = None) -> None:
-        super().__init__([b""])
-        self.transport = Aborting()
-        self.producer = None
-        if range_header is not None:
-            self.requestHeaders.setRawHeaders(b"range", [range_header])
-
-    def registerProducer(self, producer, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
 
 
 def no_space(monkeypatch, after: int = 0) -> None:
@@ -559,13 +542,10 @@ def no_space(monkeypatch, after: int = 0) -> None:
 def blobs_over(tmp_path, client: FakeClient):
     clock = Clock()
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
-    inline = lambda f, *a: succeed(f(*a))  # noqa: E731
     metrics = Metrics()
-    counted = upstreams(metrics, local=client)
-    downloads = Downloads(storage=storage, upstreams=counted, clock=clock, in_thread=inline, metrics=metrics,
-                          leases=Leases(str(tmp_path / "store"), clock=clock.seconds), lanes=lambda name: InlineLane())
-    blobs = Blobs(storage=storage, upstreams=counted, downloads=downloads, clock=clock, in_thread=inline,
-                  metrics=metrics)
+    downloads = downloads_over(tmp_path, clock, storage, metrics=metrics, local=client)
+    blobs = Blobs(storage=storage, upstreams=downloads.upstreams, downloads=downloads, clock=clock, in_thread=inline,
+                  read_in_thread=inline, metrics=metrics)
     return blobs, storage, clock, metrics
 
 
@@ -580,7 +560,7 @@ def test_a_full_store_serves_a_cold_blob_from_upstream_verified_and_not_kept(tmp
     blobs, storage, clock, metrics = blobs_over(tmp_path, client)
     no_space(monkeypatch)
     for attempt in range(2):  # the first finds the store full; the second does not try it again
-        request = Served()
+        request = FakeRequest()
         served = ensureDeferred(blobs.serve(request, ROUTE, digest, head=False))
         response = FakeResponse(len(data))
         client.answers[-1].callback(response)
@@ -589,21 +569,21 @@ def test_a_full_store_serves_a_cold_blob_from_upstream_verified_and_not_kept(tmp
         assert b"".join(request.written) == data[:-1] and not request.finished  # the verdict's byte waits
         response.protocol.connectionLost(Failure(ResponseDone()))
         assert served.called and request.finished and b"".join(request.written) == data
-        assert request.responseCode == 200 and request.responseHeaders.getRawHeaders(b"content-length") == [b"3000"]
-    assert client.calls == 2 and storage.lookup(digest) is None
+        assert request.code == 200 and request.responseHeaders.getRawHeaders(b"content-length") == [b"3000"]
+    assert client.calls == 2 and storage.blobs.stat(digest) is None
     assert os.listdir(storage.blobs.tmp_dir) == [] and os.listdir(blobs.downloads.leases.dir) == []
     assert sample(metrics, "metahub_store_full") == 1
     assert sample(metrics, "metahub_store_write_failures_total", reason="no_space") == 1  # only the first tried
     assert sample(metrics, "metahub_store_bypassed_total", kind="blob") == 2
     clock.advance(31)  # the store is tried again
     monkeypatch.undo()
-    request = Served()
+    request = FakeRequest()
     ensureDeferred(blobs.serve(request, ROUTE, digest, head=False))
     response = FakeResponse(len(data))
     client.answers[-1].callback(response)
     response.protocol.dataReceived(data)
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert storage.lookup(digest).size == len(data) and sample(metrics, "metahub_store_full") == 0
+    assert storage.blobs.stat(digest).size == len(data) and sample(metrics, "metahub_store_full") == 0
 
 
 def test_wrong_bytes_from_upstream_abort_a_response_that_bypasses_the_store(tmp_path, monkeypatch) -> None:
@@ -611,7 +591,7 @@ def test_wrong_bytes_from_upstream_abort_a_response_that_bypasses_the_store(tmp_
     client = Answers(FakeResponse(5))
     blobs, storage, _, _ = blobs_over(tmp_path, client)
     no_space(monkeypatch)
-    request = Served()
+    request = FakeRequest()
     ensureDeferred(blobs.serve(request, ROUTE, digest, head=False))
     response = FakeResponse(5)
     client.answers[-1].callback(response)
@@ -625,7 +605,7 @@ def test_a_range_bypassing_the_store_is_cut_from_the_verified_body(tmp_path, mon
     client = Answers(FakeResponse(len(data)))
     blobs, _, _, _ = blobs_over(tmp_path, client)
     no_space(monkeypatch)
-    request = Served("bytes=1000-1999")
+    request = FakeRequest(headers={b"range": b"bytes=1000-1999"})
     ensureDeferred(blobs.serve(request, ROUTE, sha256_digest(data), head=False))
     response = FakeResponse(len(data))
     client.answers[-1].callback(response)
@@ -633,7 +613,7 @@ def test_a_range_bypassing_the_store_is_cut_from_the_verified_body(tmp_path, mon
     assert b"".join(request.written) == data[1000:1999]  # the range's last byte waits for the rest
     response.protocol.dataReceived(data[2500:])
     response.protocol.connectionLost(Failure(ResponseDone()))
-    assert request.responseCode == 206 and b"".join(request.written) == data[1000:2000] and request.finished
+    assert request.code == 206 and b"".join(request.written) == data[1000:2000] and request.finished
     assert request.responseHeaders.getRawHeaders(b"content-range") == [b"bytes 1000-1999/3000"]
 
 
@@ -643,7 +623,7 @@ def test_a_download_out_of_space_midway_aborts_its_clients_and_their_retry_is_se
     client = Answers(FakeResponse(len(data)))
     blobs, storage, _, metrics = blobs_over(tmp_path, client)
     no_space(monkeypatch, after=(1 << 20) + 4096)  # the lease, then a megabyte, fit
-    first = Served()
+    first = FakeRequest()
     ensureDeferred(blobs.serve(first, ROUTE, digest, head=False))
     response = FakeResponse(len(data))
     response.transport = PausableTransport()
@@ -655,9 +635,9 @@ def test_a_download_out_of_space_midway_aborts_its_clients_and_their_retry_is_se
     assert response.transport.stopped  # the second megabyte did not fit: upstream is let go
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
     assert first.transport.aborted and not first.finished
-    assert os.listdir(storage.blobs.tmp_dir) == [] and storage.lookup(digest) is None
+    assert os.listdir(storage.blobs.tmp_dir) == [] and storage.blobs.stat(digest) is None
     assert sample(metrics, "metahub_store_full") == 1
-    retry = Served()
+    retry = FakeRequest()
     ensureDeferred(blobs.serve(retry, ROUTE, digest, head=False))
     assert client.calls == 2  # straight to upstream: the store is not tried again at once
     response = FakeResponse(len(data))
@@ -689,7 +669,7 @@ def test_a_client_that_cannot_keep_up_pauses_the_upstream_of_a_pass_through(tmp_
     client = Answers(FakeResponse(len(data)))
     blobs, _, _, _ = blobs_over(tmp_path, client)
     no_space(monkeypatch)
-    request = Served()
+    request = FakeRequest()
     served = ensureDeferred(blobs.serve(request, ROUTE, sha256_digest(data), head=False))
     response = FakeResponse(len(data))
     response.transport = PausableTransport()
@@ -698,7 +678,7 @@ def test_a_client_that_cannot_keep_up_pauses_the_upstream_of_a_pass_through(tmp_
     assert response.transport.paused
     request.producer.resumeProducing()
     assert not response.transport.paused
-    request.processingFailed(Failure(ConnectionDone()))  # the client hangs up
+    request.hang_up()
     assert response.transport.stopped
     response.protocol.connectionLost(Failure(PotentialDataLoss()))
     assert served.called and not request.finished and not request.transport.aborted
@@ -712,9 +692,9 @@ def test_a_follower_of_another_nodes_fetch_that_failed_before_a_byte_fetches_for
     node_a, client_a, _, _ = make(tmp_path, FakeResponse(len(data)), "a", clock)
     node_b, client_b, _, storage_b = make(tmp_path, response, "b", clock)
     blobs_b = Blobs(storage=storage_b, upstreams=upstreams(local=client_b), downloads=node_b, clock=clock,
-                    in_thread=lambda f, *a: succeed(f(*a)), metrics=Metrics())
+                    in_thread=inline, read_in_thread=inline, metrics=Metrics())
     stuck = ensureDeferred(node_a.join(ROUTE, digest))  # node A holds the lease; its upstream hangs
-    request = Served()
+    request = FakeRequest()
     served = ensureDeferred(blobs_b.serve(request, ROUTE, digest, head=False))
     clock.advance(0.1)
     assert client_b.calls == 0 and client_b.heads == 1  # node B follows node A
@@ -738,13 +718,13 @@ def test_a_follower_never_picks_the_dead_holders_file_once_the_lease_was_taken_o
     node_a, client_a, _, _ = make(tmp_path, dead_response, "a", clock)
     node_b, _, _, _ = make(tmp_path, FakeResponse(len(data)), "b", clock)
     node_c, _, _, _ = make(tmp_path, FakeResponse(len(data)), "c", clock)
-    ensureDeferred(node_a.join(ROUTE, digest))
+    joined = ensureDeferred(node_a.join(ROUTE, digest))
     client_a.answer.callback(dead_response)
     dead_response.protocol.dataReceived(data[:500])
-    dead = node_a.active(digest)
+    dead = joined.result
     dead.heartbeat.stop()  # node A dies mid-download: its lease and file stay
     os.utime(dead.temp_path, (1000, 1000))  # the file's last write, on the leases' clock
     clock.advance(31)
-    assert node_b.leases.try_take(digest[7:], 30.0) is not None  # node B takes over...
+    assert node_b.leases.try_take(parse_digest(digest), 30.0) is not None  # node B takes over...
     # ...and has not created its own file yet: node C must wait for it, not follow node A's.
     assert node_c._remote_state(digest) == ("writing", None)

@@ -12,12 +12,14 @@ from metahub.cache.manifests import Manifests
 from metahub.cache.routing import Route
 from metahub.config.file import UpstreamConfig
 from metahub.oci import errors, media
+from metahub.oci.media import Manifest
 from metahub.runtime.metrics import Metrics
-from metahub.upstream.client import Manifest, ManifestHead
+from metahub.upstream.client import ManifestHead
 from metahub.upstream.upstreams import Upstreams
 from storage import SharedTags, Storage, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files
+from tests.unit.fakes import store_capacity
 
 BODY = json.dumps({"schemaVersion": 2, "mediaType": media.OCI_MANIFEST, "layers": []}).encode()
 DIGEST = sha256_digest(BODY)
@@ -44,18 +46,21 @@ def upstreams(upstream: Upstream) -> Upstreams:
     return Upstreams(clients={"local": upstream}, metrics=Metrics())  # type: ignore[dict-item]  # a fake
 
 
-def make(tmp_path):
-    clock = Clock()
-    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
-    upstream = Upstream()
+def make(tmp_path, index: str = "index", clock: Clock | None = None, upstream: Upstream | None = None):
+    """Manifests over a fake upstream, and the names of the functions it ran in threads."""
+    clock = clock or Clock()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / index), clock=clock.seconds)
+    upstream = upstream or Upstream()
     reads = []
 
     def in_thread(function, *args):
         reads.append(function.__name__)
         return succeed(function(*args))
 
+    metrics = Metrics()
     manifests = Manifests(storage=storage, upstreams=upstreams(upstream), clock=clock, in_thread=in_thread,
-                          metrics=Metrics(), tag_ttl=300.0, shared_tags=SharedTags(str(tmp_path / "store")))
+                          metrics=metrics, tag_ttl=300.0, shared_tags=SharedTags(str(tmp_path / "store")),
+                          capacity=store_capacity(clock, metrics))
     return manifests, upstream, clock, reads
 
 
@@ -80,25 +85,17 @@ def test_a_hot_manifest_is_served_from_memory(tmp_path) -> None:
     reads.clear()
     for _ in range(3):
         assert ensureDeferred(manifests.by_digest(ROUTE, DIGEST)).result.body == BODY
-    assert "_read_blob" not in reads
+    assert "read_stored" not in reads
 
 
 def test_a_tag_another_node_resolved_is_read_from_the_shared_store_once(tmp_path) -> None:
     node_a, upstream, clock, _ = make(tmp_path)
     ensureDeferred(node_a.by_tag(ROUTE, "1.0")).result  # node A resolves and shares the tag
-    storage_b = Storage(str(tmp_path / "store"), str(tmp_path / "index-b"), clock=clock.seconds)
-    shared_reads = []
-
-    def in_thread(function, *args):
-        shared_reads.append(getattr(function, "__name__", ""))
-        return succeed(function(*args))
-
-    node_b = Manifests(storage=storage_b, upstreams=upstreams(upstream), clock=clock, in_thread=in_thread,
-                       metrics=Metrics(), tag_ttl=300.0, shared_tags=SharedTags(str(tmp_path / "store")))
+    node_b, _, _, shared_reads = make(tmp_path, "index-b", clock, upstream)
     for _ in range(3):
         assert ensureDeferred(node_b.by_tag(ROUTE, "1.0")).result.body == BODY
     assert shared_reads.count("read") == 1 and upstream.gets == 1  # adopted once, then from B's index
-    assert storage_b.index.get_tag("local", ROUTE.repository, "1.0").digest == DIGEST
+    assert node_b.storage.index.get_tag("local", ROUTE.repository, "1.0").digest == DIGEST
 
 
 def test_storing_a_manifest_already_in_the_store_writes_nothing(tmp_path) -> None:

@@ -10,22 +10,23 @@ import json
 import os
 import time
 
+import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.test.requesthelper import DummyRequest
 
-from metahub.cache.downloads import WRITE_BYTES, Downloads
+from metahub.cache.downloads import WRITE_BYTES, AlreadyStored, Downloads
 from metahub.cache.manifests import Manifests
 from metahub.cache.routing import Route
 from metahub.config.file import UpstreamConfig
 from metahub.oci import media
+from metahub.oci.media import Manifest
 from metahub.runtime.metrics import Metrics
 from metahub.runtime.pools import ThreadPoolRunner
-from metahub.upstream.client import Manifest, ManifestHead
+from metahub.upstream.client import ManifestHead
 from metahub.upstream.upstreams import Upstreams
 from metahub.web.blobs import Blobs
 from metahub.web.site import _access_line
@@ -37,9 +38,10 @@ from storage import (
     SharedTags,
     Storage,
     TempFileRemoved,
+    parse_digest,
     sha256_digest,
 )
-from tests.unit.fakes import InlineLane, inline
+from tests.unit.fakes import FakeRequest, InlineLane, inline, join_now, store_capacity
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -125,24 +127,6 @@ class HeldLane(InlineLane):
             super().run(job, *args).chainDeferred(done)
 
 
-class Client(DummyRequest):
-    """A client's request: takes a push producer and can be aborted, as twisted.web's does."""
-
-    def __init__(self) -> None:
-        super().__init__([b""])
-        self.transport = Transport()
-        self.producer = None
-
-    def registerProducer(self, producer, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def body(self) -> bytes:
-        return b"".join(self.written)
-
-
 class Node:
     def __init__(self, tmp_path, name: str, clock: Clock, lane: InlineLane | None = None) -> None:
         self.storage = Storage(str(tmp_path / "store"), str(tmp_path / f"index-{name}"), clock=clock.seconds)
@@ -151,12 +135,13 @@ class Node:
         self.leases = Leases(str(tmp_path / "store"), clock=clock.seconds, node=name)
         upstreams = Upstreams(clients={"local": self.upstream}, metrics=self.metrics)  # type: ignore[dict-item]
         self.downloads = Downloads(storage=self.storage, upstreams=upstreams, clock=clock, in_thread=inline,
-                                   metrics=self.metrics, leases=self.leases, lanes=lambda _: lane or InlineLane())
+                                   metrics=self.metrics, leases=self.leases, lanes=lambda _: lane or InlineLane(),
+                                   capacity=store_capacity(clock, self.metrics))
         self.blobs = Blobs(storage=self.storage, upstreams=upstreams, downloads=self.downloads, clock=clock,
-                           in_thread=inline, metrics=self.metrics)
+                           in_thread=inline, read_in_thread=inline, metrics=self.metrics)
 
-    def serve(self) -> tuple[Client, Deferred]:
-        client = Client()
+    def serve(self) -> tuple[FakeRequest, Deferred]:
+        client = FakeRequest()
         return client, ensureDeferred(self.blobs.serve(client, ROUTE, DIGEST, head=False))
 
     def aborted(self) -> float:
@@ -183,13 +168,13 @@ def test_a_client_following_a_dead_holder_gets_the_whole_blob_from_the_node_that
     client, served = b.serve()
     advance(clock, 1)
     assert b.upstream.gets == 0 and len(client.body()) > WRITE_BYTES  # B follows A's file
-    dead = a.downloads.active(DIGEST)
+    dead = join_now(a.downloads, ROUTE, DIGEST)
     dead.heartbeat.stop()  # node A is killed: no heartbeat, its lease and file stay
     advance(clock, 29)
     assert b.upstream.gets == 0  # the lease is not stale yet
     advance(clock, 2)
     # Past lease_timeout B's watcher noticed by itself (no new request), took the lease and fetches.
-    assert b.upstream.gets == 1 and b.leases.holder(DIGEST[7:]).holder.startswith("b-")
+    assert b.upstream.gets == 1 and b.leases.holder(parse_digest(DIGEST)).holder.startswith("b-")
     assert not os.path.exists(dead.temp_path)  # the dead holder's file is removed
     b_body = b.upstream.answer()
     b_body.send(DATA)
@@ -197,7 +182,7 @@ def test_a_client_following_a_dead_holder_gets_the_whole_blob_from_the_node_that
     advance(clock, 1)
     assert served.called and client.finished and not client.transport.aborted
     assert client.body() == DATA and b.aborted() == 0
-    assert b.storage.lookup(DIGEST).size == len(DATA)
+    assert b.storage.blobs.stat(DIGEST).size == len(DATA)
 
 
 def test_a_holder_that_lost_its_lease_steps_aside_and_its_clients_finish_from_the_taker(tmp_path) -> None:
@@ -206,7 +191,7 @@ def test_a_holder_that_lost_its_lease_steps_aside_and_its_clients_finish_from_th
     a_body = a.upstream.answer()
     a_body.send(DATA[:HALF])
     assert len(client.body()) > WRITE_BYTES
-    stalled = a.downloads.active(DIGEST)
+    stalled = join_now(a.downloads, ROUTE, DIGEST)
     stalled.heartbeat.stop()  # node A's store stalls: its heartbeats hang
     advance(clock, 31)
     _, taking = b.serve()  # a request on node B finds the lease stale and takes it over
@@ -237,7 +222,7 @@ def test_a_holder_whose_commit_comes_after_the_takers_ends_cleanly(tmp_path) -> 
     a_body = a.upstream.answer()
     a_body.send(DATA)
     a_body.end()  # every byte arrived; writing, verifying and committing them wait for the store
-    stalled = a.downloads.active(DIGEST)
+    stalled = join_now(a.downloads, ROUTE, DIGEST)
     stalled.heartbeat.stop()  # and so do its heartbeats
     advance(clock, 31)
     _, taking = b.serve()
@@ -255,7 +240,9 @@ def test_a_holder_whose_commit_comes_after_the_takers_ends_cleanly(tmp_path) -> 
         globalLogPublisher.removeObserver(observer)
     assert errors == [] and stalled.finished.called
     # The store is not taken for failing (that would send the next requests around it).
-    assert a.downloads.capacity.can_store() and a.downloads.active(DIGEST) is None
+    assert a.downloads.capacity.can_store()
+    with pytest.raises(AlreadyStored):  # A's download is over: a new join finds the blob stored
+        join_now(a.downloads, ROUTE, DIGEST)
     assert served.called and client.finished and client.body() == DATA
 
 
@@ -277,7 +264,7 @@ def test_an_aborted_response_says_what_happened_and_is_counted(tmp_path) -> None
     writer = storage.blobs.writer(DIGEST, len(DATA))
     writer.write(DATA[:5000])
     follower = BlobFollower(storage.blobs, DIGEST, os.open(writer.temp_path, os.O_RDONLY), writer.temp_path)
-    client = Client()
+    client = FakeRequest()
     reasons: list[str] = []
     lines: list[str] = []
     observer = lambda event: lines.append(str(event.get("why", ""))) if event.get("log_namespace", "").endswith("streaming") else None  # noqa: E731
@@ -298,8 +285,8 @@ def test_an_aborted_response_says_what_happened_and_is_counted(tmp_path) -> None
 
 
 def test_the_access_log_marks_an_aborted_response() -> None:
-    request = DummyRequest([b"v2"])
-    request.method, request.uri, request.clientproto, request.code, request.sentLength = b"GET", b"/v2/x", b"HTTP/1.1", 200, 10
+    request = FakeRequest(uri=b"/v2/x")
+    request.write(b"0123456789")
     assert "aborted" not in _access_line("[now]", request)
     request.metahub_aborted = "source_idle"
     assert _access_line("[now]", request).endswith(" aborted:source_idle")
@@ -330,7 +317,7 @@ def test_revalidating_a_tag_answers_before_the_shared_store_is_written(tmp_path)
     metrics = Metrics()
     upstreams = Upstreams(clients={"local": Registry()}, metrics=metrics)  # type: ignore[dict-item]
     manifests = Manifests(storage=storage, upstreams=upstreams, clock=clock, in_thread=in_thread, metrics=metrics,
-                          tag_ttl=300.0, shared_tags=shared)
+                          tag_ttl=300.0, shared_tags=shared, capacity=store_capacity(clock, metrics))
     assert ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result.digest == digest  # resolved, not waiting
     clock.advance(301)
     assert ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result.digest == digest  # revalidated, not waiting
@@ -371,7 +358,7 @@ def test_a_dead_holders_file_written_after_its_last_heartbeat_is_removed_later(t
     a.serve()
     a_body = a.upstream.answer()
     a_body.send(DATA[:HALF])
-    dead = a.downloads.active(DIGEST)
+    dead = join_now(a.downloads, ROUTE, DIGEST)
     dead.heartbeat.stop()  # killed...
     advance(clock, 31)
     last_write = clock.seconds() - 10  # ...after writing once more, past its last heartbeat
@@ -379,7 +366,7 @@ def test_a_dead_holders_file_written_after_its_last_heartbeat_is_removed_later(t
     b.serve()
     assert b.upstream.gets == 1 and os.path.exists(dead.temp_path)  # too fresh to be sure at takeover
     b_body = b.upstream.answer()
-    ours = b.downloads.active(DIGEST).temp_path
+    ours = join_now(b.downloads, ROUTE, DIGEST).temp_path
     advance(clock, 20)
     b_body.send(DATA[:1000])  # a live download (ours) is never removed
     advance(clock, 10.5)

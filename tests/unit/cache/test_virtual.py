@@ -10,11 +10,11 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from metahub.cache.manifests import ManifestBody
 from metahub.cache.routing import Route, route
 from metahub.cache.virtual import VirtualImages, build_index
 from metahub.config.file import Config, parse_config
 from metahub.oci import errors, media
+from metahub.oci.media import Manifest
 from tests.unit.fakes import minimal
 from tests.unit.harness import (
     FakeRegistry,
@@ -59,10 +59,10 @@ class Fetches:
         self.media_type = media_type
         self.calls: list[tuple[str, str]] = []
 
-    async def __call__(self, source: Route, reference: str) -> ManifestBody:
+    async def __call__(self, source: Route, reference: str) -> Manifest:
         self.calls.append((source.key, reference))
         body = self.manifests[(source.key, reference)]
-        return ManifestBody(body, self.media_type, digest_of(body))
+        return Manifest(body, self.media_type, digest_of(body))
 
 
 def built(config: Config, fetch: Fetches) -> tuple[bytes, dict[str, Route]]:

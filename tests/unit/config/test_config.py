@@ -19,13 +19,13 @@ from metahub.config.file import (
     builtin_config,
     config_summary,
     format_duration,
-    format_size,
     load_config,
     parse_config,
     parse_duration,
     parse_size,
 )
 from metahub.hardware.machine import MachineType, machine_types
+from metahub.oci.sizes import format_size
 from metahub.web.auth import hash_password
 from tests.peers.tls import make_ca
 from tests.unit.fakes import config_error as error

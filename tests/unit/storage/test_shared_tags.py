@@ -58,14 +58,6 @@ def test_a_repository_and_a_tag_file_never_collide(root) -> None:
     assert tags.read("up", "a/x.json", "latest") == TagRecord(D2, 2.0)
 
 
-def test_remove(root) -> None:
-    tags = SharedTags(root)
-    tags.write("up", "a/b", "t", D1, checked=1.0)
-    assert tags.remove("up", "a/b", "t") is True
-    assert tags.read("up", "a/b", "t") is None
-    assert tags.remove("up", "a/b", "t") is False
-
-
 def test_a_bad_digest_is_refused(root) -> None:
     with pytest.raises(InvalidDigest):
         SharedTags(root).write("up", "a", "t", "sha256:short", checked=1.0)

@@ -37,9 +37,9 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from metahub.config.file import UpstreamConfig
 from metahub.oci.errors import RegistryError
+from metahub.oci.media import Manifest
 from metahub.upstream.client import (
     READ_SIZE,
-    Manifest,
     ManifestHead,
     UpstreamClient,
     make_http_clients,
@@ -219,6 +219,10 @@ class UpstreamTestCase(SynchronousTestCase):
         assert isinstance(failure.value, RegistryError)
         return failure.value
 
+    def authorizations(self) -> list[str | None]:
+        """The Authorization header of each request the registry (not its token realm) got."""
+        return [seen.headers.get("authorization") for seen in self.upstream.to("registry.test")]
+
     def assert_no_secrets(self, *texts: str, tokens: tuple[str, ...] = ()) -> None:
         basic = base64.b64encode(f"robot:{PASSWORD}".encode()).decode()
         for text in [*texts, *self.logged]:
@@ -249,10 +253,11 @@ class AnonymousTests(UpstreamTestCase):
         manifest = self.ok(self.client().get_manifest("library/alpine", "latest", ACCEPT))
         self.assertEqual(manifest.media_type, OCI_MANIFEST)
 
-    def test_manifest_without_content_type_has_empty_media_type(self) -> None:
-        self.upstream.on("registry.test/v2/library/alpine/manifests/latest", (200, {"Content-Type": ""}, MANIFEST))
+    def test_manifest_without_content_type_goes_by_its_own_media_type(self) -> None:
+        body = MANIFEST.replace(OCI_MANIFEST.encode(), b"application/vnd.docker.distribution.manifest.v2+json")
+        self.upstream.on("registry.test/v2/library/alpine/manifests/latest", (200, {"Content-Type": ""}, body))
         manifest = self.ok(self.client().get_manifest("library/alpine", "latest", ACCEPT))
-        self.assertEqual((manifest.media_type, manifest.digest), ("", MANIFEST_DIGEST))
+        self.assertEqual(manifest.media_type, "application/vnd.docker.distribution.manifest.v2+json")
 
     def test_tag_whose_digest_header_lies_is_rejected(self) -> None:
         wrong = "sha256:" + "0" * 64
@@ -446,9 +451,7 @@ class BearerAuthTests(UpstreamTestCase):
         expected = "Basic " + base64.b64encode(f"robot:{PASSWORD}".encode()).decode()
         self.assertEqual(token_request.headers["authorization"], expected)
         # The registry itself only ever sees the token.
-        self.assertEqual(
-            [seen.headers.get("authorization") for seen in self.upstream.to("registry.test")], [None, "Bearer tok-1"]
-        )
+        self.assertEqual(self.authorizations(), [None, "Bearer tok-1"])
         self.assert_no_secrets(tokens=("tok-1",))
 
     def test_token_is_requested_once_for_two_calls(self) -> None:
@@ -456,10 +459,7 @@ class BearerAuthTests(UpstreamTestCase):
         self.ok(client.get_manifest("library/alpine", "latest", ACCEPT))
         self.ok(client.get_manifest("library/alpine", "latest", ACCEPT))
         self.assertEqual(self.tokens.issued, ["tok-1"])
-        self.assertEqual(
-            [seen.headers.get("authorization") for seen in self.upstream.to("registry.test")],
-            [None, "Bearer tok-1", "Bearer tok-1"],
-        )
+        self.assertEqual(self.authorizations(), [None, "Bearer tok-1", "Bearer tok-1"])
 
     def assert_renewed_at_50_seconds(self, client: UpstreamClient) -> None:
         """A 60-second token is used for 49 s and renewed by 51 s (10 s before it expires)."""
@@ -476,10 +476,7 @@ class BearerAuthTests(UpstreamTestCase):
         client = self.client()
         self.assert_renewed_at_50_seconds(client)
         # The expired token is not tried: the challenge is known, so the new one is fetched first.
-        self.assertEqual(
-            [seen.headers.get("authorization") for seen in self.upstream.to("registry.test")],
-            [None, "Bearer tok-1", "Bearer tok-1", "Bearer tok-2"],
-        )
+        self.assertEqual(self.authorizations(), [None, "Bearer tok-1", "Bearer tok-1", "Bearer tok-2"])
 
     def test_access_token_and_default_lifetime_of_60_seconds(self) -> None:
         self.tokens.field = "access_token"
@@ -513,10 +510,7 @@ class BearerAuthTests(UpstreamTestCase):
         self.assertEqual((error.status, error.code), (401, "UNAUTHORIZED"))
         self.assertEqual(error.message, "upstream hub refused anonymous access")
         self.assertEqual(self.tokens.issued, ["tok-1", "tok-2"])
-        self.assertEqual(
-            [seen.headers.get("authorization") for seen in self.upstream.to("registry.test")],
-            [None, "Bearer tok-1", "Bearer tok-1", "Bearer tok-2"],
-        )
+        self.assertEqual(self.authorizations(), [None, "Bearer tok-1", "Bearer tok-1", "Bearer tok-2"])
         self.assert_no_secrets(str(error), tokens=("tok-1", "tok-2"))
         # The refused token is not offered again.
         self.error(client.get_manifest("library/alpine", "latest", ACCEPT))
@@ -530,10 +524,7 @@ class BearerAuthTests(UpstreamTestCase):
         self.assertEqual(self.error(client.get_manifest("library/alpine", "latest", ACCEPT)).status, 502)
         self.upstream.on("auth.test/token", self.tokens)
         self.ok(client.get_manifest("library/alpine", "latest", ACCEPT))
-        self.assertEqual(
-            [seen.headers.get("authorization") for seen in self.upstream.to("registry.test")],
-            [None, "Bearer tok-1", "Bearer tok-1", "Bearer tok-2"],
-        )
+        self.assertEqual(self.authorizations(), [None, "Bearer tok-1", "Bearer tok-1", "Bearer tok-2"])
 
     def test_rejected_cached_token_recovers_with_a_new_one(self) -> None:
         client = self.client()

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import threading
 
 import pytest
-from twisted.internet.defer import ensureDeferred, succeed
+from twisted.internet.defer import ensureDeferred
 from twisted.python.failure import Failure
-from twisted.web.test.requesthelper import DummyRequest
 
 from metahub.oci import errors
 from metahub.web import login
@@ -24,7 +22,14 @@ from metahub.web.auth import (
     load_token_key,
     repository_pattern,
 )
-from tests.unit.fakes import AUTH_HASH, ManualClock, auth_config
+from tests.unit.fakes import (
+    AUTH_HASH,
+    CountedKDF,
+    ManualClock,
+    auth_config,
+    inline,
+    login_request,
+)
 
 WRONG_PASSWORD = b'{"errors": [{"code": "UNAUTHORIZED", "message": "incorrect username or password"}]}'
 
@@ -154,34 +159,18 @@ def test_a_key_file_that_stays_short_is_an_error(tmp_path) -> None:
 
 
 def test_token_requests_reuse_a_recent_login(auth: Authenticator) -> None:
-    kdf_runs: list[str] = []
-
-    def in_thread(function, *args):
-        kdf_runs.append(args[0])
-        return succeed(function(*args))
-
-    basic = b"Basic " + base64.b64encode(b"qnib-type1:pw")
+    kdf = CountedKDF()
     for method in (b"GET", b"GET", b"POST"):  # docker and podman send Basic; containerd a password grant
-        request = DummyRequest([b"token"])
-        request.method = method
-        if method == b"GET":
-            request.requestHeaders.setRawHeaders(b"authorization", [basic])
-        else:
-            request.content = io.BytesIO(b"grant_type=password&username=qnib-type1&password=pw")
-        answer = json.loads(ensureDeferred(login.token(request, auth, in_thread)).result)
+        request = login_request("qnib-type1", "pw", method)
+        answer = json.loads(ensureDeferred(login.token(request, auth, kdf)).result)
         assert auth.verify(answer["token"]) == Identity("qnib", "type1")
-    assert kdf_runs == ["qnib-type1"]  # one scrypt run for a pull's several token requests
+    assert kdf.runs == ["qnib-type1"]  # one scrypt run for a pull's several token requests
 
 
 def token_answer(auth: Authenticator, username: str, password: str, method: bytes = b"GET") -> tuple[int, bytes]:
     """``/token`` with a Basic login (GET) or a password grant (POST): (status, body)."""
-    request = DummyRequest([b"token"])
-    request.method = method
-    if method == b"GET":
-        request.requestHeaders.setRawHeaders(b"authorization", [b"Basic " + base64.b64encode(f"{username}:{password}".encode())])
-    else:
-        request.content = io.BytesIO(f"grant_type=password&username={username}&password={password}".encode())
-    done = ensureDeferred(login.token(request, auth, lambda function, *args: succeed(function(*args))))
+    request = login_request(username, password, method)
+    done = ensureDeferred(login.token(request, auth, inline))
     if isinstance(done.result, Failure):
         error = done.result.trap(errors.RegistryError) and done.result.value
         done.addErrback(lambda _: None)
@@ -199,21 +188,12 @@ def test_a_wrong_machine_type_is_answered_as_a_wrong_password(auth: Authenticato
 
 
 def test_a_refused_login_is_remembered_without_another_kdf_run(auth: Authenticator) -> None:
-    kdf_runs: list[str] = []
-
-    def in_thread(function, *args):
-        kdf_runs.append(args[0])
-        return succeed(function(*args))
-
-    basic = b"Basic " + base64.b64encode(b"qnib-type1:wrong")
+    kdf = CountedKDF()
     for _ in range(3):  # a node with a stale password retrying
-        request = DummyRequest([b"token"])
-        request.method = b"GET"
-        request.requestHeaders.setRawHeaders(b"authorization", [basic])
-        done = ensureDeferred(login.token(request, auth, in_thread))
+        done = ensureDeferred(login.token(login_request("qnib-type1", "wrong"), auth, kdf))
         assert done.result.value.body() == WRONG_PASSWORD
         done.addErrback(lambda _: None)
-    assert kdf_runs == ["qnib-type1"]
+    assert kdf.runs == ["qnib-type1"]
     assert len(auth.limiter.addresses) == 1 and auth.limiter.addresses.wait("local") == 0
 
 

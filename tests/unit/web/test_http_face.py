@@ -217,7 +217,8 @@ def test_header_text_decodes_every_byte_as_latin1() -> None:
     assert header_text(request, b"host") is None
 
 
-@pytest.mark.parametrize("raw", [
+#: Request heads Twisted would refuse with a bare 400 of its own.
+REFUSED = [
     b"G(T / HTTP/1.1\r\n\r\n",  # a method that is not a token
     b"GET /\x7f HTTP/1.1\r\n\r\n",  # a target that is not printable ASCII
     b"GET / HTTP/2.0\r\n\r\n",
@@ -228,20 +229,23 @@ def test_header_text_decodes_every_byte_as_latin1() -> None:
     b"GET / HTTP/1.1\r\nContent-Length: 12x\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
     b"\r\n\r\nGET / HTTP/1.1\r\n\r\n",  # Twisted skips one empty line before a request, not two
-])
-def test_a_request_twisted_would_refuse_gets_an_oci_400(face: Face, raw: bytes) -> None:
-    answer, transport = face.send(raw)
-    assert (parse(answer).status, parse(answer).error_code()) == (400, "BAD_REQUEST")
-    assert transport.disconnecting
-
-
-@pytest.mark.parametrize("raw", [
+]
+#: Request heads too large to read.
+OVERSIZED = [
     b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n",  # one line over LineReceiver.MAX_LENGTH
     b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1000) for i in range(20)) + b"\r\n",
+]
+
+
+@pytest.mark.parametrize(("raw", "status", "code"), [
+    *[pytest.param(raw, 400, "BAD_REQUEST", id=f"refused-{n}") for n, raw in enumerate(REFUSED)],
+    *[pytest.param(raw, 431, "HEADERS_TOO_LARGE", id=f"oversized-{n}") for n, raw in enumerate(OVERSIZED)],
 ])
-def test_an_oversized_request_head_gets_an_oci_431(face: Face, raw: bytes) -> None:
+def test_a_request_head_twisted_would_refuse_gets_an_oci_error_and_the_connection_closes(
+    face: Face, raw: bytes, status: int, code: str
+) -> None:
     answer, transport = face.send(raw)
-    assert (parse(answer).status, parse(answer).error_code()) == (431, "HEADERS_TOO_LARGE")
+    assert (parse(answer).status, parse(answer).error_code()) == (status, code)
     assert transport.disconnecting
 
 

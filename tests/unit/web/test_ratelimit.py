@@ -1,8 +1,6 @@
 """Failed-login limits (token buckets on a fake clock), the KDF's bounded pool, and /metrics access."""
 from __future__ import annotations
 
-import base64
-import io
 import ipaddress
 import json
 import os
@@ -11,10 +9,9 @@ from dataclasses import replace
 
 import pytest
 from twisted.internet import address
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.web.test.requesthelper import DummyRequest
 
 from metahub.config.file import LOCAL_NETWORKS, LoginLimits, parse_config
 from metahub.oci import errors
@@ -23,7 +20,15 @@ from metahub.web import login
 from metahub.web.addresses import limit_key, require_allowed
 from metahub.web.auth import Authenticator, Identity
 from metahub.web.ratelimit import Buckets, FailureLimiter
-from tests.unit.fakes import auth_config, config_error, minimal
+from tests.unit.fakes import (
+    CountedKDF,
+    FakeRequest,
+    auth_config,
+    config_error,
+    inline,
+    login_request,
+    minimal,
+)
 
 
 def limited(limiter: FailureLimiter, address: str, account: str) -> str | None:
@@ -110,22 +115,12 @@ def test_refused_attempts_add_nothing_to_the_tables() -> None:
     assert (len(limiter.addresses), len(limiter.accounts)) == (1, 1)
 
 
-def from_client(client: object, path: bytes = b"token") -> DummyRequest:
-    request = DummyRequest([path])
-    request.client = client  # DummyRequest's own client argument is ignored
-    request.isSecure = lambda: False
-    return request
+def from_client(client: address.IPv4Address | address.IPv6Address | address.UNIXAddress) -> FakeRequest:
+    return FakeRequest(uri=b"/token", client=client)
 
 
-def token_request(username: str, password: str, client: str, method: bytes = b"GET") -> DummyRequest:
-    request = from_client(address.IPv4Address("TCP", client, 40000))
-    request.method = method
-    if method == b"GET":
-        basic = base64.b64encode(f"{username}:{password}".encode())
-        request.requestHeaders.setRawHeaders(b"authorization", [b"Basic " + basic])
-    else:
-        request.content = io.BytesIO(f"grant_type=password&username={username}&password={password}".encode())
-    return request
+def token_request(username: str, password: str, client: str, method: bytes = b"GET") -> FakeRequest:
+    return login_request(username, password, method, address.IPv4Address("TCP", client, 40000))
 
 
 def outcome(done: Deferred) -> errors.RegistryError | bytes:
@@ -141,30 +136,26 @@ def test_over_the_limit_token_answers_429_before_any_kdf_run(method: bytes) -> N
     clock = Clock()
     config = replace(auth_config(), logins=LoginLimits(failures_per_minute=2, burst=3))
     auth = Authenticator(config, b"k" * 32, clock.seconds)
-    kdf_runs: list[str] = []
-
-    def kdf(function, *args):
-        kdf_runs.append(args[0])
-        return succeed(function(*args))
+    kdf = CountedKDF()
 
     answers = [outcome(ensureDeferred(login.token(token_request("qnib-type1", f"guess{i}", "192.0.2.7", method), auth, kdf)))
                for i in range(6)]
     assert [a.status for a in answers] == [401, 401, 401, 429, 429, 429]
-    assert len(kdf_runs) == 3
+    assert len(kdf.runs) == 3
     assert answers[3].headers["Retry-After"] == "30"
     assert json.loads(answers[3].body())["errors"][0]["code"] == "TOOMANYREQUESTS"
     # The right password is refused too while the account is over its limit (no KDF run decides).
     assert outcome(ensureDeferred(login.token(token_request("qnib-type1", "pw", "192.0.2.8", method), auth, kdf))).status == 429
     clock.advance(30)
     assert json.loads(outcome(ensureDeferred(login.token(token_request("qnib-type1", "pw", "192.0.2.8", method), auth, kdf))))["token"]
-    assert len(kdf_runs) == 4
+    assert len(kdf.runs) == 4
 
 
 def test_basic_on_any_route_is_limited_too() -> None:
     clock = Clock()
     config = replace(auth_config(), logins=LoginLimits(failures_per_minute=1, burst=1))
     auth = Authenticator(config, b"k" * 32, clock.seconds)
-    kdf = lambda function, *args: succeed(function(*args))  # noqa: E731
+    kdf = inline
     first = outcome(ensureDeferred(login.identify(token_request("ghost", "x", "192.0.2.7"), auth, kdf)))
     second = outcome(ensureDeferred(login.identify(token_request("ghost", "y", "192.0.2.7"), auth, kdf)))
     assert (first.status, second.status, second.headers["Retry-After"]) == (401, 429, "60")

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from metahub.web.auth import hash_password
+from tests.unit.fakes import commit_blob
 from tests.unit.harness import (
     Answer,
     FakeRegistry,
@@ -137,6 +138,19 @@ def test_a_blob_is_fetched_from_the_routed_repository(registry: InMemoryRegistry
     assert (answer.status, answer.body) == (200, LAYER)
     assert answer.headers["docker-content-digest"] == LAYER_DIGEST
     assert upstreams.hub.requests == [("GET", f"/v2/library/alpine/blobs/{LAYER_DIGEST}")]
+
+
+def test_a_blob_file_the_index_lacks_is_served_from_the_store_and_adopted(
+    registry: InMemoryRegistry, upstreams: Upstreams
+) -> None:
+    storage = registry.root.storage
+    commit_blob(storage.blobs, LAYER)  # another node's download, say: the file, not this node's index
+    assert storage.index.get_blob(LAYER_DIGEST) is None
+    answer = registry.get(f"/v2/alpine/blobs/{LAYER_DIGEST}")
+    assert (answer.status, answer.body) == (200, LAYER)
+    # Upstream confirmed the repository has it (a HEAD), and sent no byte of it.
+    assert upstreams.hub.requests == [("HEAD", f"/v2/library/alpine/blobs/{LAYER_DIGEST}")]
+    assert storage.index.get_blob(LAYER_DIGEST).size == len(LAYER)
 
 
 def test_the_tag_list_is_paginated_under_the_clients_name(registry: InMemoryRegistry, upstreams: Upstreams) -> None:
