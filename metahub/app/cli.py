@@ -267,6 +267,9 @@ def detect_command(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="metahub", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
+    # What every command that reads the file takes, written once.
+    configured = argparse.ArgumentParser(add_help=False)
+    configured.add_argument("--config", "-c", required=True, help="the configuration file (metahub.yaml)")
 
     example = commands.add_parser("config-example", help="print a commented example configuration file")
     example.set_defaults(run=config_example)
@@ -274,12 +277,10 @@ def parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("config-schema", help="print the JSON Schema of the configuration file")
     schema.set_defaults(run=config_schema_command)
 
-    check = commands.add_parser("check-config", help="validate a configuration file and summarise it")
-    check.add_argument("--config", "-c", required=True)
+    check = commands.add_parser("check-config", help="validate a configuration file and summarise it", parents=[configured])
     check.set_defaults(run=check_config)
 
-    inspecting = commands.add_parser("inspect", help="show the builds an image offers and what each machine type gets")
-    inspecting.add_argument("--config", "-c", required=True)
+    inspecting = commands.add_parser("inspect", help="show the builds an image offers and what each machine type gets", parents=[configured])
     inspecting.add_argument("--json", action="store_true", help="print the report as JSON")
     inspecting.add_argument("image", help="NAME[:TAG], routed like a client's name (e.g. ghcr.io/org/app:1.0)")
     inspecting.set_defaults(run=inspect_command)
@@ -289,8 +290,7 @@ def parser() -> argparse.ArgumentParser:
     detecting.add_argument("--best", action="store_true", help="print only the name of the best one (needs --config)")
     detecting.set_defaults(run=detect_command)
 
-    prefetching = commands.add_parser("prefetch", help="warm the store with an image (all builds, or one machine type's)")
-    prefetching.add_argument("--config", "-c", required=True)
+    prefetching = commands.add_parser("prefetch", help="warm the store with an image (all builds, or one machine type's)", parents=[configured])
     prefetching.add_argument("--machine-type", "-m", help="fetch only the build this machine type resolves to")
     prefetching.add_argument("image", help="NAME[:TAG], routed like a client's name")
     prefetching.set_defaults(run=prefetch_command)
@@ -300,18 +300,14 @@ def parser() -> argparse.ArgumentParser:
 
     cache = commands.add_parser("cache", help="maintain the blob store and this node's index")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True)
-    reindex = cache_commands.add_parser("reindex", help="rebuild the index from the store's files")
-    reindex.add_argument("--config", "-c", required=True)
+    reindex = cache_commands.add_parser("reindex", help="rebuild the index from the store's files", parents=[configured])
     reindex.set_defaults(run=cache_reindex)
-    stats_parser = cache_commands.add_parser("stats", help="size, blob count, leases and index of the store")
-    stats_parser.add_argument("--config", "-c", required=True)
+    stats_parser = cache_commands.add_parser("stats", help="size, blob count, leases and index of the store", parents=[configured])
     stats_parser.set_defaults(run=cache_stats)
-    gc = cache_commands.add_parser("gc", help="evict least recently used blobs down to storage.max_size")
-    gc.add_argument("--config", "-c", required=True)
+    gc = cache_commands.add_parser("gc", help="evict least recently used blobs down to storage.max_size", parents=[configured])
     gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     gc.set_defaults(run=cache_gc)
-    verifying = cache_commands.add_parser("verify", help="re-hash every blob, quarantine corrupt ones")
-    verifying.add_argument("--config", "-c", required=True)
+    verifying = cache_commands.add_parser("verify", help="re-hash every blob, quarantine corrupt ones", parents=[configured])
     verifying.set_defaults(run=cache_verify)
     return top
 
