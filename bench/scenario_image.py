@@ -203,8 +203,8 @@ def scenario_image(bench: Bench) -> None:
     worst = max(bench.values("6", "metahub", "upstream"), default=None)
     rows.append(Row("6 cold image, upstream bytes", "x image", m, d, "", "= 1.0x image",
                     None if worst is None else round(worst, 3) == 1.0))
-    m = max(bench.values("6", "metahub", "threads"), default=None)
-    d = max(bench.values("6", "distribution", "threads"), default=None)
+    m, d = (max((float(count) for count in bench.values("6", who, "threads")), default=None)
+            for who in ("metahub", "distribution"))
     limit = thread_limit()
     rows.append(Row("6 cold image, peak threads", "threads", m, d, f"2 x {os.cpu_count()} cores + 8 = {limit}",
                     f"<= {limit}", None if m is None else m <= limit))
