@@ -21,9 +21,9 @@ import shutil
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tests.peers.oci import CONFIG, LAYER, MANIFEST
@@ -182,7 +182,8 @@ def _pull_once(bench: Bench, who: str, round_number: int,
 
 
 def scenario_image(bench: Bench) -> None:
-    from .run import Row, _fmt, _median, login_headers  # run.py imports this module; a top-level import would cycle
+    # run.py imports this module, so this one imports run.py only once it runs.
+    from .run import Row, _fmt, _median, login_headers
 
     settings = bench.settings
     shape = f"{settings.image_layers}x{settings.layer_mib} MiB"
