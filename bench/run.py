@@ -96,7 +96,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     else:
         settings = Settings()
     if args.quick:  # scenarios 6-8: small blobs, but still 8 clients and 1000 connections
-        settings.image_layers, settings.layer_mib, settings.many_seconds, settings.huge_mib = 16, 1, 1.0, 32
+        settings.image_layers, settings.layer_mib, settings.many_seconds, settings.huge_mib = 8, 1, 1.0, 32
     if args.huge_mib is not None:
         settings.huge_mib = args.huge_mib
     for name in ("cached_mib", "cold_mib", "clients", "connections", "rounds", "load_seconds"):

@@ -28,7 +28,7 @@ EXPECTED_ROWS = (
     "3 manifest by tag, p99 latency",
     "5 cold single pull 8 MiB, TTFB",
     "5 cold single pull 8 MiB, total",
-    "6 cold image 16x1 MiB, 8 clients x 4",
+    "6 cold image 8x1 MiB, 8 clients x 4",
     "6 cold image, upstream bytes",
     "6 cold image, peak threads",
     "6 cold image, peak RSS",
