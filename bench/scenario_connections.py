@@ -16,8 +16,10 @@ import re
 import resource
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tests.peers import skopeo
 from tests.peers.oci import INDEX, make_bench_index
@@ -33,6 +35,9 @@ WRK_THREADS = 2
 #: as a timeout instead of in the histogram, so slow answers show in the errors. A request still
 #: unanswered when the run ends is counted nowhere by wrk; ``unanswered`` bounds those from below.
 WRK_TIMEOUT_S = 2
+SETTLE_LIMIT_S = 120.0
+#: An answer this fast means the server is no longer busy with an earlier round's requests.
+SETTLED_ANSWER_S = 0.5
 
 
 def raise_fd_limit() -> int:
@@ -92,6 +97,27 @@ def wrk_many(url: str, headers: dict[str, str], connections: int, seconds: float
                       unanswered=max(0, connections - load.requests))
 
 
+def settle(get: Callable[[], int], limit: float = SETTLE_LIMIT_S) -> float:
+    """Until one request is answered with 200 (``get`` returns the status) within
+    :data:`SETTLED_ANSWER_S`: the seconds that took.
+
+    A server that queued up work in one round (distribution goes on revalidating upstream for
+    connections wrk has closed) is let finish it first, so every round starts from a server that
+    answers; how long that took is in the note.
+    """
+    started = time.monotonic()
+    while True:
+        try:
+            asked = time.monotonic()
+            if get() == 200 and time.monotonic() - asked < SETTLED_ANSWER_S:
+                return time.monotonic() - started
+        except OSError:
+            pass
+        if time.monotonic() - started > limit:
+            raise RuntimeError(f"the server did not answer one request within {limit:.0f} s after a round")
+        time.sleep(0.2)
+
+
 def _ensure_app_image(bench: Bench, path: str) -> None:
     """Scenario 3's index in the upstream, pushed unless scenario 3 already did."""
     from .run import APP_REPO, APP_TAG, _get
@@ -102,6 +128,13 @@ def _ensure_app_image(bench: Bench, path: str) -> None:
     layout = bench.workdir / "layout-7"
     make_bench_index(layout, APP_TAG, layers=[1000])
     skopeo.push(layout, APP_TAG, f"{bench.upstream.host}/{APP_REPO}:{APP_TAG}")
+
+
+def _round(url: str, headers: dict[str, str], connections: int, seconds: float) -> dict[str, Any]:
+    from .run import _get
+
+    settled = settle(lambda: _get(url, headers)[0])
+    return {**asdict(wrk_many(url, headers, connections, seconds)), "settle_s": settled}
 
 
 def scenario_connections(bench: Bench) -> None:
@@ -126,12 +159,15 @@ def scenario_connections(bench: Bench) -> None:
             for number in range(settings.rounds):
                 for who in bench.order(number):
                     bench.attempt(f"scenario 7, {who}, round {number + 1}", lambda: bench.sample(
-                        "7", who, asdict(wrk_many(targets[who].url + path, headers[who], connections,
-                                                  settings.many_seconds))))
+                        "7", who, _round(targets[who].url + path, headers[who], connections,
+                                         settings.many_seconds)))
     finally:
         bench.servers = servers
         direct.stop()
-    results = {who: [ManyResult(**sample) for sample in bench.values("7", who)] for who in targets}
+    results = {who: [ManyResult(**{key: value for key, value in sample.items() if key != "settle_s"})
+                     for sample in bench.values("7", who)] for who in targets}
+    settled = {who: max((sample["settle_s"] for sample in bench.values("7", who)), default=0.0)
+               for who in targets}
     rps = {who: _median([r.requests_per_second for r in results[who]]) for who in targets}
     p99 = {who: _median([r.p99_ms for r in results[who]]) for who in targets}
     errors = {who: max((float(r.errors) for r in results[who]), default=None) for who in targets}
@@ -166,4 +202,6 @@ def scenario_connections(bench: Bench) -> None:
         f"--timeout {WRK_TIMEOUT_S}s; "
         f"fd limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}; worst round's errors, metahub: "
         f"{breakdown('metahub')}; distribution: {breakdown('distribution')}; peak RSS metahub "
-        f"{rss['metahub'] or 0:.0f} MB, distribution {rss['distribution'] or 0:.0f} MB")
+        f"{rss['metahub'] or 0:.0f} MB, distribution {rss['distribution'] or 0:.0f} MB; before each round one "
+        f"request had to be answered (longest wait: metahub {settled['metahub']:.1f} s, distribution "
+        f"{settled['distribution']:.1f} s)")
