@@ -35,7 +35,7 @@ from tests.peers.oci import INDEX, MANIFEST, make_bench_index
 from tests.peers.registry import Registry
 from tests.peers.relay import Relay
 
-from . import machine
+from . import machine, scenario_connections, scenario_huge, scenario_image
 from .blobs import PushedBlob, push_random_blob
 from .load import LoadResult, run_load
 from .profile import Profiler, py_spy, summarise
@@ -76,7 +76,17 @@ class Settings:
     anonymous: bool = False
     metahub_overlay: dict[str, Any] = field(default_factory=dict)
     profile_dir: Path | None = None
-    scenarios: tuple[str, ...] = ("1", "2", "3", "5")
+    scenarios: tuple[str, ...] = ("1", "2", "3", "5", "6", "7", "8")
+    # scenario 6 (bench/scenario_image.py)
+    image_layers: int = 48
+    layer_mib: int = 8
+    image_clients: int = 8
+    layer_parallel: int = 4
+    # scenario 7 (bench/scenario_connections.py)
+    many_connections: int = 1000
+    many_seconds: float = 5.0
+    # scenario 8 (bench/scenario_huge.py)
+    huge_mib: int = 4096
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -85,6 +95,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
                             verify=True, client_timeout=30.0)
     else:
         settings = Settings()
+    if args.quick:  # scenarios 6-8: small blobs, but still 8 clients and 1000 connections
+        settings.image_layers, settings.layer_mib, settings.many_seconds, settings.huge_mib = 8, 1, 1.0, 32
+    if args.huge_mib is not None:
+        settings.huge_mib = args.huge_mib
     for name in ("cached_mib", "cold_mib", "clients", "connections", "rounds", "load_seconds"):
         value = getattr(args, name)
         if value is not None:
@@ -98,7 +112,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         chosen = tuple(part.strip() for part in args.scenarios.split(",") if part.strip())
         unknown = [part for part in chosen if part not in Settings.scenarios]
         if unknown:
-            raise SystemExit(f"bench: no scenario {', '.join(unknown)} (choose from 1,2,3,5; 4 is "
+            raise SystemExit(f"bench: no scenario {', '.join(unknown)} (choose from 1,2,3,5,6,7,8; 4 is "
                              "the peak RSS of the others)")
         settings.scenarios = chosen
     return settings
@@ -421,6 +435,8 @@ class Bench:
                     url = sendfile.url if who == "sendfile" else self.servers[who].url
                     self.attempt(f"scenario 1, {who}, round {number + 1}", lambda: self.sample(
                         "1", who, self.client.download(url, self.big, f"scenario 1 {who}")))
+                    self.attempt(f"scenario 1 curl, {who}, round {number + 1}", lambda: self.sample(
+                        "1curl", who, scenario_huge.curl_download(self, url, self.big)))
         for who, relay in self.relays.items():
             fetched = relay.blob_gets(BIG_REPO, self.big.digest) - fetched_before[who]
             if fetched:
@@ -435,6 +451,9 @@ class Bench:
             f"1 cached {settings.cached_mib} MiB blob, 1 client", "MB/s", m, d,
             f"sendfile {_fmt(s)} (m/s {m / s:.2f})" if m and s else f"sendfile {_fmt(s)}",
             ">=2.0x dist, >=0.8x sendfile", met))
+        self.results.rows.append(scenario_huge.sendfile_row(
+            f"1 cached {settings.cached_mib} MiB blob, curl",
+            {who: scenario_huge.mbps_of(self.values("1curl", who)) for who in ("metahub", "distribution", "sendfile")}))
 
     # scenario 2
 
@@ -629,6 +648,9 @@ class Bench:
         self.start()
         scenarios = {"1": self.scenario_cached, "2": self.scenario_fan_in, "3": self.scenario_small,
                      "5": self.scenario_cold_single}
+        scenarios["6"] = lambda: scenario_image.scenario_image(self)
+        scenarios["7"] = lambda: scenario_connections.scenario_connections(self)
+        scenarios["8"] = lambda: scenario_huge.scenario_huge(self)
         for number, scenario in scenarios.items():
             if number in self.settings.scenarios:
                 self.attempt(f"scenario {number}", scenario)
@@ -656,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: a generated bench-amd64 login with its account in the config)")
     parser.add_argument("--anonymous", action="store_true", help="scenario 3 without logging in to metahub")
     parser.add_argument("--metahub-config", help="YAML merged into metahub's generated config (accounts, ...)")
-    parser.add_argument("--scenarios", metavar="LIST", help="run only these, e.g. 1,3 (default 1,2,3,5)")
+    parser.add_argument("--scenarios", metavar="LIST", help="run only these, e.g. 1,3 (default 1,2,3,5,6,7,8)")
+    parser.add_argument("--huge-mb", dest="huge_mib", type=int, help="scenario 8's layer, MiB (default 4096)")
     parser.add_argument("--profile", metavar="DIR", help="also profile metahub with py-spy; stacks go to DIR")
     parser.add_argument("--json", metavar="FILE", help="write every figure and sample as JSON")
     parser.add_argument("--workdir", help="where servers keep their data (default: a temporary directory)")
@@ -669,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     settings = settings_from(args)
+    # Scenario 7's thousand connections need descriptors in the servers, which inherit this limit.
+    scenario_connections.raise_fd_limit()
     # A harness stopped with SIGTERM (a test's timeout, a CI runner) still stops what it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="metahub-bench-")).resolve()

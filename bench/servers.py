@@ -25,7 +25,7 @@ TWISTD = BIN / "twistd"
 METAHUB_CLI = BIN / "metahub"
 
 #: What the peers need, checked up front so a missing one is one clear line, not a traceback.
-REQUIRED_PROGRAMS = ("docker-registry", "skopeo")
+REQUIRED_PROGRAMS = ("docker-registry", "skopeo", "curl")
 
 #: The configuration that switches metahub's access log off, used only if metahub accepts it.
 ACCESS_LOG_OFF: dict[str, Any] = {"access_log": False}

@@ -16,17 +16,31 @@ import pytest
 from tests.peers.require import require_binary
 
 ROOT = Path(__file__).resolve().parents[2]
-#: The quick run takes 10-20 s; this leaves room for a loaded CI machine, not for a hang.
+#: The quick run takes 20-40 s; this leaves room for a loaded CI machine, not for a hang.
 QUICK_RUN_LIMIT = 180
 
 EXPECTED_ROWS = (
-    "1 cached ",
+    "1 cached 16 MiB blob, 1 client",
+    "1 cached 16 MiB blob, curl",
     "2 cold fan-in, 20 clients",
     "2 cold fan-in, upstream bytes",
     "3 manifest by tag, 16 conns",
     "3 manifest by tag, p99 latency",
     "5 cold single pull 8 MiB, TTFB",
     "5 cold single pull 8 MiB, total",
+    "6 cold image 8x1 MiB, 8 clients x 4",
+    "6 cold image, upstream bytes",
+    "6 cold image, peak threads",
+    "6 cold image, failed pulls",
+    "6 cold image, peak RSS",
+    "7 manifest by tag, 1000 conns",
+    "7 manifest by tag, 1000 conns, p99",
+    "7 manifest by tag, 1000 conns, errors",
+    "7 manifest by tag, 1000 conns, unanswered",
+    "8 one 32 MiB layer, cold pull",
+    "8 one 32 MiB layer, cached, curl",
+    "8 peak RSS, cold phase",
+    "8 peak RSS, cached phase",
     "4 peak RSS during scenario 1",
     "4 peak RSS during scenario 2",
     "4 peak RSS during scenario 3",
@@ -48,7 +62,7 @@ def _table_rows(output: str) -> dict[str, list[str]]:
 
 
 def test_quick_benchmark_prints_every_figure(tmp_path: Path) -> None:
-    for program in ("docker-registry", "skopeo", "wrk"):
+    for program in ("docker-registry", "skopeo", "wrk", "curl"):
         require_binary(program)
     figures = tmp_path / "figures.json"
     harness = subprocess.Popen(
@@ -81,3 +95,11 @@ def test_quick_benchmark_prints_every_figure(tmp_path: Path) -> None:
     # The relay counted what reached the upstream: the fan-in row is a measured multiple of the blob.
     fan_in = next(row for row in data["rows"] if row["scenario"].startswith("2 cold fan-in, upstream"))
     assert fan_in["metahub"] >= 1.0 and fan_in["distribution"] >= 1.0
+    image = next(row for row in data["rows"] if row["scenario"] == "6 cold image, upstream bytes")
+    assert image["metahub"] >= 1.0 and image["distribution"] >= 1.0
+    # Thread counts are sampled from /proc: every server runs at least its main thread.
+    threads = next(row for row in data["rows"] if row["scenario"] == "6 cold image, peak threads")
+    assert threads["metahub"] >= 1 and threads["distribution"] >= 1
+    # With a thousand connections open, metahub still answered (wrk read its figures, not zeros).
+    connections = next(row for row in data["rows"] if row["scenario"] == "7 manifest by tag, 1000 conns")
+    assert connections["metahub"] > 0
