@@ -34,6 +34,7 @@ EXPECTED_ROWS = (
     "9 store fill, 2000 blobs via storage's API",
     "9 manifest by tag, store of 2000 blobs/200 tags",
     "9 manifest by tag on that store, p99 latency",
+    "9 manifest by tag on that store, server CPU",
     "9 cache stats, per 10^4 blobs",
     "9 cache gc, per 10^4 blobs",
     "9 cache verify, per 10^4 blobs",
