@@ -35,7 +35,13 @@ from tests.peers.oci import INDEX, MANIFEST, make_bench_index
 from tests.peers.registry import Registry
 from tests.peers.relay import Relay
 
-from . import machine, scenario_connections, scenario_huge, scenario_image
+from . import (
+    machine,
+    scenario_connections,
+    scenario_huge,
+    scenario_image,
+    scenarios_store,
+)
 from .blobs import PushedBlob, push_random_blob
 from .load import LoadResult, run_load
 from .profile import Profiler, py_spy, summarise
@@ -76,7 +82,7 @@ class Settings:
     anonymous: bool = False
     metahub_overlay: dict[str, Any] = field(default_factory=dict)
     profile_dir: Path | None = None
-    scenarios: tuple[str, ...] = ("1", "2", "3", "5", "6", "7", "8")
+    scenarios: tuple[str, ...] = ("1", "2", "3", "5", "6", "7", "8", "9", "10")
     # scenario 6 (bench/scenario_image.py)
     image_layers: int = 48
     layer_mib: int = 8
@@ -87,6 +93,9 @@ class Settings:
     many_seconds: float = 5.0
     # scenario 8 (bench/scenario_huge.py)
     huge_mib: int = 4096
+    # scenario 9 (bench/scenarios_store.py)
+    store_blobs: int = 100_000  # blobs in the filled store
+    store_steps: tuple[float, ...] = (0.1, 0.5, 1.0)  # the fractions of it the cache commands are timed at
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -103,6 +112,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
+    if args.quick:
+        settings.store_blobs, settings.store_steps = 2000, (1.0,)
+    if args.store_blobs is not None:
+        settings.store_blobs = args.store_blobs
     settings.user = args.user
     settings.anonymous = args.anonymous
     if args.metahub_config:
@@ -112,8 +125,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         chosen = tuple(part.strip() for part in args.scenarios.split(",") if part.strip())
         unknown = [part for part in chosen if part not in Settings.scenarios]
         if unknown:
-            raise SystemExit(f"bench: no scenario {', '.join(unknown)} (choose from 1,2,3,5,6,7,8; 4 is "
-                             "the peak RSS of the others)")
+            raise SystemExit(f"bench: no scenario {', '.join(unknown)} (choose from "
+                             f"{','.join(Settings.scenarios)}; 4 is the peak RSS of the others)")
         settings.scenarios = chosen
     return settings
 
@@ -131,6 +144,7 @@ class Row:
     reference: str  # the other figure a target compares with, e.g. "sendfile 1850"
     target: str
     met: bool | None  # None: no target for this row, or a figure is missing
+    distribution_applies: bool = True  # False: distribution has nothing to compare ("-", not "error")
 
     @property
     def ratio(self) -> float | None:
@@ -165,7 +179,7 @@ HEADER = ("scenario", "unit", "metahub", "distribution", "ratio m/d", "reference
 
 def table(rows: list[Row]) -> str:
     cells = [HEADER] + [
-        (row.scenario, row.unit, _fmt(row.metahub), _fmt(row.distribution),
+        (row.scenario, row.unit, _fmt(row.metahub), _fmt(row.distribution) if row.distribution_applies else "-",
          "-" if row.ratio is None else f"{row.ratio:.2f}", row.reference or "-", row.target or "-",
          "-" if row.met is None else ("yes" if row.met else "NO"))
         for row in rows
@@ -651,6 +665,7 @@ class Bench:
         scenarios["6"] = lambda: scenario_image.scenario_image(self)
         scenarios["7"] = lambda: scenario_connections.scenario_connections(self)
         scenarios["8"] = lambda: scenario_huge.scenario_huge(self)
+        scenarios.update(scenarios_store.register(self, Row))
         for number, scenario in scenarios.items():
             if number in self.settings.scenarios:
                 self.attempt(f"scenario {number}", scenario)
@@ -678,8 +693,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: a generated bench-amd64 login with its account in the config)")
     parser.add_argument("--anonymous", action="store_true", help="scenario 3 without logging in to metahub")
     parser.add_argument("--metahub-config", help="YAML merged into metahub's generated config (accounts, ...)")
-    parser.add_argument("--scenarios", metavar="LIST", help="run only these, e.g. 1,3 (default 1,2,3,5,6,7,8)")
+    parser.add_argument("--scenarios", metavar="LIST", help="run only these, e.g. 1,3 (default 1,2,3,5,6,7,8,9,10)")
     parser.add_argument("--huge-mb", dest="huge_mib", type=int, help="scenario 8's layer, MiB (default 4096)")
+    parser.add_argument("--store-blobs", type=int, help="blobs in scenario 9's store (default 100000, a tenth as many tags)")
     parser.add_argument("--profile", metavar="DIR", help="also profile metahub with py-spy; stacks go to DIR")
     parser.add_argument("--json", metavar="FILE", help="write every figure and sample as JSON")
     parser.add_argument("--workdir", help="where servers keep their data (default: a temporary directory)")
