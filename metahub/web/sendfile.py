@@ -234,8 +234,9 @@ class SendfileBody:
         self._next()
 
     def _lost(self, reason: Failure) -> None:
+        """The reactor saw the watched socket fail (a hang-up or an error on it): the client left."""
         self._unwatch()
-        self._broken(reason)
+        self._client_left()
 
     def _unwatch(self) -> None:
         if self._writable is not None:
@@ -244,15 +245,21 @@ class SendfileBody:
 
     def _broken(self, reason: Failure) -> None:
         self._job_running = False
-        if self._stop.is_set():  # the client left mid-send: the error only says so
+        if reason.check(ConnectionError):
+            return self._client_left()
+        if self._stop.is_set():  # the client left mid-send: whatever failed since only says so
             return self._end(False)
         self._give_back()  # for the abort that follows: it must find the channel in its place
-        if reason.check(ConnectionError):
-            # The client left and a job saw it before the reactor did: what the copy loop's
-            # failed write does, close the connection (Twisted then tells the request).
-            abort(self.request)
-            return self._end(False)
         self._end(reason)
+
+    def _client_left(self) -> None:
+        """The client left, and this producer saw it before the transport was told (or at once)."""
+        if not self._stop.is_set():
+            # What the copy loop's failed write leads to: the connection closed, which Twisted
+            # then tells the request (and this producer, as stopProducing).
+            self._give_back()
+            abort(self.request)
+        self._end(False)
 
     # --- the end --------------------------------------------------------------------------------
 
