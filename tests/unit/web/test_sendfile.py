@@ -403,3 +403,15 @@ def test_a_truncated_file_fails_the_response(store) -> None:
     assert served.transport.producer is served.channel  # in place for the abort that follows
     served.outcome = None  # handled
     served.close()
+
+
+def test_a_hang_up_seen_by_the_reactor_watching_the_socket_ends_the_body(store, monkeypatch) -> None:
+    monkeypatch.setattr(sendfile, "POLL_WAIT", 0.01)
+    served = Served(store.open(_blob(store, os.urandom(32 * MiB))))
+    served.get()
+    served.turn()  # blocked: the reactor watches the socket
+    (watching,) = [w for w in served.reactor.getWriters() if w is not served.transport]
+    watching.connectionLost(Failure(ConnectionDone()))  # what the reactor does on EPOLLHUP
+    assert served.outcome is False and served.reactor.getWriters() == []
+    served.reactor.advance(0)  # the connection is aborted, as after a failed write
+    assert not served.transport.connected
