@@ -23,17 +23,23 @@ when its kernel buffer is full, and comes back to the reactor (which counts the 
 next job). A client that does not read for :data:`POLL_WAIT` hands its thread back: the reactor then
 watches the socket (``IReactorFDSet.addWriter``) and starts a job once it can take bytes again.
 
+A store whose filesystem cannot ``sendfile`` (EINVAL, ENOSYS, EOPNOTSUPP) has the body carried on
+by the copy loop from the byte reached; a file that ends early, or a read that fails, breaks the
+response (the caller aborts the connection: its Content-Length can no longer be met).
+
 The jobs write to a duplicate of the socket's descriptor, closed only on the reactor once no job is
 running: Twisted closes its own descriptor when the connection is lost, and a job still holding that
 number could otherwise send blob bytes to whatever file or connection is given the number next.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
 import threading
 from collections.abc import Callable
+from enum import Enum
 from typing import cast
 
 from twisted.internet.abstract import FileDescriptor
@@ -54,6 +60,7 @@ from zope.interface import implementer
 
 from metahub.runtime.threads import ThreadRunner
 from metahub.web.connection import abort
+from metahub.web.streaming import send
 from storage import BlobReader
 
 #: Bytes one job sends before it comes back to the reactor: a few milliseconds at loopback speed,
@@ -65,6 +72,15 @@ POLL_WAIT = 0.05
 
 class BlobTruncated(OSError):
     """The blob's file ended before the size it had when opened: something truncated it."""
+
+
+class SendfileUnsupported(OSError):
+    """The store's filesystem cannot ``sendfile`` (some FUSE and network filesystems): the body
+    carries on through the copy loop from the byte it had reached."""
+
+
+#: What sendfile(2) fails with when the file cannot be spliced to a socket.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
 def zero_copy_socket(request: Request, source: object) -> socket.socket | None:
@@ -91,11 +107,20 @@ def zero_copy_socket(request: Request, source: object) -> socket.socket | None:
     return handle if isinstance(handle, socket.socket) else None
 
 
-def send_slice(out_fd: int, in_fd: int, offset: int, count: int, stop: threading.Event) -> tuple[int, bool]:
+class Slice(Enum):
+    """How a job ended (with the bytes it sent, whatever the end)."""
+
+    SENT = "sent"  # all it was asked to send
+    BLOCKED = "blocked"  # the socket took nothing for POLL_WAIT: the reactor waits for it
+    GONE = "gone"  # the connection broke: the client left
+    TRUNCATED = "truncated"  # the file ended early
+    UNSUPPORTED = "unsupported"  # the filesystem cannot sendfile
+
+
+def send_slice(out_fd: int, in_fd: int, offset: int, count: int, stop: threading.Event) -> tuple[int, Slice]:
     """Send up to ``count`` bytes of ``in_fd`` from ``offset`` to the non-blocking socket ``out_fd``.
 
-    Runs in a thread. Returns the bytes sent and whether it stopped because the socket took nothing
-    for :data:`POLL_WAIT` seconds (then the reactor waits for it). A broken connection raises.
+    Runs in a thread; stops early once ``stop`` is set. Any other error (EIO from the store) raises.
     """
     poller = select.poll()
     poller.register(out_fd, select.POLLOUT)
@@ -106,12 +131,18 @@ def send_slice(out_fd: int, in_fd: int, offset: int, count: int, stop: threading
         except BlockingIOError:
             # POLLERR and POLLHUP wake it too; the next sendfile then raises what happened.
             if not poller.poll(POLL_WAIT * 1000):
-                return sent, True
+                return sent, Slice.BLOCKED
             continue
+        except ConnectionError:
+            return sent, Slice.GONE
+        except OSError as error:
+            if error.errno in _UNSUPPORTED:
+                return sent, Slice.UNSUPPORTED
+            raise
         if done == 0:
-            raise BlobTruncated(f"the blob's file ended at byte {offset + sent}, before {offset + count}")
+            return sent, Slice.TRUNCATED
         sent += done
-    return sent, False
+    return sent, Slice.SENT
 
 
 @implementer(IWriteDescriptor)
@@ -213,21 +244,29 @@ class SendfileBody:
         )
         job.addCallbacks(self._sent, self._broken)
 
-    def _sent(self, result: tuple[int, bool]) -> None:
+    def _sent(self, result: tuple[int, Slice]) -> None:
         self._job_running = False
-        sent, blocked = result
+        sent, end = result
         if sent:
             self.position += sent
             # What twisted.web's access log reports (combinedLogFormatter reads it), kept by
             # Request.write for the bytes it writes; these bytes bypass it.
             self.request.sentLength += sent
             self.on_bytes(sent)
-        if blocked and not self._stop.is_set():
+        if self._stop.is_set() or end is Slice.SENT:
+            return self._next()
+        if end is Slice.BLOCKED:
             assert self._copy is not None
             self._writable = _Writable(self._copy.fileno(), self._unblocked, self._lost)
             self.fds.addWriter(self._writable)
-            return
-        self._next()
+        elif end is Slice.GONE:
+            self._client_left()
+        else:
+            self._give_back()  # for what follows (the copy loop, or the abort): the channel in its place
+            if end is Slice.TRUNCATED:
+                self._end(Failure(BlobTruncated(f"the blob's file ended at byte {self.position}, not {self.reader.end}")))
+            else:
+                self._end(Failure(SendfileUnsupported("the store's filesystem cannot sendfile")))
 
     def _unblocked(self) -> None:
         self._unwatch()
@@ -245,8 +284,6 @@ class SendfileBody:
 
     def _broken(self, reason: Failure) -> None:
         self._job_running = False
-        if reason.check(ConnectionError):
-            return self._client_left()
         if self._stop.is_set():  # the client left mid-send: whatever failed since only says so
             return self._end(False)
         self._give_back()  # for the abort that follows: it must find the channel in its place
@@ -306,4 +343,9 @@ async def send_file(
     body = SendfileBody(
         request=request, reader=reader, connection=connection, in_thread=in_thread, fds=fds, on_bytes=on_bytes,
     )
-    return await body.start()
+    try:
+        return await body.start()
+    except SendfileUnsupported:
+        # Not worth a log line per response: the copy loop is the path every TLS client takes.
+        reader.position = body.position
+        return await send(request, reader, in_thread, on_bytes)

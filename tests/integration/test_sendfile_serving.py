@@ -146,6 +146,13 @@ def test_curl_gets_ranges_by_sendfile(world: World, tmp_path: Path) -> None:
         assert out.read_bytes() == world.data[start:end], curl_range
 
 
+def test_a_connection_that_closes_after_the_body_gets_it_all(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "blob"
+    for args in [("--http1.0",), ("-H", "Connection: close")]:  # the channel closes once the body is out
+        assert _curl(world.plain.url + world.path, out, *args) == (200, len(world.data)), args
+        assert out.read_bytes() == world.data, args
+
+
 def test_access_log_and_metrics_count_the_bytes_sent(world: World, tmp_path: Path) -> None:
     before = _served_from_cache(world.plain)
     assert _curl(world.plain.url + world.path, tmp_path / "blob", "-r", "100-1099") == (206, 1000)

@@ -7,6 +7,7 @@ socket read by a thread; the jobs run inline, on the test's thread, unless a tes
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -415,3 +416,38 @@ def test_a_hang_up_seen_by_the_reactor_watching_the_socket_ends_the_body(store, 
     assert served.outcome is False and served.reactor.getWriters() == []
     served.reactor.advance(0)  # the connection is aborted, as after a failed write
     assert not served.transport.connected
+
+
+def test_a_store_that_cannot_sendfile_carries_on_through_the_copy_loop(store, monkeypatch) -> None:
+    data = os.urandom(3 * MiB)
+    real = os.sendfile
+    calls: list[int] = []
+
+    def refusing_after_one(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        calls.append(offset)
+        if len(calls) > 1:  # as a FUSE file would at once: here after a first piece, to see the hand-over
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(out_fd, in_fd, offset, min(count, 100_000))
+
+    monkeypatch.setattr(os, "sendfile", refusing_after_one)
+    served = Served(store.open(_blob(store, data)))
+    served.get()
+    served.read_in_background(len(data))
+    served.turn_until_done()
+    assert _head_and_body(served.join())[1] == data
+    assert served.outcome is True and sum(served.counted) == len(data)
+    assert served.request is not None and served.request.sentLength == len(data)
+    served.close()
+
+
+def test_a_read_error_fails_the_response_with_the_channel_in_place(store, monkeypatch) -> None:
+    def failing(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")  # a store that fails under us
+
+    monkeypatch.setattr(os, "sendfile", failing)
+    served = Served(store.open(_blob(store, os.urandom(MiB))))
+    served.get()
+    served.turn_until_done()
+    assert isinstance(served.outcome, Failure) and served.outcome.value.errno == errno.EIO
+    assert served.transport.producer is served.channel
+    served.close()
