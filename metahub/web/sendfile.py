@@ -249,8 +249,9 @@ class SendfileBody:
         sent, end = result
         if sent:
             self.position += sent
-            # What twisted.web's access log reports (combinedLogFormatter reads it), kept by
-            # Request.write for the bytes it writes; these bytes bypass it.
+            # What twisted.web's access log reports (combinedLogFormatter reads it): a public
+            # attribute of Request, though of no interface, kept by Request.write for the bytes
+            # it writes; these bytes bypass it.
             self.request.sentLength += sent
             self.on_bytes(sent)
         if self._stop.is_set() or end is Slice.SENT:
