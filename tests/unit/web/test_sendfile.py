@@ -361,7 +361,8 @@ def test_a_client_leaving_mid_body_stops_it_and_leaks_no_descriptor(store, monke
     assert _open_fds() == before
 
 
-def test_a_client_leaving_while_a_job_runs_ends_only_after_the_job(store) -> None:
+def test_a_client_leaving_while_a_job_runs_ends_only_after_the_job(store, monkeypatch) -> None:
+    monkeypatch.setattr(sendfile, "POLL_WAIT", 30.0)  # a slow reader thread must not end the first job early
     data = os.urandom(32 * MiB)
     jobs = HeldJobs()
     before = _open_fds()
