@@ -200,7 +200,7 @@ class Root:
         return Blobs(
             storage=self.storage, upstreams=self.upstreams, downloads=self.downloads, clock=self.reactor,
             in_thread=self.in_thread, metrics=self.metrics, releaser=Releaser(self.reactor),
-            read_in_thread=self.store_reads,
+            read_in_thread=self.store_reads, fds=self.reactor,
         )
 
     @cached_property

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request
 
@@ -32,6 +32,7 @@ from metahub.upstream.upstreams import Upstreams
 from metahub.web.headers import header_text
 from metahub.web.passthrough import VerifyingRelay
 from metahub.web.ranges import content_range, parse_range
+from metahub.web.sendfile import send_file, zero_copy_socket
 from metahub.web.streaming import WaitForMore, send
 from storage import (
     BlobFollower,
@@ -68,6 +69,7 @@ class Blobs:
         metrics: Metrics,
         releaser: Releaser | None = None,
         read_in_thread: ThreadRunner,
+        fds: IReactorFDSet | None = None,
     ) -> None:
         self.storage = storage
         self.releaser = releaser
@@ -78,6 +80,9 @@ class Blobs:
         #: Reads of files already open: a pool of their own, never queued behind opens that a
         #: stalled store holds up (docs/cluster.md).
         self.read_in_thread = read_in_thread
+        #: The reactor's descriptor set, for the zero-copy path of cached blobs on plain TCP
+        #: (metahub.web.sendfile); without it every body goes through the copy loop.
+        self.fds = fds
         self.metrics = metrics
 
     async def find(self, digest: str) -> BlobRecord | None:
@@ -263,7 +268,15 @@ class Blobs:
             if head:
                 request.finish()
                 return True
-            await send(request, reader, self.read_in_thread, lambda n: self.metrics.bytes_served.labels("cache").inc(n))
+            def served(n: int) -> None:
+                self.metrics.bytes_served.labels("cache").inc(n)
+
+            fds = self.fds
+            connection = zero_copy_socket(request, reader) if fds is not None else None
+            if fds is not None and connection is not None:
+                await send_file(request, reader, connection, self.read_in_thread, fds, served)
+            else:
+                await send(request, reader, self.read_in_thread, served)
             return True
         finally:
             reader.close()

@@ -1,5 +1,8 @@
 """Send blob bytes to a client with backpressure, never holding more than a chunk or two in memory.
 
+This is the copy loop: for TLS connections, followers of a download, and any transport without a
+socket. A committed blob on plain TCP goes out with ``sendfile`` instead (:mod:`metahub.web.sendfile`).
+
 Reads happen in a thread (the store may be on a shared filesystem that stalls), in large chunks so
 the thread hop is paid rarely. The transport pauses us as soon as a chunk is buffered (past
 Twisted's 64 KiB ``bufferSize``) and resumes us when it has drained. For a committed blob the next

@@ -1,14 +1,18 @@
 """What several integration tests share: a plain HTTP request to metahub, the Accept header of
-a client that takes every manifest type, where docker-registry keeps a blob, and the machine types
-of the bench image (tests/peers/oci.make_bench_index). Test modules import these from here, never
+a client that takes every manifest type, where docker-registry keeps a blob, the machine types
+of the bench image (tests/peers/oci.make_bench_index), and what descriptors a metahub process holds. Test modules import these from here, never
 from each other."""
 from __future__ import annotations
 
 import http.client
+import os
+import time
 from pathlib import Path
 
 from tests.peers.oci import INDEX, MANIFEST
 from tests.peers.registry import Registry
+
+from .metahub_process import Metahub
 
 ACCEPT_ALL = ", ".join(
     [INDEX, MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -47,3 +51,30 @@ MACHINE_TYPES = {
 GENERIC, SKYLAKE, BROADWELL, BROADWELL_NVCAP, ARM64 = range(5)
 EXPECTED = {"type1": BROADWELL, "type2": SKYLAKE, "gpu": BROADWELL_NVCAP, "zen": GENERIC, "arm": ARM64}
 SOURCE_TAGS = ["generic", "cpu-skylake", "cpu-broadwell", "cpu-broadwell-nvcap"]
+
+
+def pid_of(hub: Metahub) -> int:
+    return hub._daemon.process.pid  # twistd --nodaemon: the process is metahub itself
+
+
+def descriptors(hub: Metahub) -> list[str]:
+    """Where each open descriptor of the metahub process points."""
+    fd_dir = f"/proc/{pid_of(hub)}/fd"
+    targets = []
+    for name in os.listdir(fd_dir):
+        try:
+            targets.append(os.readlink(os.path.join(fd_dir, name)))
+        except FileNotFoundError:  # closed while we looked
+            pass
+    return targets
+
+
+def settle(hub: Metahub, at_most: int, timeout: float = 10.0) -> int:
+    """The process's descriptor count once it is at most ``at_most`` (or the last seen, on timeout):
+    closing sockets the client already left takes the server a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = len(descriptors(hub))
+        if count <= at_most or time.monotonic() > deadline:
+            return count
+        time.sleep(0.1)

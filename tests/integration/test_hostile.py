@@ -25,7 +25,7 @@ from tests.peers.oci import Image, make_image
 from tests.peers.ports import LOOPBACK
 from tests.peers.registry import Registry
 
-from .common import request
+from .common import descriptors, request, settle
 from .metahub_process import Metahub
 
 #: One layer per range case that must meet a cold (uncached) blob, plus spares.
@@ -52,33 +52,6 @@ def start_hub(tmp_path: Path, registry: Registry, **config) -> Metahub:
 def hub(tmp_path, upstream) -> Iterator[Metahub]:
     with start_hub(tmp_path, upstream[0], http={"header_timeout": "2s"}) as running:
         yield running
-
-
-def pid_of(hub: Metahub) -> int:
-    return hub._daemon.process.pid  # twistd --nodaemon: the process is metahub itself
-
-
-def descriptors(hub: Metahub) -> list[str]:
-    """Where each open descriptor of the metahub process points."""
-    fd_dir = f"/proc/{pid_of(hub)}/fd"
-    targets = []
-    for name in os.listdir(fd_dir):
-        try:
-            targets.append(os.readlink(os.path.join(fd_dir, name)))
-        except FileNotFoundError:  # closed while we looked
-            pass
-    return targets
-
-
-def settle(hub: Metahub, at_most: int, timeout: float = 10.0) -> int:
-    """The process's descriptor count once it is at most ``at_most`` (or the last seen, on timeout):
-    closing sockets the client already left takes the server a moment."""
-    deadline = time.monotonic() + timeout
-    while True:
-        count = len(descriptors(hub))
-        if count <= at_most or time.monotonic() > deadline:
-            return count
-        time.sleep(0.1)
 
 
 def raw_exchange(hub: Metahub, data: bytes, timeout: float = 5.0) -> bytes:

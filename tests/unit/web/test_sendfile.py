@@ -1,0 +1,454 @@
+"""The zero-copy path: which responses take it, and the producer that sends them.
+
+The producer is tested on a real loopback TCP connection: metahub's own channel (``RegistrySite``)
+on Twisted's TCP transport, whose reactor is a memory reactor the test turns by hand (each writer's
+``doWrite`` is what the reactor would call when the socket can take bytes). The client is a plain
+socket read by a thread; the jobs run inline, on the test's thread, unless a test holds them.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.test.iosim import FakeTransport
+from twisted.web.http import HTTPChannel
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from metahub.config.file import HttpConfig
+from metahub.web import sendfile
+from metahub.web.sendfile import BlobTruncated, send_file, zero_copy_socket
+from metahub.web.site import RegistrySite
+from storage import BlobReader, BlobStore, sha256_digest
+from tests.unit.fakes import inline
+
+_PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+MiB = 1 << 20
+
+
+def _blob(store: BlobStore, data: bytes) -> str:
+    with store.writer(sha256_digest(data), len(data)) as writer:
+        writer.write(data)
+        writer.commit()
+    return writer.digest
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _socket_pair() -> tuple[socket.socket, socket.socket]:
+    """Server and client ends of a loopback TCP connection."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return server, client
+
+
+class HeldJobs:
+    """A ``ThreadRunner`` whose jobs run only when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
+
+    def __call__(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self.pending.append((done, function, args))
+        return done
+
+    def run_one(self) -> None:
+        done, function, args = self.pending.pop(0)
+        try:
+            result = function(*args)
+        except Exception:
+            done.errback(Failure())
+        else:
+            done.callback(result)
+
+
+class _BlobPage(Resource):
+    """Serves ``reader`` (opened by the test) the way Blobs does, through send_file."""
+
+    isLeaf = True
+
+    def __init__(self, served: Served) -> None:
+        super().__init__()
+        self.served = served
+
+    def render_GET(self, request: Request) -> object:  # noqa: N802
+        served = self.served
+        reader = served.reader
+        request.setResponseCode(206 if reader.start else 200)
+        request.setHeader("Content-Length", str(reader.end - reader.start))
+        connection = zero_copy_socket(request, reader)
+        assert connection is not None
+        served.request = request
+        served.result = ensureDeferred(send_file(
+            request, reader, connection, served.in_thread, served.reactor, served.counted.append,
+        ))
+        served.result.addBoth(served.closed_reader)
+        return NOT_DONE_YET
+
+
+class Served:
+    """One GET of a blob over a real TCP connection, the server's reactor turned by the test."""
+
+    def __init__(self, reader: BlobReader, in_thread: Any = inline) -> None:
+        self.reader = reader
+        self.in_thread = in_thread
+        self.reactor = MemoryReactorClock()
+        self.counted: list[int] = []
+        self.request: Request | None = None
+        self.result: Deferred[bool] | None = None
+        self.outcome: object = None
+        site = RegistrySite(_BlobPage(self), HttpConfig(), access_log=False, reactor=Clock())
+        self.channel = site.buildProtocol(_PEER)
+        assert isinstance(self.channel, HTTPChannel)
+        server, self.client = _socket_pair()
+        # What tcp.Port does with an accepted connection (no Port here: the reactor is in memory).
+        self.transport = tcp.Server(server, self.channel, ("127.0.0.1", 40000), None, 1, self.reactor)
+        self.channel.makeConnection(self.transport)
+        self.received = bytearray()
+        self._reader: threading.Thread | None = None
+
+    def closed_reader(self, outcome: object) -> None:
+        self.reader.close()
+        self.outcome = outcome  # a Failure is the test's to look at
+
+    def get(self) -> None:
+        self.channel.dataReceived(b"GET /blob HTTP/1.1\r\nHost: metahub.test\r\n\r\n")
+
+    def read_in_background(self, body_length: int) -> None:
+        """Read a response of ``body_length`` body bytes in a thread (or until the server closes)."""
+
+        def complete() -> bool:
+            head, separator, body = bytes(self.received[:100_000]).partition(b"\r\n\r\n")
+            return bool(separator) and len(self.received) - len(head) - 4 >= body_length
+
+        def read() -> None:
+            while not complete():
+                try:
+                    chunk = self.client.recv(1 << 20)
+                except OSError:  # reset
+                    return
+                if not chunk:
+                    return
+                self.received += chunk
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+
+    def turn(self) -> None:
+        """One turn of the reactor: everything waiting to write gets its doWrite."""
+        for writer in list(self.reactor.getWriters()):
+            writer.doWrite()
+
+    def turn_until_done(self, limit: int = 10_000) -> None:
+        assert self.result is not None
+        for _ in range(limit):
+            if self.result.called:
+                break
+            self.turn()
+        assert self.result.called
+
+    def join(self) -> bytes:
+        assert self._reader is not None
+        self._reader.join(timeout=10)
+        return bytes(self.received)
+
+    def close(self) -> None:
+        self.client.shutdown(socket.SHUT_RDWR)
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+        self.client.close()
+        if self.transport.connected:
+            self.transport.connectionLost(Failure(ConnectionDone()))
+
+
+@pytest.fixture
+def store(tmp_path) -> BlobStore:
+    return BlobStore(str(tmp_path))
+
+
+def _head_and_body(raw: bytes) -> tuple[bytes, bytes]:
+    head, separator, body = raw.partition(b"\r\n\r\n")
+    assert separator
+    return head, body
+
+
+# --- the decision --------------------------------------------------------------------------------
+
+
+def _site() -> RegistrySite:
+    return RegistrySite(Resource(), HttpConfig(), reactor=Clock())
+
+
+def _request_on(transport: object) -> Request:
+    channel = _site().buildProtocol(_PEER)
+    assert channel is not None
+    channel.makeConnection(transport)
+    return _request_of(channel)
+
+
+def _request_of(channel: HTTPChannel) -> Request:
+    request = Request(channel)
+    request.method = b"GET"
+    request.setHeader("Content-Length", "10")
+    return request
+
+
+@pytest.fixture
+def reader(store) -> Iterator[BlobReader]:
+    with store.open(_blob(store, b"0123456789")) as opened:
+        yield opened
+
+
+@pytest.fixture
+def tcp_transport() -> Iterator[tcp.Server]:
+    server, client = _socket_pair()
+    transport = tcp.Server(server, HTTPChannel(), ("127.0.0.1", 40000), None, 1, MemoryReactorClock())
+    yield transport
+    client.close()
+    server.close()
+
+
+def test_a_committed_blob_on_plain_tcp_is_sent_from_its_socket(reader, tcp_transport) -> None:
+    request = _request_on(tcp_transport)
+    assert zero_copy_socket(request, reader) is tcp_transport.getHandle()
+
+
+def test_tls_keeps_the_copy_loop(reader, tcp_transport) -> None:
+    wrapper = TLSMemoryBIOFactory(CertificateOptions(), False, _site()).buildProtocol(_PEER)
+    assert wrapper is not None
+    wrapper.makeConnection(tcp_transport)  # TLS over the very TCP connection that qualifies bare
+    request = _request_of(wrapper.wrappedProtocol)  # the channel, on the TLS wrapper
+    assert request.transport is wrapper
+    assert zero_copy_socket(request, reader) is None
+
+
+def test_a_connection_that_started_tls_keeps_the_copy_loop(reader, tcp_transport) -> None:
+    request = _request_on(tcp_transport)
+    tcp_transport.startTLS(CertificateOptions())
+    assert zero_copy_socket(request, reader) is None
+
+
+def test_a_follower_of_a_download_keeps_the_copy_loop(store, tcp_transport) -> None:
+    follower = store.follow(_blob(store, b"being written, as far as the follower knows"))
+    assert follower is not None
+    try:
+        assert zero_copy_socket(_request_on(tcp_transport), follower) is None
+    finally:
+        follower.close()
+
+
+def test_head_and_unsized_responses_keep_the_copy_loop(reader, tcp_transport) -> None:
+    request = _request_on(tcp_transport)
+    request.method = b"HEAD"
+    assert zero_copy_socket(request, reader) is None
+    request = _request_of(request.channel)
+    request.responseHeaders.removeHeader("Content-Length")
+    assert zero_copy_socket(request, reader) is None
+
+
+def test_a_transport_without_a_socket_keeps_the_copy_loop(reader) -> None:
+    channel = HTTPChannel()
+    transport = FakeTransport(channel, isServer=True)  # what treq's StubTreq serves on
+    assert zero_copy_socket(_request_on(transport), reader) is None
+
+
+# --- the producer ------------------------------------------------------------------------------
+
+
+def test_the_headers_leave_the_transport_before_the_first_body_byte(store) -> None:
+    data = os.urandom(3 * MiB + 17)
+    jobs = HeldJobs()
+    served = Served(store.open(_blob(store, data)), jobs)
+    served.get()
+    # The headers wait in the transport (the reactor has not let it write); no body byte is asked for.
+    assert jobs.pending == [] and select.select([served.client], [], [], 0)[0] == []
+    served.read_in_background(len(data))
+    served.turn()  # the transport sends the headers, drains and asks its producer for more
+    assert len(jobs.pending) == 1
+    while jobs.pending:
+        jobs.run_one()
+        served.turn()
+    served.turn_until_done()
+    head, body = _head_and_body(served.join())
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: %d" % len(data) in head
+    assert body == data
+    assert served.outcome is True and served.request is not None and served.request.finished
+    assert served.request.sentLength == len(data) and sum(served.counted) == len(data)
+    # The channel has the transport's producer slot back, as a streaming producer.
+    assert served.transport.producer is served.channel and served.transport.streamingProducer
+    served.close()
+
+
+def test_a_range_is_sent_from_its_offset(store) -> None:
+    data = os.urandom(5 * MiB)
+    start, end = 1_234_567, 4 * MiB + 3
+    served = Served(store.open(_blob(store, data), start, end))
+    served.get()
+    served.read_in_background(end - start)
+    served.turn_until_done()
+    head, body = _head_and_body(served.join())
+    assert head.startswith(b"HTTP/1.1 206")
+    assert body == data[start:end]
+    assert served.outcome is True and sum(served.counted) == end - start
+    served.close()
+
+
+def test_the_connection_serves_the_next_request_after_a_body(store) -> None:
+    data = os.urandom(MiB)
+    digest = _blob(store, data)
+    served = Served(store.open(digest))
+    served.get()
+    served.read_in_background(len(data))
+    served.turn_until_done()
+    first = served.join()
+    served.reader = store.open(digest, 10)
+    served.received.clear()
+    served.get()  # keep-alive: the same channel takes the next request
+    served.read_in_background(len(data) - 10)
+    served.turn_until_done()
+    assert _head_and_body(first)[1] == data
+    assert _head_and_body(served.join())[1] == data[10:]
+    served.close()
+
+
+def test_a_client_that_does_not_read_gives_the_thread_back(store, monkeypatch) -> None:
+    monkeypatch.setattr(sendfile, "POLL_WAIT", 0.01)
+    data = os.urandom(32 * MiB)  # far more than the socket buffers hold
+    served = Served(store.open(_blob(store, data)))
+    served.get()
+    served.turn()  # headers out; the job fills the socket, waits, and gives its thread back
+    watching = [w for w in served.reactor.getWriters() if w is not served.transport]
+    assert len(watching) == 1 and not served.result.called
+    assert 0 < sum(served.counted) < len(data)
+    served.read_in_background(len(data))  # the client reads again: the reactor resumes the jobs
+    served.turn_until_done()
+    assert _head_and_body(served.join())[1] == data
+    assert served.reactor.getWriters() == []
+    served.close()
+
+
+def test_a_client_leaving_mid_body_stops_it_and_leaks_no_descriptor(store, monkeypatch) -> None:
+    monkeypatch.setattr(sendfile, "POLL_WAIT", 0.01)
+    data = os.urandom(32 * MiB)
+    digest = _blob(store, data)
+    before = _open_fds()
+    served = Served(store.open(digest))
+    served.get()
+    served.turn()
+    assert not served.result.called
+    served.close()  # the client goes; Twisted's transport tells its producer, then the request
+    assert served.outcome is False and served.request is not None and not served.request.finished
+    assert served.reactor.getWriters() == []
+    assert _open_fds() == before
+
+
+def test_a_client_leaving_while_a_job_runs_ends_only_after_the_job(store, monkeypatch) -> None:
+    monkeypatch.setattr(sendfile, "POLL_WAIT", 30.0)  # a slow reader thread must not end the first job early
+    data = os.urandom(32 * MiB)
+    jobs = HeldJobs()
+    before = _open_fds()
+    served = Served(store.open(_blob(store, data)), jobs)
+    served.get()
+    served.turn()
+    served.read_in_background(len(data))
+    jobs.run_one()  # one slice sent
+    assert len(jobs.pending) == 1
+    served.close()  # gone while the next job waits for its thread
+    assert served.outcome is None  # the job still holds the file and the socket
+    jobs.run_one()  # it sees the stop at once and sends nothing
+    assert served.outcome is False and sum(served.counted) == sendfile.SLICE
+    assert jobs.pending == [] and _open_fds() == before
+
+
+def test_a_reset_seen_first_by_a_job_closes_the_connection_quietly(store, monkeypatch) -> None:
+    monkeypatch.setattr(sendfile, "POLL_WAIT", 0.01)
+    data = os.urandom(32 * MiB)
+    served = Served(store.open(_blob(store, data)))
+    served.get()
+    served.turn()  # blocked: the client reads nothing
+    served.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    served.client.close()  # a reset, which the reactor (not turned) has not read
+    served.turn()  # the watched socket is "writable" (it has an error): the job meets the reset
+    assert served.outcome is False
+    served.reactor.advance(0)  # Twisted's abortConnection loses the connection on the next turn
+    assert not served.transport.connected and served.request is not None and not served.request.finished
+
+
+def test_a_truncated_file_fails_the_response(store) -> None:
+    data = os.urandom(2 * MiB)
+    digest = _blob(store, data)
+    served = Served(store.open(digest))
+    os.truncate(store.path(digest), MiB)  # what no committed blob should ever see
+    served.get()
+    served.read_in_background(len(data))
+    served.turn_until_done()
+    assert isinstance(served.outcome, Failure) and served.outcome.check(BlobTruncated)
+    assert served.transport.producer is served.channel  # in place for the abort that follows
+    served.outcome = None  # handled
+    served.close()
+
+
+def test_a_hang_up_seen_by_the_reactor_watching_the_socket_ends_the_body(store, monkeypatch) -> None:
+    monkeypatch.setattr(sendfile, "POLL_WAIT", 0.01)
+    served = Served(store.open(_blob(store, os.urandom(32 * MiB))))
+    served.get()
+    served.turn()  # blocked: the reactor watches the socket
+    (watching,) = [w for w in served.reactor.getWriters() if w is not served.transport]
+    watching.connectionLost(Failure(ConnectionDone()))  # what the reactor does on EPOLLHUP
+    assert served.outcome is False and served.reactor.getWriters() == []
+    served.reactor.advance(0)  # the connection is aborted, as after a failed write
+    assert not served.transport.connected
+
+
+def test_a_store_that_cannot_sendfile_carries_on_through_the_copy_loop(store, monkeypatch) -> None:
+    data = os.urandom(3 * MiB)
+    real = os.sendfile
+    calls: list[int] = []
+
+    def refusing_after_one(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        calls.append(offset)
+        if len(calls) > 1:  # as a FUSE file would at once: here after a first piece, to see the hand-over
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(out_fd, in_fd, offset, min(count, 100_000))
+
+    monkeypatch.setattr(os, "sendfile", refusing_after_one)
+    served = Served(store.open(_blob(store, data)))
+    served.get()
+    served.read_in_background(len(data))
+    served.turn_until_done()
+    assert _head_and_body(served.join())[1] == data
+    assert served.outcome is True and sum(served.counted) == len(data)
+    assert served.request is not None and served.request.sentLength == len(data)
+    served.close()
+
+
+def test_a_read_error_fails_the_response_with_the_channel_in_place(store, monkeypatch) -> None:
+    def failing(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")  # a store that fails under us
+
+    monkeypatch.setattr(os, "sendfile", failing)
+    served = Served(store.open(_blob(store, os.urandom(MiB))))
+    served.get()
+    served.turn_until_done()
+    assert isinstance(served.outcome, Failure) and served.outcome.value.errno == errno.EIO
+    assert served.transport.producer is served.channel
+    served.close()
