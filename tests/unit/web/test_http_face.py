@@ -228,6 +228,8 @@ REFUSED = [
     b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: 12x\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+    b"GET / HTTP/1.1\r\ncontent-LENGTH: 0\r\nTransfer-Encoding: chunked\r\n\r\n",  # names in any case
+    b"GET / HTTP/1.1\r\nX: ab\x00\r\n\r\n",
     b"\r\n\r\nGET / HTTP/1.1\r\n\r\n",  # Twisted skips one empty line before a request, not two
 ]
 #: Request heads too large to read.
