@@ -169,7 +169,7 @@ class Manifests:
 
     async def by_digest(self, route: Route, digest: str) -> Manifest:
         cached = await self._cached(route, digest)
-        self.metrics.cache.labels("manifest", "hit" if cached else "miss").inc()
+        self.metrics.count_lookup("manifest", "hit" if cached else "miss")
         if cached is not None:
             return cached
         return await self._fetch(route, digest)  # the client verifies the body against the digest
@@ -185,9 +185,9 @@ class Manifests:
         if known is not None:
             cached = await self._cached(route, known.digest)
             if cached is not None and now - known.checked < self.tag_ttl:
-                self.metrics.cache.labels("tag", "hit").inc()
+                self.metrics.count_lookup("tag", "hit")
                 return cached
-            self.metrics.cache.labels("tag", "revalidate").inc()
+            self.metrics.count_lookup("tag", "revalidate")
             try:
                 head = await self.upstreams.client(upstream).head_manifest(route.repository, tag, media.UPSTREAM_ACCEPT)
             except errors.RegistryError as error:
@@ -204,7 +204,7 @@ class Manifests:
                 return cached
             manifest = await self.by_digest(route, head.digest) if head.digest else await self._fetch(route, tag)
         else:
-            self.metrics.cache.labels("tag", "miss").inc()
+            self.metrics.count_lookup("tag", "miss")
             manifest = await self._fetch(route, tag)
         await self._confirmed(route, tag, manifest.digest, now)
         return manifest

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -32,20 +33,32 @@ class Manifest:
     digest: str
 
 
-def parse_accept(headers: list[str]) -> set[str] | None:
+def parse_accept(headers: list[str]) -> frozenset[str] | None:
     """Media types in ``Accept`` headers; None when the client accepts anything."""
-    types: set[str] = set()
+    types: frozenset[str] = frozenset()
     for header in headers:
-        for item in header.split(","):
-            media_type = item.split(";")[0].strip().lower()
-            if media_type in ("*/*", "application/*"):
-                return None
-            if media_type:
-                types.add(media_type)
+        listed = _accept_header(header)
+        if listed is None:
+            return None
+        types |= listed
     return types or None
 
 
-def acceptable(media_type: str, accepted: set[str] | None) -> bool:
+@lru_cache(maxsize=256)
+def _accept_header(header: str) -> frozenset[str] | None:
+    """One ``Accept`` value's media types; None for a wildcard. A client sends the same value on
+    every request, so it is split once (bounded: a client may also vary it)."""
+    types: set[str] = set()
+    for item in header.split(","):
+        media_type = item.split(";")[0].strip().lower()
+        if media_type in ("*/*", "application/*"):
+            return None
+        if media_type:
+            types.add(media_type)
+    return frozenset(types)
+
+
+def acceptable(media_type: str, accepted: frozenset[str] | None) -> bool:
     return accepted is None or media_type in accepted
 
 

@@ -17,12 +17,17 @@ def method_label(method: bytes) -> str:
     return method.decode("ascii") if method in _METHODS else "other"
 
 
+#: The codes the standard library's table names, as labels: a dict lookup per request rather than
+#: an enum lookup and a str().
+_STATUS_LABELS = {status.value: str(status.value) for status in HTTPStatus}
+
+
 def status_label(code: int) -> str:
     """The status code for a label: one the standard library's table names, else its class (5xx)."""
-    try:
-        return str(HTTPStatus(code).value)
-    except ValueError:
-        return f"{code // 100}xx" if 1 <= code // 100 <= 5 else "other"
+    label = _STATUS_LABELS.get(code)
+    if label is not None:
+        return label
+    return f"{code // 100}xx" if 1 <= code // 100 <= 5 else "other"
 
 
 class Metrics:
@@ -88,6 +93,26 @@ class Metrics:
         )
         for reason in ABORT_REASONS:  # every series present from the start, at 0
             self.responses_aborted.labels(reason)
+        # The children of the per-request counters, by label values. labels() validates, joins and
+        # looks up under a lock each time; the values come from fixed sets (above), so these
+        # dicts stay small.
+        self._requests: dict[tuple[str, str, str], Counter] = {}
+        self._lookups: dict[tuple[str, str], Counter] = {}
+
+    def count_request(self, route: str, method: str, status: str) -> None:
+        key = (route, method, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(*key)
+        child.inc()
+
+    def count_lookup(self, kind: str, result: str) -> None:
+        """One cache lookup of ``kind`` (blob, manifest, tag) with ``result`` (hit, miss, revalidate)."""
+        key = (kind, result)
+        child = self._lookups.get(key)
+        if child is None:
+            child = self._lookups[key] = self.cache.labels(*key)
+        child.inc()
 
     def hits_and_misses(self) -> tuple[int, int]:
         """Cache lookups that were answered from the store, and those that went upstream."""

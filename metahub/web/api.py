@@ -67,6 +67,8 @@ class Registry:
 
 
 def _query(request: Request) -> dict[str, str]:
+    if b"?" not in request.uri:  # most requests: no parsing of a query they don't have
+        return {}
     query = parse_qs(urlsplit(request.uri.decode("latin-1")).query, keep_blank_values=True)
     return {key: values[-1] for key, values in query.items()}
 
@@ -101,9 +103,9 @@ class RegistryResource(Resource):
         match = _ROUTE.fullmatch(path)
         kind = match.group("kind") if match else None
         request.notifyFinish().addBoth(
-            lambda _: self.registry.metrics.requests.labels(
+            lambda _: self.registry.metrics.count_request(
                 _route_label(kind, path), method_label(request.method), status_label(request.code)
-            ).inc()
+            )
         )
         check_host(request)
         registry = self.registry

@@ -228,6 +228,8 @@ REFUSED = [
     b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: 12x\r\n\r\n",
     b"GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+    b"GET / HTTP/1.1\r\ncontent-LENGTH: 0\r\nTransfer-Encoding: chunked\r\n\r\n",  # names in any case
+    b"GET / HTTP/1.1\r\nX: ab\x00\r\n\r\n",
     b"\r\n\r\nGET / HTTP/1.1\r\n\r\n",  # Twisted skips one empty line before a request, not two
 ]
 #: Request heads too large to read.
@@ -348,6 +350,19 @@ def test_a_deadline_runs_per_request_and_an_idle_keep_alive_connection_is_left_a
     transport.clear()
     face.reactor.advance(31)  # long after that request's deadline would have been
     assert transport.value() == b""
+
+
+def test_the_next_request_on_a_connection_gets_a_whole_deadline_from_its_own_first_byte(face: Face) -> None:
+    channel, transport = face.connect()
+    channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")  # its deadline would end at 30
+    transport.clear()
+    face.reactor.advance(20)
+    channel.dataReceived(b"GET /v2/ HTTP/1.1\r\n")  # its own ends at 50
+    face.reactor.advance(29)
+    assert transport.value() == b"" and not transport.disconnecting
+    face.reactor.advance(1)
+    answer = parse(transport.value())
+    assert (answer.status, answer.error_code()) == (408, "REQUEST_TIMEOUT") and transport.disconnecting
 
 
 def test_the_deadline_is_a_config_key(tmp_path: Path) -> None:
