@@ -17,6 +17,7 @@ from twisted.web.server import Site
 
 from metahub.app.jobs import StoreJobs
 from metahub.app.ports import PortService, listen_backlog
+from metahub.cache.blobs import BlobCache
 from metahub.cache.capacity import StoreCapacity
 from metahub.cache.downloads import Downloads
 from metahub.cache.manifests import Manifests
@@ -193,13 +194,19 @@ class Root:
     def virtual(self) -> VirtualImages:
         return VirtualImages(self.config)
 
+    @cached_property
+    def blob_cache(self) -> BlobCache:
+        return BlobCache(
+            storage=self.storage, upstreams=self.upstreams, downloads=self.downloads, clock=self.reactor,
+            in_thread=self.in_thread, read_in_thread=self.store_reads, metrics=self.metrics,
+        )
+
     # --- the HTTP face -----------------------------------------------------------------------
 
     @cached_property
     def blobs(self) -> Blobs:
         return Blobs(
-            storage=self.storage, upstreams=self.upstreams, downloads=self.downloads, clock=self.reactor,
-            in_thread=self.in_thread, metrics=self.metrics, releaser=Releaser(self.reactor),
+            cache=self.blob_cache, clock=self.reactor, metrics=self.metrics, releaser=Releaser(self.reactor),
             read_in_thread=self.store_reads, fds=self.reactor,
         )
 

@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from metahub.cache.blobs import Recover, WaitForMore
 from metahub.runtime.threads import ThreadRunner
 from metahub.web.connection import abort
 from storage import BlobFollower, FollowFailure, FollowState
@@ -55,11 +56,6 @@ ABORTED = {
     "too_long": "the blob being downloaded is longer than its size",
 }
 
-#: ``wait_for_more`` of a follower: awaited when no new bytes have landed.
-WaitForMore = Callable[[], Deferred[None]]
-#: Given a follower that FAILED without a wrong byte: a successor carrying on from its position, and
-#: the successor's ``wait_for_more``; None when there is none.
-Recover = Callable[[BlobFollower], Deferred["tuple[BlobFollower, WaitForMore] | None"]]
 
 
 def aborted(request: Request, reason: str, on_abort: Callable[[str], None] | None) -> None:

@@ -21,6 +21,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
+from metahub.cache.blobs import BlobCache
 from metahub.cache.capacity import StoreCapacity
 from metahub.cache.downloads import Download, Downloads
 from metahub.cache.routing import Route
@@ -35,8 +36,10 @@ from metahub.config.file import (
     parse_config,
 )
 from metahub.runtime.metrics import Metrics
+from metahub.upstream.upstreams import Upstreams
 from metahub.web.auth import hash_password
-from storage import BlobStore, sha256_digest, stamp_access
+from metahub.web.blobs import Blobs
+from storage import BlobStore, Storage, sha256_digest, stamp_access
 
 # --- config --------------------------------------------------------------------------------------
 
@@ -99,6 +102,20 @@ def join_now(downloads: Downloads, route: Route, digest: str) -> Download:
     if isinstance(outcome[0], Failure):
         outcome[0].raiseException()
     return outcome[0]  # type: ignore[return-value]  # not a Failure, checked above
+
+
+def blob_cache(*, storage: Storage, upstreams: Upstreams, downloads: Downloads, clock: Clock,
+               metrics: Metrics) -> BlobCache:
+    """The cache's side of blob requests as the root builds it, on inline threads."""
+    return BlobCache(storage=storage, upstreams=upstreams, downloads=downloads, clock=clock, in_thread=inline,
+                     read_in_thread=inline, metrics=metrics)
+
+
+def blob_endpoint(*, storage: Storage, upstreams: Upstreams, downloads: Downloads, clock: Clock,
+                  metrics: Metrics) -> Blobs:
+    """The blob endpoint as the root builds it, minus the releaser and sendfile, on inline threads."""
+    cache = blob_cache(storage=storage, upstreams=upstreams, downloads=downloads, clock=clock, metrics=metrics)
+    return Blobs(cache=cache, clock=clock, metrics=metrics, read_in_thread=inline)
 
 
 # --- the store -----------------------------------------------------------------------------------

@@ -66,3 +66,13 @@ def test_no_test_module_imports_another() -> None:
             if any(part.startswith("test_") for name in names for part in name.split(".")):
                 wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert wrong == []
+
+
+def test_the_cache_layer_knows_nothing_of_serving_http() -> None:
+    """The cache answers in values (metahub.cache.blobs: a stored blob, a download to follow, a
+    bypass) and the web layer writes them; the client side of twisted.web (upstream responses) is
+    the cache's business, the server side (requests, resources, status codes) is not."""
+    server_side = {"twisted.web.server", "twisted.web.resource", "twisted.web.http", "twisted.web.static"}
+    wrong = [f"{path.name}: {module}" for path in (ROOT / "metahub" / "cache").glob("*.py")
+             for module in imports(path) if module in server_side]
+    assert wrong == []

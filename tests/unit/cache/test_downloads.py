@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from metahub.cache.blobs import _follow, wait_for_more
 from metahub.cache.capacity import StoreCapacity
 from metahub.cache.downloads import QUEUED_LIMIT, AlreadyStored, Download, Downloads
 from metahub.cache.routing import Route
@@ -19,13 +20,19 @@ from metahub.config.file import UpstreamConfig
 from metahub.oci import errors
 from metahub.runtime.metrics import Metrics
 from metahub.upstream.upstreams import Upstreams
-from metahub.web.blobs import Blobs, _follow, wait_for_more
 from metahub.web.streaming import send
 from storage import Leases, Storage, parse_digest, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files
 from storage import lease as storage_lease
-from tests.unit.fakes import FakeRequest, InlineLane, inline, join_now, store_capacity
+from tests.unit.fakes import (
+    FakeRequest,
+    InlineLane,
+    blob_endpoint,
+    inline,
+    join_now,
+    store_capacity,
+)
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -429,8 +436,8 @@ def test_a_repository_joining_another_ones_download_must_be_confirmed_first(tmp_
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     client = GuardedClient(response)
     downloads = downloads_over(tmp_path, clock, storage, local=client)
-    blobs = Blobs(storage=storage, upstreams=upstreams(local=client), downloads=downloads, clock=clock,
-                  in_thread=inline, read_in_thread=inline, metrics=Metrics())
+    blobs = blob_endpoint(storage=storage, upstreams=upstreams(local=client), downloads=downloads, clock=clock,
+                          metrics=Metrics())
     other = Route(UPSTREAM, "team/other")
     ensureDeferred(downloads.join(ROUTE, digest))  # team/app asked first: its fetch is starting
     asked = [ensureDeferred(blobs.serve(FakeRequest(), other, digest, head=False))]
@@ -544,8 +551,8 @@ def blobs_over(tmp_path, client: FakeClient):
     storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
     metrics = Metrics()
     downloads = downloads_over(tmp_path, clock, storage, metrics=metrics, local=client)
-    blobs = Blobs(storage=storage, upstreams=downloads.upstreams, downloads=downloads, clock=clock, in_thread=inline,
-                  read_in_thread=inline, metrics=metrics)
+    blobs = blob_endpoint(storage=storage, upstreams=downloads.upstreams, downloads=downloads, clock=clock,
+                          metrics=metrics)
     return blobs, storage, clock, metrics
 
 
@@ -571,7 +578,7 @@ def test_a_full_store_serves_a_cold_blob_from_upstream_verified_and_not_kept(tmp
         assert served.called and request.finished and b"".join(request.written) == data
         assert request.code == 200 and request.responseHeaders.getRawHeaders(b"content-length") == [b"3000"]
     assert client.calls == 2 and storage.blobs.stat(digest) is None
-    assert os.listdir(storage.blobs.tmp_dir) == [] and os.listdir(blobs.downloads.leases.dir) == []
+    assert os.listdir(storage.blobs.tmp_dir) == [] and os.listdir(blobs.cache.downloads.leases.dir) == []
     assert sample(metrics, "metahub_store_full") == 1
     assert sample(metrics, "metahub_store_write_failures_total", reason="no_space") == 1  # only the first tried
     assert sample(metrics, "metahub_store_bypassed_total", kind="blob") == 2
@@ -691,8 +698,8 @@ def test_a_follower_of_another_nodes_fetch_that_failed_before_a_byte_fetches_for
     response = FakeResponse(len(data))
     node_a, client_a, _, _ = make(tmp_path, FakeResponse(len(data)), "a", clock)
     node_b, client_b, _, storage_b = make(tmp_path, response, "b", clock)
-    blobs_b = Blobs(storage=storage_b, upstreams=upstreams(local=client_b), downloads=node_b, clock=clock,
-                    in_thread=inline, read_in_thread=inline, metrics=Metrics())
+    blobs_b = blob_endpoint(storage=storage_b, upstreams=upstreams(local=client_b), downloads=node_b, clock=clock,
+                            metrics=Metrics())
     stuck = ensureDeferred(node_a.join(ROUTE, digest))  # node A holds the lease; its upstream hangs
     request = FakeRequest()
     served = ensureDeferred(blobs_b.serve(request, ROUTE, digest, head=False))

@@ -28,7 +28,6 @@ from metahub.runtime.metrics import Metrics
 from metahub.runtime.pools import ThreadPoolRunner
 from metahub.upstream.client import ManifestHead
 from metahub.upstream.upstreams import Upstreams
-from metahub.web.blobs import Blobs
 from metahub.web.site import _access_line
 from metahub.web.streaming import send
 from storage import (
@@ -41,7 +40,14 @@ from storage import (
     parse_digest,
     sha256_digest,
 )
-from tests.unit.fakes import FakeRequest, InlineLane, inline, join_now, store_capacity
+from tests.unit.fakes import (
+    FakeRequest,
+    InlineLane,
+    blob_endpoint,
+    inline,
+    join_now,
+    store_capacity,
+)
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -137,8 +143,8 @@ class Node:
         self.downloads = Downloads(storage=self.storage, upstreams=upstreams, clock=clock, in_thread=inline,
                                    metrics=self.metrics, leases=self.leases, lanes=lambda _: lane or InlineLane(),
                                    capacity=store_capacity(clock, self.metrics))
-        self.blobs = Blobs(storage=self.storage, upstreams=upstreams, downloads=self.downloads, clock=clock,
-                           in_thread=inline, read_in_thread=inline, metrics=self.metrics)
+        self.blobs = blob_endpoint(storage=self.storage, upstreams=upstreams, downloads=self.downloads, clock=clock,
+                                   metrics=self.metrics)
 
     def serve(self) -> tuple[FakeRequest, Deferred]:
         client = FakeRequest()
