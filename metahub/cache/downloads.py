@@ -15,7 +15,7 @@ Across nodes sharing the store, the node that takes the blob's lease (``leases/<
 exclusive create, heartbeated) downloads; the others follow its growing temporary file by polling.
 A lease whose holder fell silent for ``lease_timeout`` is taken over by one node, which starts the
 download again; a follower's watcher notices that itself and ends its download unfinished, so the
-responses following it go on from whichever source is there next (see :mod:`metahub.web.blobs`). A
+responses following it go on from whichever source is there next (see :mod:`metahub.cache.blobs`). A
 holder whose heartbeat finds its lease taken over (its store stalled so long it looked dead) steps
 aside: it stops its upstream transfer, commits nothing, and its followers go on the same way.
 Correctness never rests on the lease: if two nodes did fetch, both verify and the store ends with
