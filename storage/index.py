@@ -35,12 +35,12 @@ T = TypeVar("T")
 
 _INITIAL_MAP_SIZE = 1 << 20  # grown on demand; small so growth is exercised in normal use
 
-#: Records per transaction of an :meth:`Index.batch`. A thousand small records commit in a few
-#: milliseconds (the write lock is not held for long) and cost one fdatasync instead of a thousand.
+#: Records (calls) per transaction of an :meth:`Index.batch`. A thousand of scenario 9's records
+#: take about 50 ms to write and commit (the write lock is not held for long) and cost one
+#: fdatasync instead of a thousand.
 #: A crash loses at most the batch being written: the index is a cache that ``reindex`` rebuilds
 #: from the blob files, and a running server adopts a blob the index lacks on its next request.
 BATCH_RECORDS = 1000
-
 
 
 @dataclass(frozen=True)
