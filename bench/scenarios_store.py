@@ -56,7 +56,7 @@ from .servers import (
     cpu_seconds,
     deep_merge,
 )
-from .store_fill import BLOBS_PER_IMAGE, StoreFiller, image
+from .store_fill import BLOBS_PER_IMAGE, FillTiming, StoreFiller, image
 
 if TYPE_CHECKING:
     from .run import Bench, Row
@@ -161,16 +161,16 @@ class StoreScenarios:
         finally:
             for server in servers.values():
                 server.stop()
-        self._store_rows(fill.blobs, fill.blobs_per_second, fill.index_transactions_per_second,
-                         timings, index_mb)
+        self._store_rows(fill, timings, index_mb)
 
-    def _store_rows(self, blobs: int, fill_rate: float, index_rate: float,
-                    timings: dict[int, dict[str, dict[str, float]]], index_mb: dict[int, float]) -> None:
+    def _store_rows(self, fill: FillTiming, timings: dict[int, dict[str, dict[str, float]]], index_mb: dict[int, float]) -> None:
         bench, row = self.bench, self.row
         add = bench.results.rows.append
+        blobs = fill.blobs
         tags = blobs // BLOBS_PER_IMAGE
-        add(row(f"9 store fill, {blobs} blobs via storage's API", "blobs/s", fill_rate, None,
-                f"index {index_rate:.0f} txn/s (one per put_blob, set_tag)", "", None,
+        add(row(f"9 store fill, {blobs} blobs via storage's API", "blobs/s", fill.blobs_per_second, None,
+                f"index {fill.index_records_per_second:.0f} records/s in {fill.index_transactions} txns "
+                f"({fill.index_transactions_per_second:.0f} txn/s)", "", None,
                 distribution_applies=False))
         rps = {who: _median(bench.values("9", who, "requests_per_second")) for who in ("full", "empty")}
         p99 = {who: _median(bench.values("9", who, "p99_ms")) for who in ("full", "empty")}

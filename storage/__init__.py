@@ -36,6 +36,8 @@ The server needs exactly this API::
     store.index.link([digest, ...], repo); store.index.is_linked(digest, repo)
     store.index.record_access(digest, now); store.index.flush_access()   # batched last-access
     store.index.set_tag(upstream, repo, tag, digest, checked=now); store.index.get_tag(...)
+    with store.index.batch() as b:    # many writes, BATCH_RECORDS per transaction (fill, reindex)
+        b.put_blob(...); b.link(...); b.set_tag(...); b.remove_blob(digest)
 
 Shared by the nodes of a cluster (plain files in the store directory; see each module's docstring
 for the protocol and what holds on NFS)::
@@ -100,7 +102,7 @@ from .digest import (
     sha256_digest,
 )
 from .exclusive import create_exclusive
-from .index import BlobRecord, Index, TagRecord
+from .index import BATCH_RECORDS, BlobRecord, Index, IndexBatch, TagRecord
 from .index_lock import IndexInUse, IndexLock
 from .gc import (
     DEFAULT_GC_STALE_AFTER,
@@ -120,6 +122,7 @@ __all__ = [
     "ALGORITHM",
     "ALGORITHMS",
     "AccessStamps",
+    "BATCH_RECORDS",
     "BlobFile",
     "BlobFollower",
     "BlobNotFound",
@@ -135,6 +138,7 @@ __all__ = [
     "GC_LEASE",
     "GcResult",
     "Index",
+    "IndexBatch",
     "IndexInUse",
     "IndexLock",
     "InvalidDigest",

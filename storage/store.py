@@ -73,19 +73,22 @@ class Storage:
     def reindex(self) -> ReindexResult:
         """Make the index agree with the files: add blobs it lacks, drop those whose file is gone.
 
-        Media types, links and tags already in the index are kept; a full scan of the store.
+        Media types, links and tags already in the index are kept; a full scan of the store. Writes
+        go in batches of :data:`storage.index.BATCH_RECORDS` (one fdatasync each, not one per blob):
+        a crash part way leaves the batches committed so far, and running reindex again completes it.
         """
         on_disk = {}
         for found in self.blobs.iter_blobs():
             on_disk[found.digest] = found
         known = {record.digest: record for record in self.index.iter_blobs()}
         gone = known.keys() - on_disk.keys()
-        self.index.remove_blobs(gone)
-        removed = len(gone)
         added = 0
-        for digest, found in on_disk.items():
-            record = known.get(digest)
-            if record is None or record.size != found.size:
-                self.index.put_blob(digest, found.size, found.mtime)
-                added += 1
-        return ReindexResult(added=added, removed=removed, total=len(on_disk))
+        with self.index.batch() as batch:
+            for digest in gone:
+                batch.remove_blob(digest)
+            for digest, found in on_disk.items():
+                record = known.get(digest)
+                if record is None or record.size != found.size:
+                    batch.put_blob(digest, found.size, found.mtime)
+                    added += 1
+        return ReindexResult(added=added, removed=len(gone), total=len(on_disk))

@@ -142,8 +142,9 @@ class Manifests:
             self._remember(manifest)
             return manifest
         now = self.clock.seconds()
-        self.storage.index.put_blob(digest, len(body), now, media_type=media_type, repository=route.key)
-        self.storage.index.link(media.references(body), route.key)
+        with self.storage.index.batch() as batch:  # one transaction, one fdatasync, not two
+            batch.put_blob(digest, len(body), now, media_type=media_type, repository=route.key)
+            batch.link(media.references(body), route.key)
         self._remember(manifest)
         return manifest
 
@@ -214,8 +215,9 @@ class Manifests:
         and the tag is recorded here too, so the next request does not read the shared copy again."""
         body = await self.in_thread(read_stored, self.storage, known.digest)
         if body is not None:
-            self.storage.index.link([known.digest, *media.references(body)], route.key)
-            self.storage.index.set_tag(route.upstream.name, route.repository, tag, known.digest, known.checked)
+            with self.storage.index.batch() as batch:  # one transaction, not two
+                batch.link([known.digest, *media.references(body)], route.key)
+                batch.set_tag(route.upstream.name, route.repository, tag, known.digest, known.checked)
 
     async def _confirmed(self, route: Route, tag: str, digest: str, now: float) -> None:
         """Upstream confirmed tag -> digest: remember it here, and for the other nodes after the answer."""

@@ -107,6 +107,20 @@ def test_storing_a_manifest_already_in_the_store_writes_nothing(tmp_path) -> Non
     assert stored.digest == DIGEST and writes == []
 
 
+def test_a_stored_manifest_and_its_links_are_one_index_transaction(tmp_path) -> None:
+    """The record and every reference's link commit together: one fdatasync per manifest, not two."""
+    manifests, _, _, _ = make(tmp_path)
+    layer = "application/vnd.oci.image.layer.v1.tar+gzip"
+    layers = [{"mediaType": layer, "digest": sha256_digest(str(n).encode()), "size": 1} for n in range(5)]
+    body = json.dumps({"schemaVersion": 2, "mediaType": media.OCI_MANIFEST, "layers": layers}).encode()
+    env = manifests.storage.index.env
+    before = env.info()["last_txnid"]
+    stored = ensureDeferred(manifests.store(ROUTE, body, media.OCI_MANIFEST)).result
+    assert env.info()["last_txnid"] - before == 1
+    assert manifests.storage.index.get_blob(stored.digest).media_type == media.OCI_MANIFEST
+    assert all(manifests.storage.index.is_linked(layer["digest"], ROUTE.key) for layer in layers)
+
+
 def test_a_full_store_serves_the_manifest_without_keeping_it(tmp_path, monkeypatch) -> None:
     manifests, upstream, clock, _ = make(tmp_path)
 
