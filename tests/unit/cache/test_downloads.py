@@ -257,13 +257,16 @@ def test_followers_are_woken_per_megabyte_not_per_network_read(tmp_path) -> None
     joined = ensureDeferred(downloads.join(ROUTE, digest))
     client.answer.callback(response)
     download = joined.result
-    woken = download.changed(0)
-    for offset in range(0, (1 << 20) - 65536, 65536):
+    first = download.changed(0)
+    response.protocol.dataReceived(data[:65536])
+    assert first.called and download.written_bytes == 65536  # the first bytes go at once: a client waits
+    woken = download.changed(65536)
+    for offset in range(65536, 1 << 20, 65536):
         response.protocol.dataReceived(data[offset:offset + 65536])
     assert not woken.called  # under a megabyte past the reader: let it sleep
-    response.protocol.dataReceived(data[(1 << 20) - 65536:(2 << 20)])
+    response.protocol.dataReceived(data[1 << 20:(2 << 20)])
     assert woken.called
-    assert download.changed(0).called  # already a megabyte ahead of this reader
+    assert download.changed(65536).called  # already a megabyte ahead of this reader
     last = download.changed(2 << 20)
     response.protocol.dataReceived(data[2 << 20:])
     assert not last.called  # the rest is under a megabyte: the end wakes it
@@ -575,8 +578,14 @@ def no_space(monkeypatch, after: int = 0) -> None:
         budget[0] -= len(data)
         os.write(fd, data)
 
+    def writev_all(fd: int, pieces) -> int:
+        for piece in pieces:
+            write_all(fd, piece)
+        return sum(len(piece) for piece in pieces)
+
     for module in (storage_files, storage_blobstore, storage_lease):
         monkeypatch.setattr(module, "write_all", write_all)
+    monkeypatch.setattr(storage_blobstore, "writev_all", writev_all)
 
 
 def blobs_over(tmp_path, client: FakeClient):
