@@ -358,11 +358,10 @@ class Downloads:
                 return await self._follow_remote(route, digest)
         upstream = route.upstream.name
         try:
-            if await self.in_thread(self.storage.blobs.stat, digest) is not None:
+            # One trip to the pool, not two, before the upstream request: a client waits for it.
+            others = await self.in_thread(self._unless_stored, digest)
+            if others is None:
                 raise AlreadyStored(digest)  # committed elsewhere between our lookup and the lease
-            # A lease taken over from a dead holder leaves its half-written file: remove it, so no
-            # node follows it instead of ours.
-            others = await self.in_thread(self._drop_stale_temps, digest)
             response: IResponse = await self.upstreams.client(upstream).get_blob(route.repository, digest)
             size = None if response.length is UNKNOWN_LENGTH else int(response.length)
             try:
@@ -477,6 +476,14 @@ class Downloads:
         finally:
             del self._active[(download.route.upstream.name, download.digest)]
             download._end(committed)
+
+    def _unless_stored(self, digest: str) -> int | None:
+        """None if the blob is stored; else, as it is about to be fetched, :meth:`_drop_stale_temps`:
+        a lease taken over from a dead holder leaves its half-written file, which no node must
+        follow instead of ours."""
+        if self.storage.blobs.stat(digest) is not None:
+            return None
+        return self._drop_stale_temps(digest)
 
     def _drop_stale_temps(self, digest: str, keep: str | None = None) -> int:
         """Remove this digest's temp files untouched for ``lease_timeout``; how many others remain."""
