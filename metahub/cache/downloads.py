@@ -1,13 +1,14 @@
 """Single flight: one upstream download per blob per cluster, followed by every client that wants it.
 
-A :class:`Download` hands the upstream body, in pieces of about a megabyte, to two lanes: serial
-queues on a few threads every download shares (:mod:`metahub.runtime.lane`). One writes the pieces
-into a :class:`storage.BlobWriter`'s temporary file, the other hashes the same pieces in the same
-order, so hashing (about as costly as the write) overlaps the write instead of following it, and
-neither the hashing nor a stalled shared filesystem holds up the reactor. The first piece goes at
-once, however small, so a client's first byte does not wait for a megabyte. When the lanes fall
-behind (a slow disk, or every worker busy), the upstream connection is paused, so a download
-waiting for a worker holds :data:`QUEUED_LIMIT` bytes at most. Clients never read from the network stream: they read the growing temporary file through
+A :class:`Download` hands the upstream body, in pieces of about a megabyte, to a lane: a serial
+queue on a few threads every download shares (:mod:`metahub.runtime.lane`), which writes them into
+a :class:`storage.BlobWriter`'s temporary file (one ``writev`` per piece, no join) and hashes them,
+in order, so neither the hashing nor a stalled shared filesystem holds up the reactor. Hashing in a
+second lane beside the writes was measured and cost more CPU than it saved wall time on two shared
+cores (docs/benchmarks.md, "Scenario 10: the cold path"). The first piece goes at once, however
+small, so a client's first byte does not wait for a megabyte. When the lane falls behind (a slow
+disk, or every worker busy), the upstream connection is paused, so a download waiting for a worker
+holds :data:`QUEUED_LIMIT` bytes at most. Clients never read from the network stream: they read the growing temporary file through
 a :class:`storage.BlobFollower`, woken as bytes land, so a slow client costs no memory and the first
 client is served exactly like the twentieth. Once every byte has verified, this node's followers may
 end before the commit's fsync; on a digest mismatch the writer refuses to commit, the followers see
@@ -72,7 +73,7 @@ REMOTE_POLL = 0.05
 WAKE_BYTES = 1 << 20
 #: Upstream bytes go to the lane in pieces of about this size: one job and one wake-up per piece.
 WRITE_BYTES = 1 << 20
-#: Bytes handed to the lanes but not yet both written and hashed beyond which the upstream connection is paused
+#: Bytes handed to the lane but not yet written beyond which the upstream connection is paused
 #: (resumed at half): a disk slower than the network costs this much memory, not the whole blob.
 QUEUED_LIMIT = 4 << 20
 
@@ -130,14 +131,13 @@ class Download:
 
     def __init__(
         self, digest: str, route: Route, size: int | None, writer: BlobWriter | None, clock: IReactorTime,
-        lane: Lane | None = None, hash_lane: Lane | None = None,
+        lane: Lane | None = None,
     ) -> None:
         self.digest = digest
         self.route = route
         self.size = size
         self.writer = writer
-        self.lane = lane  # where the writer writes, verifies and commits; set with it
-        self.hash_lane = hash_lane  # where it hashes the pieces the other lane writes; set with it
+        self.lane = lane  # where the writer runs; set with it
         self.clock = clock
         #: The temporary file followers read; another node's is found once it exists.
         self.temp_path: str | None = writer.temp_path if writer is not None else None
@@ -146,12 +146,12 @@ class Download:
         #: Every byte was written and hashed right: this node's followers may end before the commit.
         self.verified = False
         self.write_error: BaseException | None = None
-        #: The upstream body's transport while it is open: paused while the lanes are behind.
+        #: The upstream body's transport while it is open: paused while the lane is behind.
         self.flow: IPushProducer | None = None
         self.paused = False
         self._pieces: list[bytes] = []
         self._piece_bytes = 0
-        self._queued = 0  # handed to the lanes, not yet both written and hashed
+        self._queued = 0  # handed to the lane, not yet written
         self.finished: Deferred[bool] = Deferred()  # True when committed
         #: Set when it ends: True if committed. A follower of a download that ended without a
         #: commit may still finish its response from another source when :attr:`recoverable`.
@@ -175,30 +175,22 @@ class Download:
             self.flush()
 
     def flush(self) -> Deferred[None]:
-        """Hand what was received to the lanes; fires once it and everything before it is written
-        and hashed (the lanes keep order)."""
-        assert self.writer is not None and self.lane is not None and self.hash_lane is not None
+        """Hand what was received to the lane; fires once it and everything before it is written."""
+        assert self.writer is not None and self.lane is not None
         pieces, size = self._pieces, self._piece_bytes
         self._pieces, self._piece_bytes = [], 0
         self._queued += size
-        # Both lanes hold the same bytes objects: no copy. Followers read what is written, and their
-        # last byte waits for ``verified``, which needs every piece hashed too.
-        written: Deferred[None] = self.lane.run(self.writer.write_pieces, pieces)
+        written: Deferred[None] = self.lane.run(_write_pieces, self.writer, pieces)
         written.addCallbacks(self._written, self._write_failed, callbackArgs=(size,))
-        hashed: Deferred[None] = self.hash_lane.run(self.writer.hash_pieces, pieces)
-        hashed.addErrback(self._write_failed)
-        settled = gatherResults([written, hashed]).addCallback(self._settled, size)
         if self._queued > QUEUED_LIMIT and not self.paused and self.flow is not None:
             self.paused = True
             self.flow.pauseProducing()
-        return settled
+        return written
 
     def _written(self, _: None, size: int) -> None:
+        self._queued -= size
         self.written_bytes += size
         self._wake(everyone=False)
-
-    def _settled(self, _: object, size: int) -> None:
-        self._queued -= size
         if self.paused and self._queued <= QUEUED_LIMIT // 2:
             self.paused = False
             if self.flow is not None:
@@ -373,9 +365,7 @@ class Downloads:
             if lease is not None:
                 await self._release(lease)
             raise
-        # Two lanes of the shared pool: writing and hashing overlap, and the threads stay bounded.
-        name = parse_digest(digest)[:12]
-        download = Download(digest, route, size, writer, self.clock, self.lanes(f"write {name}"), self.lanes(f"hash {name}"))
+        download = Download(digest, route, size, writer, self.clock, self.lanes(f"download {parse_digest(digest)[:12]}"))
         if others:
             self.clock.callLater(self.lease_timeout, lambda: ensureDeferred(self._drop_later(digest, writer.temp_path)))
         if lease is not None:
@@ -543,14 +533,14 @@ class Downloads:
         return ("committed" if self.storage.blobs.stat(digest) is not None else "gone"), None
 
     async def _finish(self, download: Download, reason: Failure) -> None:
-        writer, lane, hash_lane = download.writer, download.lane, download.hash_lane
-        assert writer is not None and lane is not None and hash_lane is not None
+        writer, lane = download.writer, download.lane
+        assert writer is not None and lane is not None
         upstream = download.route.upstream.name
         client = self.upstreams.client(upstream)
         client.received(download.received_bytes)
         committed = False
         try:
-            await download.flush()  # the last piece; the lanes keep order, so all are written and hashed then
+            await download.flush()  # the last piece; the lane keeps order, so all are written then
             if download.write_error is None and reason.check(ResponseDone):
                 await lane.run(writer.verify)
                 download.verified = True
@@ -596,7 +586,6 @@ class Downloads:
             self.capacity.failed(error, f"blob {download.digest}")
         finally:
             lane.close()
-            hash_lane.close()
             if download.heartbeat is not None and download.heartbeat.running:
                 download.heartbeat.stop()
             if download.lease is not None:
@@ -605,3 +594,9 @@ class Downloads:
             self.metrics.in_flight.dec()
             download._end(committed)
 
+
+def _write_pieces(writer: BlobWriter, pieces: list[bytes]) -> None:
+    """In the lane: one ``writev`` of the pieces (no join: a join copies every byte once more),
+    then their hash. ``hashlib`` and ``os.writev`` let go of the GIL, so this runs beside the reactor."""
+    writer.write_pieces(pieces)
+    writer.hash_pieces(pieces)

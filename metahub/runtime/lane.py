@@ -1,11 +1,10 @@
 """Lanes: a download's blocking jobs run one after another, in order, on threads all downloads share.
 
-A download's bytes are written to its temporary file in one lane and hashed in another, not on
-the reactor: hashing 200 MiB costs a core for a while, and a write to a shared store can stall for
-as long as the NFS server does. Two lanes let the hashing overlap the write (a download then keeps
-at most two workers busy). Order matters (the hash is of the bytes in sequence, and the commit
-comes after the last write), which is why a lane is not simply the reactor's pool, whose threads
-take jobs in any order.
+A download's bytes are hashed and written to its temporary file in a lane, not on the reactor:
+hashing 200 MiB costs a core for a while, and a write to a shared store can stall for as long as
+the NFS server does. Order matters (the hash is of the bytes in sequence, and the commit comes
+after the last write), which is why a lane is not simply the reactor's pool, whose threads take
+jobs in any order.
 
 Every lane runs on one :class:`LanePool`: a fixed number of worker threads, however many downloads
 are under way, so 50 cold layers cost the same few threads as 2 (a thread per download cost 50).
