@@ -8,9 +8,9 @@ second lane beside the writes was measured and cost more CPU than it saved wall 
 cores (docs/benchmarks.md, "Scenario 10: the cold path"). The first piece goes at once, however
 small, so a client's first byte does not wait for a megabyte. When the lane falls behind (a slow
 disk, or every worker busy), the upstream connection is paused, so a download waiting for a worker
-holds :data:`QUEUED_LIMIT` bytes at most. Clients never read from the network stream: they read the growing temporary file through
-a :class:`storage.BlobFollower`, woken as bytes land, so a slow client costs no memory and the first
-client is served exactly like the twentieth. Once every byte has verified, this node's followers may
+holds :data:`QUEUED_LIMIT` bytes at most. Clients never read from the network stream: they read
+the growing temporary file through a :class:`storage.BlobFollower`, woken as bytes land, so a slow
+client costs no memory and the first client is served exactly like the twentieth. Once every byte has verified, this node's followers may
 end before the commit's fsync; on a digest mismatch the writer refuses to commit, the followers see
 FAILED, and their responses are aborted.
 
