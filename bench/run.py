@@ -596,9 +596,10 @@ class Bench:
     # scenario 4
 
     def cpu_note(self) -> None:
-        """CPU per unit of work: scenario 1 per GB served, 3 per request, 2 and 5 per round."""
+        """CPU per unit of work: scenario 1 per GB served, 3 per request, 2, 5 and 10 per round."""
         parts = []
-        for scenario, unit in (("1", "s/GB"), ("2", "s per fan-in"), ("3", "us/request"), ("5", "s per pull")):
+        units = (("1", "s/GB"), ("2", "s per fan-in"), ("3", "us/request"), ("5", "s per pull"), ("10", "s per pull"))
+        for scenario, unit in units:
             figures = []
             for who in ("metahub", "distribution"):
                 cpu = sum(self.values(f"cpu{scenario}", who))

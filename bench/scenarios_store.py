@@ -310,15 +310,18 @@ class StoreScenarios:
             raise RuntimeError(f"scenario 10: wrote {written['bytes']} of {blob.size} bytes")
         servers: dict[str, MetahubServer | DistributionServer] = {
             "metahub": bench.metahub, "distribution": bench.distribution}
-        pulled = {}
+        pulled, cpu = {}, {}
         for who in order:
             os.sync()
+            before = cpu_seconds(servers[who].pid)
             pulled[who] = bench.client.download(servers[who].url, blob, f"scenario 10 {who}")
+            cpu[who] = cpu_seconds(servers[who].pid) - before  # moves least with the machine's load
         if record:
             bench.sample("10", "direct", direct)
             bench.sample("10", "write", written)
             for who, result in pulled.items():
                 bench.sample("10", who, result)
+                bench.sample("cpu10", who, cpu[who])
 
     def _write_fsync(self, source: Path, directory: Path) -> dict[str, Any]:
         done = subprocess.run([sys.executable, "-m", "bench.write_fsync", str(source), str(directory)],

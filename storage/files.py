@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
@@ -12,6 +13,25 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
+
+
+#: The most buffers one ``writev`` takes (POSIX IOV_MAX; Linux's is 1024).
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16
+
+
+def writev_all(fd: int, pieces: Sequence[bytes | memoryview]) -> int:
+    """Write ``pieces`` in order with as few ``os.writev`` calls as they take, without joining them
+    (a join copies every byte once more); returns the bytes written. A write may take only part."""
+    views = [memoryview(piece) for piece in pieces if len(piece)]
+    total = 0
+    while views:
+        done = os.writev(fd, views[:_IOV_MAX])
+        total += done
+        while views and done >= len(views[0]):
+            done -= len(views.pop(0))
+        if done:
+            views[0] = views[0][done:]
+    return total
 
 
 def fsync_dir(path: str) -> None:

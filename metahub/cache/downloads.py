@@ -1,13 +1,16 @@
 """Single flight: one upstream download per blob per cluster, followed by every client that wants it.
 
 A :class:`Download` hands the upstream body, in pieces of about a megabyte, to a lane: a serial
-queue on a few threads every download shares (:mod:`metahub.runtime.lane`), which hashes and writes
-them into a :class:`storage.BlobWriter` in order, so neither the hashing nor a stalled shared
-filesystem holds up the reactor. When the lane falls behind (a slow disk, or every worker busy), the
-upstream connection is paused, so a download waiting for a worker holds :data:`QUEUED_LIMIT` bytes
-at most. Clients never read from the network stream: they read the growing temporary file through
-a :class:`storage.BlobFollower`, woken as bytes land, so a slow client costs no memory and the first
-client is served exactly like the twentieth. Once every byte has verified, this node's followers may
+queue on a few threads every download shares (:mod:`metahub.runtime.lane`), which writes them into
+a :class:`storage.BlobWriter`'s temporary file (one ``writev`` per piece, no join) and hashes them,
+in order, so neither the hashing nor a stalled shared filesystem holds up the reactor. Hashing in a
+second lane beside the writes was measured and cost more CPU than it saved wall time on two shared
+cores (docs/benchmarks.md, "Scenario 10: the cold path"). The first piece goes at once, however
+small, so a client's first byte does not wait for a megabyte. When the lane falls behind (a slow
+disk, or every worker busy), the upstream connection is paused, so a download waiting for a worker
+holds :data:`QUEUED_LIMIT` bytes at most. Clients never read from the network stream: they read
+the growing temporary file through a :class:`storage.BlobFollower`, woken as bytes land, so a slow
+client costs no memory and the first client is served exactly like the twentieth. Once every byte has verified, this node's followers may
 end before the commit's fsync; on a digest mismatch the writer refuses to commit, the followers see
 FAILED, and their responses are aborted.
 
@@ -164,10 +167,11 @@ class Download:
     def received(self, data: bytes) -> None:
         if self.size is not None and self.received_bytes + len(data) > self.size:
             raise SizeMismatch(self.size, self.received_bytes + len(data))
+        first = self.received_bytes == 0
         self.received_bytes += len(data)
         self._pieces.append(data)
         self._piece_bytes += len(data)
-        if self._piece_bytes >= WRITE_BYTES:
+        if first or self._piece_bytes >= WRITE_BYTES:  # the first at once: a client waits for it
             self.flush()
 
     def flush(self) -> Deferred[None]:
@@ -222,10 +226,12 @@ class Download:
         if self.finished.called:
             return deferLater(self.clock, REMOTE_POLL, lambda: None)
         waiter: Deferred[None] = Deferred()
-        if self.writer is not None and position + WAKE_BYTES <= self.written_bytes:
+        # A follower that has read nothing yet wakes at the first bytes: its client waits for them.
+        wanted = position + WAKE_BYTES if position else 1
+        if self.writer is not None and wanted <= self.written_bytes:
             waiter.callback(None)
         else:
-            self._waiters.append((position + WAKE_BYTES, waiter))
+            self._waiters.append((wanted, waiter))
         return waiter
 
     def _wake(self, everyone: bool = True) -> None:
@@ -344,11 +350,10 @@ class Downloads:
                 return await self._follow_remote(route, digest)
         upstream = route.upstream.name
         try:
-            if await self.in_thread(self.storage.blobs.stat, digest) is not None:
+            # One trip to the pool, not two, before the upstream request: a client waits for it.
+            others = await self.in_thread(self._unless_stored, digest)
+            if others is None:
                 raise AlreadyStored(digest)  # committed elsewhere between our lookup and the lease
-            # A lease taken over from a dead holder leaves its half-written file: remove it, so no
-            # node follows it instead of ours.
-            others = await self.in_thread(self._drop_stale_temps, digest)
             response: IResponse = await self.upstreams.client(upstream).get_blob(route.repository, digest)
             size = None if response.length is UNKNOWN_LENGTH else int(response.length)
             try:
@@ -462,6 +467,14 @@ class Downloads:
             del self._active[(download.route.upstream.name, download.digest)]
             download._end(committed)
 
+    def _unless_stored(self, digest: str) -> int | None:
+        """None if the blob is stored; else, as it is about to be fetched, :meth:`_drop_stale_temps`:
+        a lease taken over from a dead holder leaves its half-written file, which no node must
+        follow instead of ours."""
+        if self.storage.blobs.stat(digest) is not None:
+            return None
+        return self._drop_stale_temps(digest)
+
     def _drop_stale_temps(self, digest: str, keep: str | None = None) -> int:
         """Remove this digest's temp files untouched for ``lease_timeout``; how many others remain."""
         now = self.leases.clock()
@@ -533,8 +546,12 @@ class Downloads:
                 download.verified = True
                 download._wake()  # this node's followers may send their last byte before the fsync
                 await lane.run(writer.commit)
-                now = self.clock.seconds()
-                self.storage.index.put_blob(download.digest, download.received_bytes, now, repository=download.route.key)
+                # An LMDB write transaction ends in an fdatasync: on the store's pool, not the
+                # reactor. Awaited before ``committed``, so waiters hear "stored" once it is indexed.
+                index, now = self.storage.index, self.clock.seconds()
+                await self.in_thread(
+                    lambda: index.put_blob(download.digest, download.received_bytes, now, repository=download.route.key)
+                )
                 committed = True
                 self.capacity.stored()
             elif not await self._still_ours(download):
@@ -579,6 +596,7 @@ class Downloads:
 
 
 def _write_pieces(writer: BlobWriter, pieces: list[bytes]) -> None:
-    """In the lane: ``hashlib`` and ``os.write`` let go of the GIL, so this runs beside the reactor."""
-    for piece in pieces:
-        writer.write(piece)
+    """In the lane: one ``writev`` of the pieces (no join: a join copies every byte once more),
+    then their hash. ``hashlib`` and ``os.writev`` let go of the GIL, so this runs beside the reactor."""
+    writer.write_pieces(pieces)
+    writer.hash_pieces(pieces)

@@ -123,6 +123,46 @@ def test_concurrent_joins_share_one_fetch_and_commit(tmp_path) -> None:
     assert storage.index.is_linked(digest, ROUTE.key)
 
 
+def test_the_commit_is_indexed_in_the_pool_before_waiters_hear_of_it(tmp_path) -> None:
+    """The index's write transaction ends in an fdatasync: it runs on the store's pool, not the
+    reactor, and the download reports "stored" only once the blob is indexed."""
+    data = os.urandom(5000)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    downloads, client, _, storage = make(tmp_path, response)
+    held: list[tuple[Callable, tuple, Deferred]] = []
+    in_pool: list[bool] = []
+    running = False
+    put_blob = storage.index.put_blob
+
+    def held_in_thread(function, *args) -> Deferred:
+        done: Deferred = Deferred()
+        held.append((function, args, done))
+        return done
+
+    def put_blob_watched(*args, **kwargs):
+        in_pool.append(running)
+        return put_blob(*args, **kwargs)
+
+    storage.index.put_blob = put_blob_watched  # type: ignore[method-assign]
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    download = joined.result
+    downloads.in_thread = held_in_thread  # from here on the pool is ours to run
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert storage.blobs.stat(digest) is not None  # the file is committed ...
+    assert storage.index.get_blob(digest) is None and not download.finished.called  # ... not yet indexed
+    while held:
+        function, args, done = held.pop(0)
+        running = True
+        result = function(*args)
+        running = False
+        done.callback(result)
+    assert in_pool == [True] and download.finished.result is True
+    assert storage.index.get_blob(digest).size == 5000
+
+
 def test_wrong_bytes_are_not_committed(tmp_path) -> None:
     digest = sha256_digest(b"right")
     response = FakeResponse(5)
@@ -224,13 +264,16 @@ def test_followers_are_woken_per_megabyte_not_per_network_read(tmp_path) -> None
     joined = ensureDeferred(downloads.join(ROUTE, digest))
     client.answer.callback(response)
     download = joined.result
-    woken = download.changed(0)
-    for offset in range(0, (1 << 20) - 65536, 65536):
+    first = download.changed(0)
+    response.protocol.dataReceived(data[:65536])
+    assert first.called and download.written_bytes == 65536  # the first bytes go at once: a client waits
+    woken = download.changed(65536)
+    for offset in range(65536, 1 << 20, 65536):
         response.protocol.dataReceived(data[offset:offset + 65536])
     assert not woken.called  # under a megabyte past the reader: let it sleep
-    response.protocol.dataReceived(data[(1 << 20) - 65536:(2 << 20)])
+    response.protocol.dataReceived(data[1 << 20:(2 << 20)])
     assert woken.called
-    assert download.changed(0).called  # already a megabyte ahead of this reader
+    assert download.changed(65536).called  # already a megabyte ahead of this reader
     last = download.changed(2 << 20)
     response.protocol.dataReceived(data[2 << 20:])
     assert not last.called  # the rest is under a megabyte: the end wakes it
@@ -542,8 +585,14 @@ def no_space(monkeypatch, after: int = 0) -> None:
         budget[0] -= len(data)
         os.write(fd, data)
 
+    def writev_all(fd: int, pieces) -> int:
+        for piece in pieces:
+            write_all(fd, piece)
+        return sum(len(piece) for piece in pieces)
+
     for module in (storage_files, storage_blobstore, storage_lease):
         monkeypatch.setattr(module, "write_all", write_all)
+    monkeypatch.setattr(storage_blobstore, "writev_all", writev_all)
 
 
 def blobs_over(tmp_path, client: FakeClient):
