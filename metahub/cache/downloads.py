@@ -546,12 +546,8 @@ class Downloads:
                 download.verified = True
                 download._wake()  # this node's followers may send their last byte before the fsync
                 await lane.run(writer.commit)
-                # An LMDB write transaction ends in an fdatasync: on the store's pool, not the
-                # reactor. Awaited before ``committed``, so waiters hear "stored" once it is indexed.
-                index, now = self.storage.index, self.clock.seconds()
-                await self.in_thread(
-                    lambda: index.put_blob(download.digest, download.received_bytes, now, repository=download.route.key)
-                )
+                now = self.clock.seconds()
+                self.storage.index.put_blob(download.digest, download.received_bytes, now, repository=download.route.key)
                 committed = True
                 self.capacity.stored()
             elif not await self._still_ours(download):

@@ -123,46 +123,6 @@ def test_concurrent_joins_share_one_fetch_and_commit(tmp_path) -> None:
     assert storage.index.is_linked(digest, ROUTE.key)
 
 
-def test_the_commit_is_indexed_in_the_pool_before_waiters_hear_of_it(tmp_path) -> None:
-    """The index's write transaction ends in an fdatasync: it runs on the store's pool, not the
-    reactor, and the download reports "stored" only once the blob is indexed."""
-    data = os.urandom(5000)
-    digest = sha256_digest(data)
-    response = FakeResponse(len(data))
-    downloads, client, _, storage = make(tmp_path, response)
-    held: list[tuple[Callable, tuple, Deferred]] = []
-    in_pool: list[bool] = []
-    running = False
-    put_blob = storage.index.put_blob
-
-    def held_in_thread(function, *args) -> Deferred:
-        done: Deferred = Deferred()
-        held.append((function, args, done))
-        return done
-
-    def put_blob_watched(*args, **kwargs):
-        in_pool.append(running)
-        return put_blob(*args, **kwargs)
-
-    storage.index.put_blob = put_blob_watched  # type: ignore[method-assign]
-    joined = ensureDeferred(downloads.join(ROUTE, digest))
-    client.answer.callback(response)
-    download = joined.result
-    downloads.in_thread = held_in_thread  # from here on the pool is ours to run
-    response.protocol.dataReceived(data)
-    response.protocol.connectionLost(Failure(ResponseDone()))
-    assert storage.blobs.stat(digest) is not None  # the file is committed ...
-    assert storage.index.get_blob(digest) is None and not download.finished.called  # ... not yet indexed
-    while held:
-        function, args, done = held.pop(0)
-        running = True
-        result = function(*args)
-        running = False
-        done.callback(result)
-    assert in_pool == [True] and download.finished.result is True
-    assert storage.index.get_blob(digest).size == 5000
-
-
 def test_wrong_bytes_are_not_committed(tmp_path) -> None:
     digest = sha256_digest(b"right")
     response = FakeResponse(5)
