@@ -26,7 +26,7 @@ from metahub.config.file import Config
 from metahub.runtime.lane import LanePool, default_workers
 from metahub.runtime.memory import Releaser
 from metahub.runtime.metrics import Metrics
-from metahub.runtime.pools import ThreadPoolRunner
+from metahub.runtime.pools import ThreadPoolRunner, default_io_threads
 from metahub.runtime.threads import BoundedPool
 from metahub.upstream.client import UpstreamClient, make_http_clients
 from metahub.upstream.upstreams import Upstreams
@@ -131,16 +131,21 @@ class Root:
 
     # --- threads, metrics, upstreams ---------------------------------------------------------
 
+    @property
+    def io_threads(self) -> int:
+        """Threads of each store pool: ``storage.io_threads``, else sized from the cores."""
+        return self.config.storage.io_threads or default_io_threads()
+
     @cached_property
     def in_thread(self) -> ThreadPoolRunner:
         """Store I/O (opens, stats, leases, directories) on threads of its own: a stalled mount
         costs these, not the reactor's pool, which also resolves upstream host names."""
-        return ThreadPoolRunner(self.reactor, self.config.storage.io_threads, "metahub-store")
+        return ThreadPoolRunner(self.reactor, self.io_threads, "metahub-store")
 
     @cached_property
     def store_reads(self) -> ThreadPoolRunner:
         """Reads of blob files already open, never queued behind opens a stalled store holds up."""
-        return ThreadPoolRunner(self.reactor, self.config.storage.io_threads, "metahub-store-reads")
+        return ThreadPoolRunner(self.reactor, self.io_threads, "metahub-store-reads")
 
     @cached_property
     def lanes(self) -> LanePool:

@@ -532,7 +532,7 @@ class StorageConfig(_Keys):
     lease_timeout: Duration = 30.0  # a download lease silent this long belongs to a dead node
     gc_interval: Duration = 600.0  # how often a node tries to collect (one node at a time)
     gc_grace: Interval = 3600.0  # blobs read this recently are never evicted
-    io_threads: Count = 8  # threads for store I/O, and as many again for reads of open files
+    io_threads: Count | None = None  # threads for store I/O, as many for reads; None: runtime.pools.default_io_threads()
     write_threads: Count | None = None  # threads hashing and writing downloads; None: runtime.lane.default_workers()
 
     @pydantic.model_validator(mode="after")

@@ -5,7 +5,7 @@ slowly enough that all 24 downloads are under way together. 24 clients fetch the
 metahub at once while the test counts the server's threads (``/proc/PID/task``). A thread per
 download cost 24 threads on top of the server's own; on the shared lane pool the count stays within
 what the server's pools may hold whatever the number of layers: the main thread, the reactor's pool
-(Twisted's default of 10, for host name lookups), the two store pools (``storage.io_threads`` each,
+(capped at 2, for host name lookups), the two store pools (``storage.io_threads`` each,
 1 here so the downloads' share stands out) and ``storage.write_threads``. Each blob is fetched from
 upstream once and arrives byte for byte.
 """
@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from metahub.app.service import RESOLVER_THREADS
 from storage import sha256_digest
 from tests.peers import skopeo
 from tests.peers.oci import make_image
@@ -33,7 +34,7 @@ LAYER_BYTES = 2_000_000
 RATE = 4_000_000
 IO_THREADS = 1
 WRITE_THREADS = 3
-REACTOR_POOL = 10  # twisted.internet.base.ReactorBase's thread pool: maxthreads=10
+REACTOR_POOL = RESOLVER_THREADS  # the reactor's pool, capped by the service tree
 
 
 class ThreadCounter:

@@ -348,7 +348,7 @@ def test_io_threads_is_a_whole_number_of_at_least_one(tmp_path) -> None:
         return {"storage": {"path": str(tmp_path / "store"), "index": str(tmp_path / "index"), **storage},
                 "upstreams": {"docker.io": {"url": "https://registry-1.docker.io"}}}
 
-    assert parse_config(config(), str(tmp_path)).storage.io_threads == 8
+    assert parse_config(config(), str(tmp_path)).storage.io_threads is None  # sized from the cores
     assert parse_config(config(io_threads=3), str(tmp_path)).storage.io_threads == 3
     for bad in (0, 2.5, "many", True):
         try:

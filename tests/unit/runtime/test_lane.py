@@ -203,11 +203,12 @@ def test_stop_ends_idle_workers_without_waiting_for_a_stalled_one_and_a_later_jo
     wait_until(lambda: pool.workers == 0, "every worker to end")
 
 
-def test_the_default_is_two_workers_per_core_and_at_most_eight(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_is_one_worker_per_core_and_at_most_four(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    for cores, expected in ((1, 2), (2, 4), (4, 8), (64, MAX_DEFAULT_WORKERS)):
+    for cores, expected in ((1, 1), (2, 2), (4, 4), (64, MAX_DEFAULT_WORKERS)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda _, cores=cores: set(range(cores)))
         assert default_workers() == expected
+    assert MAX_DEFAULT_WORKERS == 4
     with pytest.raises(ValueError):
         LanePool(reactor=CollectingReactor(), threads=0, name="test")

@@ -2,12 +2,15 @@
 makes the pool add threads (after GROW_AFTER each) up to its limit, so other calls still run."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
+import pytest
 from twisted.internet.task import Clock
 
-from metahub.runtime.pools import GROW_AFTER, ThreadPoolRunner
+from metahub.runtime.lane import default_workers
+from metahub.runtime.pools import GROW_AFTER, ThreadPoolRunner, default_io_threads
 
 WAIT = 10.0
 
@@ -78,3 +81,13 @@ def test_a_stalled_call_makes_the_pool_grow_up_to_its_limit_and_no_further() -> 
     finally:
         stall.set()
         runner.stop()
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 2), (2, 2), (4, 3), (8, 4), (64, 4)])
+def test_the_default_store_pool_fits_the_process_within_two_threads_per_core_plus_eight(
+    monkeypatch: pytest.MonkeyPatch, cores: int, expected: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(cores)))
+    assert default_io_threads() == expected
+    # main, two store pools, the download lanes, two KDF and two resolver threads at most.
+    assert 1 + 2 * default_io_threads() + default_workers() + 2 + 2 <= 2 * cores + 8
