@@ -137,7 +137,7 @@ class BlobCache:
             committed = await self.open(digest)
             if committed is not None:
                 return committed
-        self.metrics.cache.labels("blob", "miss").inc()
+        self.metrics.count_lookup("blob", "miss")
         return None
 
     async def open(self, digest: str) -> Committed | None:
@@ -148,7 +148,7 @@ class BlobCache:
             self.storage.forget(digest)
             return None
         try:
-            self.metrics.cache.labels("blob", "hit").inc()
+            self.metrics.count_lookup("blob", "hit")
             self.storage.record_access(digest, self.clock.seconds())
         except BaseException:
             reader.close()
