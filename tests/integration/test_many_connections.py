@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.peers.ports import LOOPBACK
+from tests.peers.require import missing
 
 from .metahub_process import Metahub
 
@@ -46,7 +47,7 @@ def soft_open_files_limit(soft: int) -> Iterator[None]:
 def room() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < NEEDED:
-        pytest.skip(f"the hard open files limit ({hard}) is below the {NEEDED} this test needs")
+        missing(f"the hard open files limit ({hard}) is below the {NEEDED} this test needs")
     if soft != resource.RLIM_INFINITY and soft < NEEDED:
         resource.setrlimit(resource.RLIMIT_NOFILE, (NEEDED, hard))
 
