@@ -7,8 +7,7 @@ Layout under the store root::
 
 The protocol, which holds across threads, processes and nodes sharing the directory:
 
-* A writer creates its own uniquely named temporary file, hashes every byte it writes (as it writes
-  it, or in a second thread beside the writes: :meth:`BlobWriter.write_pieces`), and on
+* A writer creates its own uniquely named temporary file, hashes every byte it writes, and on
   :meth:`BlobWriter.commit` fsyncs and renames it to the blob's name only if the sha256 (and the size,
   when one was expected) match. Nothing under a blob's name is ever partial or unverified. Two writers
   of the same digest both succeed: the second finds the blob there and drops its own copy.
@@ -199,7 +198,6 @@ class BlobWriter:
         self.expected_size = size
         self.bytes_written = 0
         self._hash = hashlib.sha256()
-        self._bytes_hashed = 0
         self._fd: int | None = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._finalizer = weakref.finalize(self, _discard, self._fd, temp_path)
         self.committed = False
@@ -220,13 +218,10 @@ class BlobWriter:
             raise BlobWriteError(f"writing {self.temp_path} failed: {failure}") from failure
         self._hash.update(data)
         self.bytes_written += len(data)
-        self._bytes_hashed += len(data)
 
     def write_pieces(self, pieces: Sequence[bytes | memoryview]) -> None:
-        """Write ``pieces`` without hashing them (one ``writev``, no join): the writing half of
-        :meth:`write`, for a caller that hashes the same pieces, in the same order, through
-        :meth:`hash_pieces` in another thread, so hashing overlaps the write. The two halves may run
-        at once (each touches only its own state); :meth:`verify` must come after both."""
+        """:meth:`write` of several pieces in one ``writev`` (no join, which would copy every
+        byte once more), then their hash."""
         if self._fd is None:
             raise BlobWriteError("write on a closed blob writer")
         if self._verified:
@@ -240,13 +235,9 @@ class BlobWriter:
         except OSError as failure:
             self.abort()
             raise BlobWriteError(f"writing {self.temp_path} failed: {failure}") from failure
-        self.bytes_written += size
-
-    def hash_pieces(self, pieces: Sequence[bytes | memoryview]) -> None:
-        """The hashing half of :meth:`write` for pieces :meth:`write_pieces` writes."""
         for piece in pieces:
             self._hash.update(piece)
-            self._bytes_hashed += len(piece)
+        self.bytes_written += size
 
     def verify(self) -> None:
         """Check the size and the digest of everything written so far, before :meth:`commit`.
@@ -259,9 +250,6 @@ class BlobWriter:
             raise BlobWriteError("verify on a closed blob writer")
         if self._verified:
             return
-        if self._bytes_hashed != self.bytes_written:  # a caller's bug: the halves did not see the same bytes
-            self.abort()
-            raise BlobWriteError(f"{self._bytes_hashed} bytes hashed but {self.bytes_written} written")
         actual = from_hex(self._hash.hexdigest())
         if self.expected_size is not None and self.bytes_written != self.expected_size:
             self.abort()

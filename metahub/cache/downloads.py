@@ -592,7 +592,6 @@ class Downloads:
 
 
 def _write_pieces(writer: BlobWriter, pieces: list[bytes]) -> None:
-    """In the lane: one ``writev`` of the pieces (no join: a join copies every byte once more),
-    then their hash. ``hashlib`` and ``os.writev`` let go of the GIL, so this runs beside the reactor."""
+    """In the lane: one ``writev`` of the pieces, then their hash. ``hashlib`` and ``os.writev``
+    let go of the GIL, so this runs beside the reactor."""
     writer.write_pieces(pieces)
-    writer.hash_pieces(pieces)

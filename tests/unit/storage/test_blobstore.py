@@ -407,40 +407,33 @@ def test_vouching_is_ignored_for_another_nodes_file(tmp_path) -> None:
     assert follower.state is FollowState.COMMITTED
 
 
-def test_pieces_written_and_hashed_in_two_threads_commit(store) -> None:
-    """The two halves of a write, each in a thread of its own, make the same verified blob."""
-    import threading
-
+def test_pieces_written_in_one_writev_commit(store) -> None:
+    """Pieces written together make the same verified blob as the bytes in one piece."""
     pieces = [os.urandom(n) for n in (1, 65536, 0, 4097, 300000)]
     data = b"".join(pieces)
     writer = store.writer(digest_of(data), len(data))
-    hasher = threading.Thread(target=lambda: [writer.hash_pieces([p]) for p in pieces])
-    hasher.start()
     writer.write_pieces(pieces[:2])
     writer.write_pieces(pieces[2:])
-    hasher.join()
     with open(writer.temp_path, "rb") as written:
         assert written.read() == data  # followers see the bytes before the commit
     assert open(writer.commit(), "rb").read() == data
-
-
-def test_pieces_hashed_short_of_those_written_do_not_verify(store) -> None:
-    data = os.urandom(5000)
-    writer = store.writer(digest_of(data), len(data))
-    writer.write_pieces([data])
-    writer.hash_pieces([data[:4000]])
-    with pytest.raises(BlobWriteError):
-        writer.commit()
-    assert not os.path.exists(writer.temp_path) and store.stat(digest_of(data)) is None
 
 
 def test_pieces_wrong_bytes_are_refused(store) -> None:
     data = os.urandom(5000)
     writer = store.writer(digest_of(b"other"), len(data))
     writer.write_pieces([data])
-    writer.hash_pieces([data])
     with pytest.raises(DigestMismatch):
         writer.commit()
+    assert not os.path.exists(writer.temp_path)
+
+
+def test_pieces_beyond_the_expected_size_are_refused(store) -> None:
+    data = os.urandom(5000)
+    writer = store.writer(digest_of(data), 4000)
+    with pytest.raises(SizeMismatch):
+        writer.write_pieces([data[:3000], data[3000:]])
+    assert not os.path.exists(writer.temp_path)
 
 
 def test_writev_all_goes_on_after_partial_writes(tmp_path, monkeypatch) -> None:
