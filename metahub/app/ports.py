@@ -63,14 +63,14 @@ def with_backlog(description: str, backlog: int) -> str:
 
 
 def _fields(description: str) -> list[str]:
-    """An endpoint string split at its unescaped colons (``\\:`` is a colon inside a field)."""
+    """An endpoint string's fields as Twisted reads them: split at unescaped colons, each escape
+    (``\\:``, ``\\l``) read as the character it escapes, so ``back\\log=5`` is a backlog too."""
     fields, current, escaped = [], [], False
     for char in description:
         if escaped:
             current.append(char)
             escaped = False
         elif char == "\\":
-            current.append(char)
             escaped = True
         elif char == ":":
             fields.append("".join(current))

@@ -33,6 +33,10 @@ def test_a_backlog_the_user_gave_is_kept() -> None:
     assert with_backlog("tcp:5000:backlog=10", 4096) == "tcp:5000:backlog=10"
     assert with_backlog("tcp:5000:127.0.0.1:10", 4096) == "tcp:5000:127.0.0.1:10"  # by position
     assert with_backlog("unix:/run/m.sock:backlog=3:mode=600", 4096) == "unix:/run/m.sock:backlog=3:mode=600"
+    # Twisted reads an escaped letter as the letter: this is a backlog of 5, not an unknown key.
+    assert with_backlog("tcp:5000:back\\log=5", 4096) == "tcp:5000:back\\log=5"
+    # An escaped colon stays inside its field: a socket path with a colon still gets the default.
+    assert with_backlog("unix:/run/a\\:b.sock", 4096) == "unix:/run/a\\:b.sock:backlog=4096"
 
 
 def test_endpoint_types_without_a_backlog_are_left_alone() -> None:
