@@ -20,7 +20,8 @@ response is being served. At the end it gives the slot back to the channel.
 ``sendfile`` reads the store, which may be NFS that stalls, so it never runs on the reactor: each
 job, on the store-read pool, sends at most :data:`SLICE` bytes, waiting in ``poll`` for the socket
 when its kernel buffer is full, and comes back to the reactor (which counts the bytes and starts the
-next job). A client that does not read for :data:`POLL_WAIT` hands its thread back: the reactor then
+next job). A client that does not read for :data:`POLL_WAIT`, or that has kept a job waiting on a full
+buffer past :data:`JOB_SECONDS`, hands its thread back: the reactor then
 watches the socket (``IReactorFDSet.addWriter``) and starts a job once it can take bytes again.
 
 A store whose filesystem cannot ``sendfile`` (EINVAL, ENOSYS, EOPNOTSUPP) has the body carried on
@@ -38,6 +39,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from enum import Enum
 from typing import cast
@@ -64,10 +66,14 @@ from metahub.web.streaming import send
 from storage import BlobReader
 
 #: Bytes one job sends before it comes back to the reactor: a few milliseconds at loopback speed,
-#: so the thread hop costs a few percent, and a stalled client holds a thread no longer than that.
+#: so the thread hop costs a few percent.
 SLICE = 8 << 20
 #: Seconds a job waits for a full socket buffer to take bytes before it gives its thread back.
 POLL_WAIT = 0.05
+#: Seconds a job may go on once the socket buffer is full: a client that reads, but slowly, frees
+#: a little room within every POLL_WAIT, and would otherwise hold a store-read thread for the
+#: whole slice (8 MiB at 200 kB/s is 40 s). Past this the reactor waits for the socket instead.
+JOB_SECONDS = 0.1
 
 
 class BlobTruncated(OSError):
@@ -81,6 +87,8 @@ class SendfileUnsupported(OSError):
 
 #: What sendfile(2) fails with when the file cannot be spliced to a socket.
 _UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+#: Errors of a socket whose client went away without a reset (no ConnectionError subclass).
+_GONE = frozenset({errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENOTCONN})
 
 
 def zero_copy_socket(request: Request, source: object) -> socket.socket | None:
@@ -124,18 +132,21 @@ def send_slice(out_fd: int, in_fd: int, offset: int, count: int, stop: threading
     """
     poller = select.poll()
     poller.register(out_fd, select.POLLOUT)
+    deadline = time.monotonic() + JOB_SECONDS
     sent = 0
     while sent < count and not stop.is_set():
         try:
             done = os.sendfile(out_fd, in_fd, offset + sent, count - sent)
         except BlockingIOError:
             # POLLERR and POLLHUP wake it too; the next sendfile then raises what happened.
-            if not poller.poll(POLL_WAIT * 1000):
+            if time.monotonic() >= deadline or not poller.poll(POLL_WAIT * 1000):
                 return sent, Slice.BLOCKED
             continue
         except ConnectionError:
             return sent, Slice.GONE
         except OSError as error:
+            if error.errno in _GONE:
+                return sent, Slice.GONE
             if error.errno in _UNSUPPORTED:
                 return sent, Slice.UNSUPPORTED
             raise

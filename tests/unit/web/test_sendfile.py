@@ -12,6 +12,7 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -344,6 +345,40 @@ def test_a_client_that_does_not_read_gives_the_thread_back(store, monkeypatch) -
     assert _head_and_body(served.join())[1] == data
     assert served.reactor.getWriters() == []
     served.close()
+
+
+def test_a_client_that_reads_slowly_holds_a_job_no_longer_than_its_time(tmp_path) -> None:
+    """A reader that frees a little room within every POLL_WAIT must not pin the thread for the
+    whole slice (32 MiB at 6 MB/s would be 5 s): past JOB_SECONDS the job hands the socket to the
+    reactor."""
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(32 * MiB))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    for sock, option in ((server, socket.SO_SNDBUF), (client, socket.SO_RCVBUF)):
+        sock.setsockopt(socket.SOL_SOCKET, option, 64 << 10)
+    server.setblocking(False)
+    reading = threading.Event()
+    reading.set()
+
+    def read_slowly() -> None:  # about 6 MB/s: steady, never quiet for POLL_WAIT
+        while reading.is_set():
+            client.recv(64 << 10)
+            threading.Event().wait(0.01)
+
+    reader_thread = threading.Thread(target=read_slowly, daemon=True)
+    reader_thread.start()
+    with open(path, "rb") as blob:
+        started = time.monotonic()
+        sent, end = sendfile.send_slice(server.fileno(), blob.fileno(), 0, 32 * MiB, threading.Event())
+        took = time.monotonic() - started
+    reading.clear()
+    server.close()
+    reader_thread.join(5)
+    client.close()
+    assert end is sendfile.Slice.BLOCKED and 0 < sent < 32 * MiB
+    assert took < sendfile.JOB_SECONDS + 0.9, f"the job held its thread for {took:.1f} s"
 
 
 def test_a_client_leaving_mid_body_stops_it_and_leaks_no_descriptor(store, monkeypatch) -> None:
