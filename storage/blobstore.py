@@ -336,6 +336,14 @@ class BlobReader:
     def fileno(self) -> int:
         return self._fd
 
+    def narrow(self, start: int, end: int) -> None:
+        """Read only ``[start, end)`` of the opened range from now on: a Range request served from
+        the file already open, with no second open (the blob may be evicted in between)."""
+        if not self.start <= start <= end <= self.end:
+            raise ValueError(f"range [{start}, {end}) outside [{self.start}, {self.end})")
+        self.start = self.position = start
+        self.end = end
+
     @property
     def remaining(self) -> int:
         return self.end - self.position

@@ -155,11 +155,6 @@ class BlobCache:
             raise
         return Committed(reader, reader.size)
 
-    async def open_range(self, digest: str, start: int, end: int) -> BlobReader:
-        """A reader of bytes ``start`` to ``end`` (exclusive) of the stored blob."""
-        reader: BlobReader = await self.in_thread(self.storage.blobs.open, digest, start, end)
-        return reader
-
     async def upstream_size(self, route: Route, digest: str) -> int | None:
         """Upstream's word that ``route``'s repository has the blob, and its size if upstream says."""
         return await self.upstreams.client(route.upstream.name).head_blob(route.repository, digest)

@@ -78,7 +78,7 @@ class Blobs:
 
         answer = await self.cache.fetch(route, digest, partial)
         if isinstance(answer, Committed):
-            await self._serve_cached(request, digest, answer, head)
+            await self._serve_cached(request, digest, answer, False)  # a HEAD was answered above
         elif isinstance(answer, Bypass):
             await self._pass_through(request, digest, answer)
         else:
@@ -122,8 +122,7 @@ class Blobs:
             size = committed.size
             wanted = parse_range(_range_header(request), size)
             if wanted is not None:
-                reader.close()
-                reader = await self.cache.open_range(digest, *wanted)
+                reader.narrow(*wanted)
             self._range_headers(request, digest, wanted, size)
             if head:
                 request.finish()
@@ -134,7 +133,8 @@ class Blobs:
 
             fds = self.fds
             connection = zero_copy_socket(request, reader) if fds is not None else None
-            if fds is not None and connection is not None:
+            if connection is not None:
+                assert fds is not None
                 await send_file(request, reader, connection, self.read_in_thread, fds, served)
             else:
                 await send(request, reader, self.read_in_thread, served)

@@ -449,3 +449,17 @@ def test_writev_all_goes_on_after_partial_writes(tmp_path, monkeypatch) -> None:
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"abcdefghijklmnopq"
+
+
+def test_a_reader_narrows_to_a_range_without_opening_again(store) -> None:
+    data = os.urandom(10000)
+    writer = store.writer(digest_of(data), len(data))
+    writer.write(data)
+    writer.commit()
+    with store.open(digest_of(data)) as reader:
+        reader.narrow(100, 1100)
+        assert (reader.start, reader.position, reader.end, reader.remaining) == (100, 100, 1100, 1000)
+        assert reader.read(1 << 20) == data[100:1100] and reader.read(10) == b""
+        for start, end in ((50, 200), (200, 100), (1000, 1200)):  # outside what it was narrowed to
+            with pytest.raises(ValueError):
+                reader.narrow(start, end)
