@@ -56,7 +56,7 @@ from twisted.internet.interfaces import (
     IWriteDescriptor,
 )
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, HTTPFactory
 from twisted.web.server import Request
 from zope.interface import implementer
 
@@ -181,8 +181,9 @@ class _Writable:
 @implementer(IPullProducer)
 class SendfileBody:
     """The body of one response, sent with ``sendfile``; ``done`` fires True once it is all sent and
-    the request finished, False if the client went away first (nothing is finished then), or fails
-    with the error that broke it (the caller aborts the connection)."""
+    the request finished (or logged, when the client hung up the moment it had the last byte),
+    False if the client went away first (nothing is finished then), or fails with the error that
+    broke it (the caller aborts the connection)."""
 
     def __init__(
         self,
@@ -243,11 +244,11 @@ class SendfileBody:
     # --- the jobs -------------------------------------------------------------------------------
 
     def _next(self) -> None:
-        if self._stop.is_set():
-            return self._end(False)
         remaining = self.reader.end - self.position
         if remaining == 0:
             return self._complete()
+        if self._stop.is_set():
+            return self._end(False)
         assert self._copy is not None
         self._job_running = True
         job = self.in_thread(
@@ -313,6 +314,15 @@ class SendfileBody:
     # --- the end --------------------------------------------------------------------------------
 
     def _complete(self) -> None:
+        if self._stop.is_set():
+            # The last job put the last byte in the socket, and the client, having it all, hung
+            # up before the job's result reached the reactor. The response is whole; Twisted
+            # refuses to finish a request whose connection is gone, so write the access-log line
+            # finish would have written (Request.finish calls the factory's log the same way).
+            factory = self._channel.factory
+            if isinstance(factory, HTTPFactory):
+                factory.log(self.request)
+            return self._end(True)
         self._give_back()
         self.request.finish()
         self._end(True)

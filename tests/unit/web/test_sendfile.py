@@ -487,3 +487,25 @@ def test_a_read_error_fails_the_response_with_the_channel_in_place(store, monkey
     assert isinstance(served.outcome, Failure) and served.outcome.value.errno == errno.EIO
     assert served.transport.producer is served.channel
     served.close()
+
+
+def test_a_client_hanging_up_once_it_has_the_last_byte_gets_a_whole_logged_response(store, monkeypatch) -> None:
+    # The race CI met: the last job sends the last byte, the client (curl) reads it and closes, and
+    # the reactor sees the hang-up before the job's result comes back from its thread.
+    data = os.urandom(1000)
+    jobs = HeldJobs()
+    served = Served(store.open(_blob(store, data)), jobs)
+    logged: list[Request] = []
+    monkeypatch.setattr(served.channel.factory, "log", logged.append)
+    served.get()
+    served.turn()  # the headers
+    served.turn()
+    served.read_in_background(len(data))
+    done, function, args = jobs.pending.pop(0)
+    result = function(*args)  # the whole body is in the socket
+    assert served.join().endswith(data)
+    served.close()  # the hang-up reaches the transport first
+    assert served.outcome is None
+    done.callback(result)
+    assert served.outcome is True and sum(served.counted) == len(data)
+    assert logged == [served.request] and served.request.sentLength == len(data)
