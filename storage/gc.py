@@ -28,6 +28,7 @@ oldest.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -60,23 +61,28 @@ class AccessStamps:
     """Remembers which blobs were read and stamps them in one batch per :meth:`flush`.
 
     A blob stamped less than ``resolution`` seconds ago is not stamped again, so a hot blob costs one
-    ``utime`` per ``resolution``, not one per request. ``note`` is cheap (a dict write) and may be
+    ``utime`` per ``resolution``, not one per request. ``note`` is cheap (a set add) and may be
     called from the event loop; ``flush`` does file I/O and belongs in a thread.
     """
 
     def __init__(self, resolution: float = 60.0) -> None:
         self.resolution = resolution
+        # The event loop's notes and a flush's taking of them must not interleave: a note added to
+        # the set a flush is stamping would break its iteration, or be lost.
+        self._lock = threading.Lock()
         self._pending: set[str] = set()
         self._stamped: dict[str, float] = {}
 
     def note(self, digest: str, now: float) -> None:
         last = self._stamped.get(digest)
         if last is None or now - last >= self.resolution:
-            self._pending.add(digest)
+            with self._lock:
+                self._pending.add(digest)
 
     def flush(self, store: BlobStore, now: float) -> list[str]:
         """Stamp every noted blob with ``now``; returns the digests whose file was gone."""
-        pending, self._pending = self._pending, set()
+        with self._lock:
+            pending, self._pending = self._pending, set()
         missing = stamp_access(store, pending, now)
         gone = set(missing)
         stamped = {d: t for d, t in self._stamped.items() if now - t < self.resolution}

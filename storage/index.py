@@ -10,7 +10,11 @@ Sub-databases:
 ``links``   raw digest -> repository names seen with it (dupsort), for cross-repository safety
 ``tags``    ``upstream \\0 repository \\0 tag`` -> JSON ``{digest, checked}``
 
-Write transactions are short and are meant to be made from one thread. Each commit costs an
+Write transactions are short. The server makes them from one thread of their own (each commit
+waits for the disk, which the reactor must not), and reads them anywhere: LMDB's readers never wait
+for its writer. Growing the map is the one step that needs every transaction of the process closed
+(lmdb.h, mdb_env_set_mapsize), so each transaction here is counted, and growth waits for the count
+to reach zero while new ones wait for the growth. Each commit costs an
 fdatasync, which dominates a write (85% of an index-only fill of 10^5 blobs), so many records go in
 together: :meth:`Index.batch` gathers puts, links, tags and removals and commits them
 :data:`BATCH_RECORDS` at a time; last-access times are buffered by :meth:`Index.record_access` and
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,7 +82,14 @@ class Index:
         self._blobs = self.env.open_db(b"blobs")
         self._links = self.env.open_db(b"links", dupsort=True)
         self._tags = self.env.open_db(b"tags")
+        # Notes of reads come from the reactor while the writer's thread takes the batch: the swap
+        # and the notes must not interleave (a note landing in a batch being written is lost, or
+        # breaks the iteration).
+        self._access_lock = threading.Lock()
         self._pending_access: dict[bytes, float] = {}
+        self._transactions = threading.Condition()
+        self._open = 0  # transactions open now, in any thread
+        self._growing = False
 
     def close(self) -> None:
         self.env.close()
@@ -86,13 +98,45 @@ class Index:
     def map_size(self) -> int:
         return int(self.env.info()["map_size"])
 
+    @contextmanager
+    def _transaction(self, write: bool = False) -> Iterator[lmdb.Transaction[bytes]]:
+        with self._transactions:
+            while self._growing:
+                self._transactions.wait()
+            self._open += 1
+        try:
+            with self.env.begin(write=write) as txn:
+                yield txn
+        finally:
+            with self._transactions:
+                self._open -= 1
+                if not self._open:
+                    self._transactions.notify_all()
+
     def _write(self, work: Callable[[lmdb.Transaction[bytes]], T]) -> T:
         while True:
+            full = self.map_size
             try:
-                with self.env.begin(write=True) as txn:
+                with self._transaction(write=True) as txn:
                     return work(txn)
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.map_size * 2)
+                self._grow(full)
+
+    def _grow(self, full: int) -> None:
+        """Double a map found full at ``full`` bytes, once no transaction of this process is open."""
+        with self._transactions:
+            while self._growing:
+                self._transactions.wait()
+            if self.map_size != full:
+                return  # another writer grew it meanwhile
+            self._growing = True
+            try:
+                while self._open:
+                    self._transactions.wait()
+                self.env.set_mapsize(full * 2)
+            finally:
+                self._growing = False
+                self._transactions.notify_all()
 
     @contextmanager
     def batch(self, records: int | None = None) -> Iterator[IndexBatch]:
@@ -143,7 +187,7 @@ class Index:
         return work
 
     def get_blob(self, digest: str) -> BlobRecord | None:
-        with self.env.begin() as txn:
+        with self._transaction() as txn:
             raw = txn.get(_key(digest), db=self._blobs)
         return None if raw is None else BlobRecord(digest, **json.loads(raw))
 
@@ -151,8 +195,7 @@ class Index:
         """Drop blobs and their links, all in one transaction (one fsync, however many)."""
         keys = [_key(digest) for digest in digests]
         self._write(self._remove(keys))
-        for key in keys:
-            self._pending_access.pop(key, None)
+        self._drop_access(keys)
 
     def _remove(self, keys: list[bytes]) -> Callable[[lmdb.Transaction[bytes]], None]:
         def work(txn: lmdb.Transaction[bytes]) -> None:
@@ -163,12 +206,14 @@ class Index:
         return work
 
     def iter_blobs(self) -> Iterator[BlobRecord]:
-        with self.env.begin() as txn:
+        """Every record, in one read transaction that stays open until the iteration ends: a
+        write made meanwhile that must grow the map would wait for it (in this thread: for ever)."""
+        with self._transaction() as txn:
             for key, raw in txn.cursor(db=self._blobs):
                 yield BlobRecord(from_hex(bytes(key).hex()), **json.loads(raw))
 
     def count_blobs(self) -> int:
-        with self.env.begin() as txn:
+        with self._transaction() as txn:
             return int(txn.stat(self._blobs)["entries"])
 
     # -- repository links ----------------------------------------------------------------------
@@ -188,7 +233,7 @@ class Index:
         return work
 
     def is_linked(self, digest: str, repository: str) -> bool:
-        with self.env.begin() as txn:
+        with self._transaction() as txn:
             cursor = txn.cursor(db=self._links)
             return cursor.set_key_dup(_key(digest), repository.encode())
 
@@ -196,11 +241,19 @@ class Index:
 
     def record_access(self, digest: str, now: float) -> None:
         """Note a read in memory; :meth:`flush_access` writes the batch."""
-        self._pending_access[_key(digest)] = now
+        key = _key(digest)
+        with self._access_lock:
+            self._pending_access[key] = now
+
+    def _drop_access(self, keys: Iterable[bytes]) -> None:
+        with self._access_lock:
+            for key in keys:
+                self._pending_access.pop(key, None)
 
     def flush_access(self) -> int:
         """Write buffered access times of blobs the index knows; returns how many were written."""
-        pending, self._pending_access = self._pending_access, {}
+        with self._access_lock:
+            pending, self._pending_access = self._pending_access, {}
         if not pending:
             return 0
 
@@ -233,7 +286,7 @@ class Index:
         return lambda txn: txn.put(key, value, db=self._tags)
 
     def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
-        with self.env.begin() as txn:
+        with self._transaction() as txn:
             raw = txn.get(_tag_key(upstream, repository, tag), db=self._tags)
         return None if raw is None else TagRecord(**json.loads(raw))
 
@@ -284,6 +337,5 @@ class IndexBatch:
 
         self._index._write(work)
         self.transactions += 1
-        for key in self._removed:
-            self._index._pending_access.pop(key, None)
+        self._index._drop_access(self._removed)
         self._removed = []

@@ -26,7 +26,7 @@ class StoreJobs:
     def __init__(
         self, *, config: Config, storage: Storage, leases: Leases, shared_tags: SharedTags,
         node_records: NodeRecords, capacity: StoreCapacity, metrics: Metrics, in_thread: ThreadRunner,
-        clock: IReactorTime, node_name: str,
+        index_writes: ThreadRunner, clock: IReactorTime, node_name: str,
     ) -> None:
         self.config = config
         self.storage = storage
@@ -36,6 +36,7 @@ class StoreJobs:
         self.capacity = capacity
         self.metrics = metrics
         self.in_thread = in_thread
+        self.index_writes = index_writes  # the index's own thread: each commit waits for the disk
         self.clock = clock
         self.node_name = node_name
 
@@ -43,11 +44,13 @@ class StoreJobs:
         """Write batched last-access times: the index here, the blob files' mtimes (for the
         cluster's eviction) in a thread. Files found gone were evicted elsewhere: forget them."""
         storage = self.storage
-        storage.index.flush_access()
         hits, misses = self.metrics.hits_and_misses()
         record = NodeRecord(self.node_name, self.clock.seconds(), hits, misses)
         try:
-            storage.forget(*await self.in_thread(storage.stamps.flush, storage.blobs, self.clock.seconds()))
+            await self.index_writes(storage.index.flush_access)
+            gone = await self.in_thread(storage.stamps.flush, storage.blobs, self.clock.seconds())
+            if gone:
+                await self.index_writes(storage.forget, *gone)
             await self.in_thread(self.node_records.write, record)
         except OSError as error:  # a full or read-only store: an error here would end the flush timer
             log.warn("could not write access times or this node's record to the store: {error}", error=error)
@@ -83,7 +86,10 @@ class StoreJobs:
             return
         if result is None:
             return
-        self.storage.forget(*result.removed)
+        try:
+            await self.index_writes(self.storage.forget, *result.removed)
+        except Exception:
+            log.failure("could not drop the evicted blobs from the index")  # the next lookup finds them gone
         if result.removed:
             self.capacity.retry()
             log.info(

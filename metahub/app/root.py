@@ -89,7 +89,10 @@ class Root:
 
     def close(self) -> None:
         """Close the store if it was opened, and let go of the index lock if it was taken."""
-        storage = vars(self).pop("storage", None)  # where cached_property keeps what it built
+        index_writes = vars(self).pop("index_writes", None)  # where cached_property keeps what it built
+        if index_writes is not None:
+            index_writes.stop()  # its last writes are done before the index closes
+        storage = vars(self).pop("storage", None)
         if storage is not None:
             storage.close()
         if self._index_lock is not None:
@@ -126,7 +129,7 @@ class Root:
         return StoreJobs(
             config=self.config, storage=self.storage, leases=self.leases, shared_tags=self.shared_tags,
             node_records=self.node_records, capacity=self.capacity, metrics=self.metrics,
-            in_thread=self.in_thread, clock=self.reactor, node_name=self.node_name,
+            in_thread=self.in_thread, index_writes=self.index_writes, clock=self.reactor, node_name=self.node_name,
         )
 
     # --- threads, metrics, upstreams ---------------------------------------------------------
@@ -141,6 +144,12 @@ class Root:
         """Store I/O (opens, stats, leases, directories) on threads of its own: a stalled mount
         costs these, not the reactor's pool, which also resolves upstream host names."""
         return ThreadPoolRunner(self.reactor, self.io_threads, "metahub-store")
+
+    @cached_property
+    def index_writes(self) -> ThreadPoolRunner:
+        """Every write of the node's index, in order, on one thread: each commit waits for an
+        fdatasync, which the reactor must not; one thread keeps the writes in the order made."""
+        return ThreadPoolRunner(self.reactor, 1, "metahub-index")
 
     @cached_property
     def store_reads(self) -> ThreadPoolRunner:
@@ -183,7 +192,7 @@ class Root:
     def downloads(self) -> Downloads:
         return Downloads(
             storage=self.storage, upstreams=self.upstreams, clock=self.reactor, in_thread=self.in_thread,
-            metrics=self.metrics, leases=self.leases, lanes=self.lanes.lane,
+            index_writes=self.index_writes, metrics=self.metrics, leases=self.leases, lanes=self.lanes.lane,
             lease_timeout=self.config.storage.lease_timeout, capacity=self.capacity,
         )
 
@@ -191,7 +200,7 @@ class Root:
     def manifests(self) -> Manifests:
         return Manifests(
             storage=self.storage, upstreams=self.upstreams, clock=self.reactor, in_thread=self.in_thread,
-            metrics=self.metrics, tag_ttl=self.config.tag_ttl, shared_tags=self.shared_tags,
+            index_writes=self.index_writes, metrics=self.metrics, tag_ttl=self.config.tag_ttl, shared_tags=self.shared_tags,
             capacity=self.capacity,
         )
 
@@ -203,7 +212,8 @@ class Root:
     def blob_cache(self) -> BlobCache:
         return BlobCache(
             storage=self.storage, upstreams=self.upstreams, downloads=self.downloads, clock=self.reactor,
-            in_thread=self.in_thread, read_in_thread=self.store_reads, metrics=self.metrics,
+            in_thread=self.in_thread, index_writes=self.index_writes, read_in_thread=self.store_reads,
+            metrics=self.metrics,
         )
 
     # --- the HTTP face -----------------------------------------------------------------------

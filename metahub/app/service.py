@@ -8,6 +8,7 @@
       store-reads         reads of open blob files on threads of their own (docs/cluster.md)
       lanes             PoolService: the downloads' hashing and writing, on storage.write_threads
                         threads shared by every download (metahub.runtime.lane)
+      index-writes      PoolService: every write of the node's index, in order, on one thread
       store             StoreService: opens the store (never before: twistd may fork after makeService,
                         and an LMDB environment must not cross a fork); at a clean stop lets the
                         commits in flight land, writes the last access times, closes it
@@ -156,6 +157,7 @@ def server_tree(*, root: Root, notice: Sequence[str] = ()) -> ServerTree:
         ("store-io", PoolService(pool=root.in_thread)),
         ("store-reads", PoolService(pool=root.store_reads)),
         ("lanes", PoolService(pool=root.lanes)),
+        ("index-writes", PoolService(pool=root.index_writes)),
         ("store", StoreService(root=root)),
         ("kdf", PoolService(pool=root.kdf)),
         ("registry-port", root.registry_port),

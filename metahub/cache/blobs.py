@@ -99,6 +99,7 @@ class BlobCache:
         downloads: Downloads,
         clock: IReactorTime,
         in_thread: ThreadRunner,
+        index_writes: ThreadRunner,
         read_in_thread: ThreadRunner,
         metrics: Metrics,
     ) -> None:
@@ -107,6 +108,8 @@ class BlobCache:
         self.downloads = downloads
         self.clock = clock
         self.in_thread = in_thread
+        #: Every write of the index, in order, on a thread of its own: each commit waits for the disk.
+        self.index_writes = index_writes
         #: Reads of files already open: a pool of their own, never queued behind opens that a
         #: stalled store holds up (docs/cluster.md).
         self.read_in_thread = read_in_thread
@@ -114,21 +117,21 @@ class BlobCache:
 
     async def find(self, digest: str) -> BlobRecord | None:
         """The index's record, or a stat of the file (in a thread: the store may be on NFS), which
-        the index then adopts (here, on the thread that writes the index: storage.store says why)."""
+        the index then adopts."""
         record = self.storage.index.get_blob(digest)
         if record is not None:
             return record
         found = await self.in_thread(self.storage.blobs.stat, digest)
         if found is None:
             return None
-        return self.storage.index.put_blob(digest, found.size, self.clock.seconds())
+        return await self.index_writes(self.storage.index.put_blob, digest, found.size, self.clock.seconds())
 
     async def confirm(self, route: Route, digest: str) -> None:
         """Make sure ``route``'s repository may see ``digest``; link it if upstream says so."""
         if self.storage.index.is_linked(digest, route.key):
             return
         await self.upstreams.client(route.upstream.name).head_blob(route.repository, digest)
-        self.storage.index.link([digest], route.key)
+        await self.index_writes(self.storage.index.link, [digest], route.key)
 
     async def cached(self, route: Route, digest: str) -> Committed | None:
         """The stored blob, open, if ``route`` may see it; None (a miss, counted) if it is not there."""
@@ -145,7 +148,7 @@ class BlobCache:
         try:
             reader = await self.in_thread(self.storage.blobs.open, digest)
         except BlobNotFound:
-            self.storage.forget(digest)
+            await self.index_writes(self.storage.forget, digest)
             return None
         try:
             self.metrics.count_lookup("blob", "hit")

@@ -262,6 +262,7 @@ class Downloads:
         upstreams: Upstreams,
         clock: IReactorTime,
         in_thread: ThreadRunner,
+        index_writes: ThreadRunner,
         metrics: Metrics,
         leases: Leases,
         lanes: LaneFactory,
@@ -276,6 +277,8 @@ class Downloads:
         self.upstreams = upstreams
         self.clock = clock
         self.in_thread = in_thread
+        #: Every write of the index, in order, on a thread of its own: each commit waits for the disk.
+        self.index_writes = index_writes
         self.metrics = metrics
         self._active: dict[_Key, Download] = {}
         #: Downloads being started: the route of the request that started each, and who waits.
@@ -445,7 +448,7 @@ class Downloads:
         """Another node holds the lease: follow its file instead of fetching again."""
         # The HEAD confirms this repository may read the blob, and gives its size.
         size = await self.upstreams.client(route.upstream.name).head_blob(route.repository, digest)
-        self.storage.index.link([digest], route.key)
+        await self.index_writes(self.storage.index.link, [digest], route.key)
         download = Download(digest, route, size, None, self.clock)
         self._active[(route.upstream.name, digest)] = download
         ensureDeferred(self._watch_remote(download))
@@ -547,7 +550,9 @@ class Downloads:
                 download._wake()  # this node's followers may send their last byte before the fsync
                 await lane.run(writer.commit)
                 now = self.clock.seconds()
-                self.storage.index.put_blob(download.digest, download.received_bytes, now, repository=download.route.key)
+                await self.index_writes(
+                    self.storage.index.put_blob, download.digest, download.received_bytes, now, None, download.route.key,
+                )
                 committed = True
                 self.capacity.stored()
             elif not await self._still_ours(download):

@@ -34,6 +34,7 @@ from metahub.upstream.upstreams import Upstreams, unavailable
 from storage import (
     BlobNotFound,
     BlobWriteError,
+    Index,
     SharedTags,
     Storage,
     TagRecord,
@@ -62,6 +63,20 @@ def _write_blob(storage: Storage, digest: str, body: bytes) -> None:
         writer.commit()
 
 
+def _index_manifest(index: Index, manifest: Manifest, now: float, repository: str) -> None:
+    """Record a stored manifest and link what it references, in one transaction (one fdatasync)."""
+    with index.batch() as batch:
+        batch.put_blob(manifest.digest, len(manifest.body), now, manifest.media_type, repository)
+        batch.link(media.references(manifest.body), repository)
+
+
+def _index_adopted_tag(index: Index, route: Route, tag: str, known: TagRecord, body: bytes) -> None:
+    """Link another node's manifest for a tag to ``route``'s repository and record the tag, in one transaction."""
+    with index.batch() as batch:
+        batch.link([known.digest, *media.references(body)], route.key)
+        batch.set_tag(route.upstream.name, route.repository, tag, known.digest, known.checked)
+
+
 #: Resolutions remembered per (index digest, machine type): a hot tag costs no re-parse.
 _RESOLUTION_CACHE_SIZE = 4096
 #: Manifest bodies kept in memory by digest (immutable, so never stale): a hot tag costs no file read.
@@ -76,6 +91,7 @@ class Manifests:
         upstreams: Upstreams,
         clock: IReactorTime,
         in_thread: ThreadRunner,
+        index_writes: ThreadRunner,
         metrics: Metrics,
         tag_ttl: float,
         shared_tags: SharedTags,
@@ -87,6 +103,8 @@ class Manifests:
         self.upstreams = upstreams
         self.clock = clock
         self.in_thread = in_thread
+        #: Every write of the index, in order, on a thread of its own: each commit waits for the disk.
+        self.index_writes = index_writes
         self.metrics = metrics
         self.tag_ttl = tag_ttl
         #: Shared tag writes under way: (upstream, repository, tag) -> the (digest, time) to write next.
@@ -121,7 +139,7 @@ class Manifests:
             return remembered
         body = await self.in_thread(read_stored, self.storage, digest)
         if body is None:
-            self.storage.forget(digest)
+            await self.index_writes(self.storage.forget, digest)
             return None
         record = self.storage.index.get_blob(digest)
         media_type = record.media_type if record and record.media_type else media.sniff_media_type(body)
@@ -138,13 +156,11 @@ class Manifests:
             # Not in the store, but this repository's all the same: kept in memory only (bounded),
             # so a client's next request by digest (a virtual index's, too) is still answered.
             self.capacity.bypassed("manifest")
-            self.storage.index.link([digest, *media.references(body)], route.key)
+            await self.index_writes(self.storage.index.link, [digest, *media.references(body)], route.key)
             self._remember(manifest)
             return manifest
         now = self.clock.seconds()
-        with self.storage.index.batch() as batch:  # one transaction, one fdatasync, not two
-            batch.put_blob(digest, len(body), now, media_type=media_type, repository=route.key)
-            batch.link(media.references(body), route.key)
+        await self.index_writes(_index_manifest, self.storage.index, manifest, now, route.key)
         self._remember(manifest)
         return manifest
 
@@ -215,13 +231,11 @@ class Manifests:
         and the tag is recorded here too, so the next request does not read the shared copy again."""
         body = await self.in_thread(read_stored, self.storage, known.digest)
         if body is not None:
-            with self.storage.index.batch() as batch:  # one transaction, not two
-                batch.link([known.digest, *media.references(body)], route.key)
-                batch.set_tag(route.upstream.name, route.repository, tag, known.digest, known.checked)
+            await self.index_writes(_index_adopted_tag, self.storage.index, route, tag, known, body)
 
     async def _confirmed(self, route: Route, tag: str, digest: str, now: float) -> None:
         """Upstream confirmed tag -> digest: remember it here, and for the other nodes after the answer."""
-        self.storage.index.set_tag(route.upstream.name, route.repository, tag, digest, now)
+        await self.index_writes(self.storage.index.set_tag, route.upstream.name, route.repository, tag, digest, now)
         if not self.capacity.can_store():
             return  # the other nodes resolve the tag themselves meanwhile
         key = (route.upstream.name, route.repository, tag)

@@ -68,7 +68,7 @@ async def store_index(
 ) -> tuple[Manifest, dict[str, Route]]:
     """Build ``image``'s index, link everything it reaches to ``target``, and keep the index."""
     body, sources = await build_index(config, image, manifests.get)
-    manifests.storage.index.link(sources.keys(), target.key)
+    await manifests.index_writes(manifests.storage.index.link, list(sources), target.key)
     return await manifests.store(target, body, media.OCI_INDEX), sources
 
 

@@ -108,6 +108,7 @@ def blob_cache(*, storage: Storage, upstreams: Upstreams, downloads: Downloads, 
                metrics: Metrics) -> BlobCache:
     """The cache's side of blob requests as the root builds it, on inline threads."""
     return BlobCache(storage=storage, upstreams=upstreams, downloads=downloads, clock=clock, in_thread=inline,
+                     index_writes=inline,
                      read_in_thread=inline, metrics=metrics)
 
 
@@ -321,9 +322,9 @@ def login_request(username: str, password: str, method: bytes = b"GET", client: 
 
 
 def inline_threads(root: Any) -> None:
-    """Make a :class:`metahub.app.root.Root`'s own thread pools (logins, store I/O, store reads,
-    download lanes) run their work inline, as a fake reactor's pool does. Call it before the root
+    """Make a :class:`metahub.app.root.Root`'s own thread pools (logins, store I/O, index writes,
+    store reads, download lanes) run their work inline, as a fake reactor's pool does. Call it before the root
     builds its downloads, which take their lanes from ``root.lanes``."""
-    for runner in (root.kdf, root.in_thread, root.store_reads):
+    for runner in (root.kdf, root.in_thread, root.index_writes, root.store_reads):
         runner.pool = InlinePool()
     root.lanes = InlineLanes()

@@ -104,7 +104,7 @@ def test_make_service_builds_the_tree_and_opens_nothing(tmp_path, monkeypatch) -
     options = tap.Options()
     options.parseOptions(["--config", str(config), "--listen", "tcp:5001"])
     tree = tap.makeService(options)
-    assert [child.name for child in tree] == ["store-io", "store-reads", "lanes", "store", "kdf", "registry-port", "metrics-port", "flush", "tidy", "gc"]
+    assert [child.name for child in tree] == ["store-io", "store-reads", "lanes", "index-writes", "store", "kdf", "registry-port", "metrics-port", "flush", "tidy", "gc"]
     timers = [child for child in tree if isinstance(child, TimerService)]
     assert [timer.step for timer in timers] == [30.0, TIDY_INTERVAL, 600.0]
     assert tree.getServiceNamed("registry-port").description == "tcp:5001"
@@ -114,7 +114,7 @@ def test_make_service_builds_the_tree_and_opens_nothing(tmp_path, monkeypatch) -
 
 def test_without_max_size_or_a_metrics_port_those_children_are_left_out(tmp_path) -> None:
     tree = server_tree(root=make_root(tmp_path, Reactor()))
-    assert [child.name for child in tree] == ["store-io", "store-reads", "lanes", "store", "kdf", "registry-port", "flush", "tidy"]
+    assert [child.name for child in tree] == ["store-io", "store-reads", "lanes", "index-writes", "store", "kdf", "registry-port", "flush", "tidy"]
 
 
 def test_starting_opens_the_store_listens_and_runs_the_timers_at_their_intervals(tmp_path) -> None:

@@ -89,7 +89,8 @@ class Node:
         self.storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=self.clock.seconds)
         upstreams = Upstreams(clients={"local": registry}, metrics=self.metrics)  # type: ignore[dict-item]
         self.downloads = Downloads(
-            storage=self.storage, upstreams=upstreams, clock=self.clock, in_thread=inline, metrics=self.metrics,
+            storage=self.storage, upstreams=upstreams, clock=self.clock, in_thread=inline, index_writes=inline,
+            metrics=self.metrics,
             leases=Leases(str(tmp_path / "store"), clock=self.clock.seconds, node=None),
             lanes=lambda _: InlineLane(), capacity=store_capacity(self.clock, self.metrics),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
@@ -19,6 +20,7 @@ from metahub.cache.routing import Route
 from metahub.config.file import UpstreamConfig
 from metahub.oci import errors
 from metahub.runtime.metrics import Metrics
+from metahub.runtime.threads import ThreadRunner
 from metahub.upstream.upstreams import Upstreams
 from metahub.web.streaming import send
 from storage import Leases, Storage, parse_digest, sha256_digest
@@ -84,12 +86,13 @@ def upstreams(metrics: Metrics | None = None, **clients: object) -> Upstreams:
 
 def downloads_over(
     tmp_path, clock: Clock, storage: Storage, node: str | None = None, lane: InlineLane | None = None,
-    metrics: Metrics | None = None, **clients: object,
+    metrics: Metrics | None = None, index_writes: ThreadRunner = inline, **clients: object,
 ) -> Downloads:
     """This node's Downloads from the fake upstream ``clients`` (by upstream name), as the root
     builds them: inline threads, ``lane`` (or an inline one) for the writes, one Metrics."""
     metrics = metrics or Metrics()
     return Downloads(storage=storage, upstreams=upstreams(metrics, **clients), clock=clock, in_thread=inline,
+                     index_writes=index_writes,
                      metrics=metrics, leases=Leases(str(tmp_path / "store"), clock=clock.seconds, node=node),
                      lanes=lambda name: lane or InlineLane(), capacity=store_capacity(clock, metrics))
 
@@ -121,6 +124,34 @@ def test_concurrent_joins_share_one_fetch_and_commit(tmp_path) -> None:
         join_now(downloads, ROUTE, digest)
     assert storage.blobs.stat(digest).size == 5000
     assert storage.index.is_linked(digest, ROUTE.key)
+
+
+def test_a_committed_blob_is_recorded_in_the_index_through_its_writer_thread(tmp_path) -> None:
+    # The index's commit waits for an fdatasync: it runs on the index's own thread, never on the reactor.
+    data = os.urandom(5000)
+    digest = sha256_digest(data)
+    response = FakeResponse(len(data))
+    held: list[tuple[Deferred, Callable[..., Any], tuple[Any, ...]]] = []
+
+    def index_writes(function: Callable[..., Any], *args: Any) -> Deferred:
+        held.append((Deferred(), function, args))
+        return held[-1][0]
+
+    clock = Clock()
+    storage = Storage(str(tmp_path / "store"), str(tmp_path / "index"), clock=clock.seconds)
+    client = FakeClient(response)
+    downloads = downloads_over(tmp_path, clock, storage, "a", index_writes=index_writes, local=client)
+    joined = ensureDeferred(downloads.join(ROUTE, digest))
+    client.answer.callback(response)
+    response.protocol.dataReceived(data)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert storage.blobs.stat(digest).size == 5000  # committed to the store
+    assert storage.index.get_blob(digest) is None and not joined.result.finished.called
+    [(done, function, args)] = held
+    assert function == storage.index.put_blob
+    done.callback(function(*args))
+    assert joined.result.finished.result is True
+    assert storage.index.get_blob(digest).size == 5000 and storage.index.is_linked(digest, ROUTE.key)
 
 
 def test_wrong_bytes_are_not_committed(tmp_path) -> None:

@@ -19,7 +19,7 @@ from metahub.upstream.upstreams import Upstreams
 from storage import SharedTags, Storage, sha256_digest
 from storage import blobstore as storage_blobstore
 from storage import files as storage_files
-from tests.unit.fakes import store_capacity
+from tests.unit.fakes import inline, store_capacity
 
 BODY = json.dumps({"schemaVersion": 2, "mediaType": media.OCI_MANIFEST, "layers": []}).encode()
 DIGEST = sha256_digest(BODY)
@@ -59,7 +59,8 @@ def make(tmp_path, index: str = "index", clock: Clock | None = None, upstream: U
 
     metrics = Metrics()
     manifests = Manifests(storage=storage, upstreams=upstreams(upstream), clock=clock, in_thread=in_thread,
-                          metrics=metrics, tag_ttl=300.0, shared_tags=SharedTags(str(tmp_path / "store")),
+                          index_writes=inline, metrics=metrics, tag_ttl=300.0,
+                          shared_tags=SharedTags(str(tmp_path / "store")),
                           capacity=store_capacity(clock, metrics))
     return manifests, upstream, clock, reads
 

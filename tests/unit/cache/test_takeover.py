@@ -141,6 +141,7 @@ class Node:
         self.leases = Leases(str(tmp_path / "store"), clock=clock.seconds, node=name)
         upstreams = Upstreams(clients={"local": self.upstream}, metrics=self.metrics)  # type: ignore[dict-item]
         self.downloads = Downloads(storage=self.storage, upstreams=upstreams, clock=clock, in_thread=inline,
+                                   index_writes=inline,
                                    metrics=self.metrics, leases=self.leases, lanes=lambda _: lane or InlineLane(),
                                    capacity=store_capacity(clock, self.metrics))
         self.blobs = blob_endpoint(storage=self.storage, upstreams=upstreams, downloads=self.downloads, clock=clock,
@@ -322,7 +323,8 @@ def test_revalidating_a_tag_answers_before_the_shared_store_is_written(tmp_path)
 
     metrics = Metrics()
     upstreams = Upstreams(clients={"local": Registry()}, metrics=metrics)  # type: ignore[dict-item]
-    manifests = Manifests(storage=storage, upstreams=upstreams, clock=clock, in_thread=in_thread, metrics=metrics,
+    manifests = Manifests(storage=storage, upstreams=upstreams, clock=clock, in_thread=in_thread,
+                          index_writes=inline, metrics=metrics,
                           tag_ttl=300.0, shared_tags=shared, capacity=store_capacity(clock, metrics))
     assert ensureDeferred(manifests.by_tag(ROUTE, "1.0")).result.digest == digest  # resolved, not waiting
     clock.advance(301)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -125,3 +126,27 @@ def test_startup_removes_only_old_temp_files(tmp_path) -> None:
     Storage(str(tmp_path / "store"), str(tmp_path / "index"), temp_grace=600).close()
     assert not os.path.exists(stale.temp_path)
     assert os.path.exists(fresh.temp_path)
+
+
+def test_the_map_grows_only_once_no_transaction_of_another_thread_is_open(tmp_path) -> None:
+    # lmdb.h: mdb_env_set_mapsize only while no transaction of the process is active. The server
+    # writes from a thread of its own and reads on the reactor, so growth must wait for the reads.
+    index = Index(str(tmp_path / "index"), map_size=64 * 1024)
+    index.put_blob(D1, 3, now=1.0)
+    start = index.map_size
+    reading = index.iter_blobs()
+    assert next(reading).digest == D1  # a read transaction, open until the iteration ends
+
+    def fill() -> None:
+        for i in range(3000):
+            index.put_blob(sha256_digest(str(i).encode()), i, now=float(i), repository="r" * 200)
+
+    writer = threading.Thread(target=fill)
+    writer.start()
+    writer.join(timeout=1.0)
+    assert writer.is_alive() and index.map_size == start  # the full map waits for the reader
+    assert list(reading) == []
+    writer.join(timeout=30)
+    assert not writer.is_alive() and index.map_size > start
+    assert index.count_blobs() == 3001
+    index.close()
