@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from metahub.config.file import endpoint_problem
+from metahub.config.file import EndpointProblem, server_endpoint
 
 log = Logger()
 
@@ -108,11 +108,11 @@ class PortService(Service):
     def startService(self) -> None:
         super().startService()
         description = self.description
-        problem = endpoint_problem(description)
-        if problem is not None:
+        try:  # one load of an ssl: endpoint's key and certificate, not a check and then the real one
+            endpoint = server_endpoint(self.reactor, with_backlog(description, self.backlog))
+        except EndpointProblem as problem:
             give_up(f"listen {description!r}: {problem}")
         outcome: list[IListeningPort | Failure] = []
-        endpoint = endpoints.serverFromString(self.reactor, with_backlog(description, self.backlog))
         endpoint.listen(self.factory()).addBoth(outcome.append)
         if not outcome:  # none of Twisted's own endpoint types listens later
             give_up(f"the endpoint {description!r} does not listen at once; use tcp:, ssl: or unix:")

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from importlib import resources
-from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Literal, Mapping
 from urllib.parse import urlsplit
 
 import pydantic
@@ -46,6 +46,9 @@ from pydantic_core import ArgsKwargs, PydanticCustomError
 from metahub.config import features
 from metahub.oci.grammar import COMPONENT, split_reference
 from metahub.oci.sizes import format_size
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IStreamServerEndpoint
 
 __all__ = [
     "Account",
@@ -260,27 +263,43 @@ def _file_path(value: object, info: ValidationInfo) -> str:
     return os.path.normpath(os.path.join(base, _text(value)))
 
 
-def endpoint_problem(description: str) -> str | None:
-    """What is wrong with a Twisted server endpoint string, or None if it parses.
+class EndpointProblem(ValueError):
+    """A Twisted server endpoint string that cannot be built; the message says why, for a user."""
 
-    Parsing builds the endpoint without listening (no reactor is used until ``listen``), and for
-    ``ssl:`` loads the key and certificate, so a missing or unreadable file is found here, by
-    ``check-config`` as at startup, not by a traceback. Relative paths are the process's: twistd's.
+
+def server_endpoint(reactor: object, description: str) -> IStreamServerEndpoint:
+    """The server endpoint ``description`` names, built without listening.
+
+    For ``ssl:`` this loads the key and certificate, so a missing or unreadable file is found here,
+    by ``check-config`` as at startup, not by a traceback; :class:`EndpointProblem` says what is
+    wrong. Relative paths are the process's: twistd's.
     """
     from OpenSSL import SSL, crypto  # Twisted's own TLS dependency (twisted[tls])
     from twisted.internet import endpoints
 
     try:
-        endpoints.serverFromString(None, description)
+        endpoint: IStreamServerEndpoint = endpoints.serverFromString(reactor, description)
     except OSError as error:
-        return f"cannot read {error.filename}: {error.strerror}"
+        raise EndpointProblem(f"cannot read {error.filename}: {error.strerror}") from None
     except (SSL.Error, crypto.Error) as error:
-        return f"cannot load its TLS key and certificate: {error}"
+        raise EndpointProblem(f"cannot load its TLS key and certificate: {error}") from None
     except (ValueError, TypeError) as error:
         # Twisted names its private parser in these messages (``_parseTCP() got ...``).
         reason = re.sub(r"^_parse\w*\(\) ", "", str(error))
-        return (f"not a Twisted endpoint string ({reason}); examples: tcp:5000:interface=127.0.0.1, "
-                "ssl:5443:privateKey=key.pem:certKey=cert.pem, unix:/run/metahub.sock")
+        raise EndpointProblem(
+            f"not a Twisted endpoint string ({reason}); examples: tcp:5000:interface=127.0.0.1, "
+            "ssl:5443:privateKey=key.pem:certKey=cert.pem, unix:/run/metahub.sock"
+        ) from None
+    return endpoint
+
+
+def endpoint_problem(description: str) -> str | None:
+    """What is wrong with a Twisted server endpoint string, or None if it parses (no reactor is
+    used until ``listen``)."""
+    try:
+        server_endpoint(None, description)
+    except EndpointProblem as problem:
+        return str(problem)
     return None
 
 
