@@ -113,7 +113,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         if value is not None:
             setattr(settings, name, value)
     if args.quick:
-        settings.store_blobs, settings.store_steps = 2000, (1.0,)
+        settings.store_blobs, settings.store_steps = 2000, (0.5, 1.0)  # two spans, as a full run judges
     if args.store_blobs is not None:
         settings.store_blobs = args.store_blobs
     settings.user = args.user
