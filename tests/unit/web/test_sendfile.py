@@ -1,10 +1,8 @@
 """The zero-copy path: which responses take it, and the producer that sends them: a cached blob, and
 a download as it lands (what has landed, waiting for more, the final byte only once verified).
 
-The producer is tested on a real loopback TCP connection: metahub's own channel (``RegistrySite``)
-on Twisted's TCP transport, whose reactor is a memory reactor the test turns by hand (each writer's
-``doWrite`` is what the reactor would call when the socket can take bytes). The client is a plain
-socket read by a thread; the jobs run inline, on the test's thread, unless a test holds them.
+The producer is tested on a real loopback TCP connection (tests/unit/loopback.py); the jobs run
+inline, on the test's thread, unless a test holds them.
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ from typing import Any
 
 import pytest
 from twisted.internet import tcp
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import CertificateOptions
@@ -51,8 +48,8 @@ from storage import (
     sha256_digest,
 )
 from tests.unit.fakes import inline
+from tests.unit.loopback import PEER, Loopback, socket_pair
 
-_PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 MiB = 1 << 20
 
 
@@ -65,14 +62,6 @@ def _blob(store: BlobStore, data: bytes) -> str:
 
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-def _socket_pair() -> tuple[socket.socket, socket.socket]:
-    """Server and client ends of a loopback TCP connection."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return server, client
 
 
 class HeldJobs:
@@ -147,76 +136,24 @@ class _FollowPage(Resource):
         return NOT_DONE_YET
 
 
-class Served:
-    """One GET of a blob (or of a download, ``following``) over a real TCP connection, the server's
-    reactor turned by the test."""
+class Served(Loopback):
+    """One GET of a blob (or of a download, ``following``) over a real TCP connection."""
 
     def __init__(self, reader: BlobReader | None, in_thread: Any = inline, following: Following | None = None) -> None:
         self.reader = reader
         self.following = following
         self.in_thread = in_thread
-        self.reactor = MemoryReactorClock()
         self.counted: list[int] = []
         self.aborts: list[str] = []
         self.request: Request | None = None
         self.result: Deferred[bool] | None = None
         self.outcome: object = None
-        page = _BlobPage(self) if following is None else _FollowPage(self)
-        site = RegistrySite(page, HttpConfig(), access_log=False, reactor=Clock())
-        self.channel = site.buildProtocol(_PEER)
-        assert isinstance(self.channel, HTTPChannel)
-        server, self.client = _socket_pair()
-        # What tcp.Port does with an accepted connection (no Port here: the reactor is in memory).
-        self.transport = tcp.Server(server, self.channel, ("127.0.0.1", 40000), None, 1, self.reactor)
-        self.channel.makeConnection(self.transport)
-        self.received = bytearray()
-        self._reader: threading.Thread | None = None
+        super().__init__(_BlobPage(self) if following is None else _FollowPage(self))
 
     def closed_reader(self, outcome: object) -> None:
         if self.reader is not None:
             self.reader.close()
         self.outcome = outcome  # a Failure is the test's to look at
-
-    def get(self) -> None:
-        self.channel.dataReceived(b"GET /blob HTTP/1.1\r\nHost: metahub.test\r\n\r\n")
-
-    def read_in_background(self, body_length: int) -> None:
-        """Read a response of ``body_length`` body bytes in a thread (or until the server closes)."""
-
-        def complete() -> bool:
-            head, separator, body = bytes(self.received[:100_000]).partition(b"\r\n\r\n")
-            return bool(separator) and len(self.received) - len(head) - 4 >= body_length
-
-        def read() -> None:
-            while not complete():
-                try:
-                    chunk = self.client.recv(1 << 20)
-                except OSError:  # reset
-                    return
-                if not chunk:
-                    return
-                self.received += chunk
-
-        self._reader = threading.Thread(target=read, daemon=True)
-        self._reader.start()
-
-    def turn(self) -> None:
-        """One turn of the reactor: everything waiting to write gets its doWrite."""
-        for writer in list(self.reactor.getWriters()):
-            writer.doWrite()
-
-    def body_so_far(self) -> bytes:
-        return bytes(self.received).partition(b"\r\n\r\n")[2]
-
-    def turn_until_body(self, length: int, timeout: float = 10.0) -> bytes:
-        """Turn the reactor until the client has ``length`` body bytes (what the reactor must write
-        for them, the copy loop's; sendfile's jobs have sent theirs already)."""
-        deadline = time.monotonic() + timeout
-        while len(self.body_so_far()) < length:
-            assert time.monotonic() < deadline, f"the client has {len(self.body_so_far())} of {length} bytes"
-            self.turn()
-            time.sleep(0.001)
-        return self.body_so_far()
 
     def turn_until_done(self, limit: int = 10_000) -> None:
         assert self.result is not None
@@ -225,19 +162,6 @@ class Served:
                 break
             self.turn()
         assert self.result.called
-
-    def join(self) -> bytes:
-        assert self._reader is not None
-        self._reader.join(timeout=10)
-        return bytes(self.received)
-
-    def close(self) -> None:
-        self.client.shutdown(socket.SHUT_RDWR)
-        if self._reader is not None:
-            self._reader.join(timeout=10)
-        self.client.close()
-        if self.transport.connected:
-            self.transport.connectionLost(Failure(ConnectionDone()))
 
 
 @pytest.fixture
@@ -259,7 +183,7 @@ def _site() -> RegistrySite:
 
 
 def _request_on(transport: object) -> Request:
-    channel = _site().buildProtocol(_PEER)
+    channel = _site().buildProtocol(PEER)
     assert channel is not None
     channel.makeConnection(transport)
     return _request_of(channel)
@@ -280,7 +204,7 @@ def reader(store) -> Iterator[BlobReader]:
 
 @pytest.fixture
 def tcp_transport() -> Iterator[tcp.Server]:
-    server, client = _socket_pair()
+    server, client = socket_pair()
     transport = tcp.Server(server, HTTPChannel(), ("127.0.0.1", 40000), None, 1, MemoryReactorClock())
     yield transport
     client.close()
@@ -293,7 +217,7 @@ def test_a_committed_blob_on_plain_tcp_is_sent_from_its_socket(reader, tcp_trans
 
 
 def test_tls_keeps_the_copy_loop(reader, tcp_transport) -> None:
-    wrapper = TLSMemoryBIOFactory(CertificateOptions(), False, _site()).buildProtocol(_PEER)
+    wrapper = TLSMemoryBIOFactory(CertificateOptions(), False, _site()).buildProtocol(PEER)
     assert wrapper is not None
     wrapper.makeConnection(tcp_transport)  # TLS over the very TCP connection that qualifies bare
     request = _request_of(wrapper.wrappedProtocol)  # the channel, on the TLS wrapper
