@@ -454,8 +454,13 @@ class BlobFollower:
             raise ValueError("a follower that hashes what it delivers must read it")
         if self.state is not FollowState.WRITING:
             return 0
-        limit = n if self._size is None else min(n, self._size - self.position)
-        landed = min(limit, os.fstat(self._fd).st_size - self.position) if limit > 0 else 0
+        if self._size is not None:  # vouched for, or the committed blob's: every byte is in the file
+            landed = min(n, self._size - self.position)
+        else:
+            try:
+                landed = min(n, os.fstat(self._fd).st_size - self.position)
+            except FileNotFoundError:  # sshfs stats an open file by its name: renamed or removed
+                landed = 0  # which of the two, the verdict below finds out
         if landed > 0:
             return landed
         self._check_progress()
