@@ -500,9 +500,9 @@ async def send_following(
     follower, whichever way it ends.
     """
     follower, size = following.follower, following.size
-    if size is None:
-        raise ValueError("only a download of known size has a Content-Length to send it under")
     try:
+        if size is None:
+            raise ValueError("only a download of known size has a Content-Length to send it under")
         body = SendfileBody(
             request=request, source=Landing(follower, size, following.wait_for_more), connection=connection,
             in_thread=in_thread, fds=fds, on_bytes=on_bytes,
