@@ -443,6 +443,37 @@ class BlobFollower:
             return self.read(n)
         return b""
 
+    def landed(self, n: int) -> int:
+        """How many of the next ``n`` bytes :meth:`read` would return, left unread: for a caller that
+        sends them from :meth:`fileno` itself (``sendfile``), then says so with :meth:`advance`. 0
+        when none have landed or the blob is done (see state), decided as :meth:`read` decides.
+
+        Not for a follower that hashes what it delivers (:attr:`verify_bytes`): it must read them.
+        """
+        if self.verify_bytes:
+            raise ValueError("a follower that hashes what it delivers must read it")
+        if self.state is not FollowState.WRITING:
+            return 0
+        if self._size is not None:  # vouched for, or the committed blob's: every byte is in the file
+            landed = min(n, self._size - self.position)
+        else:
+            try:
+                landed = min(n, os.fstat(self._fd).st_size - self.position)
+            except FileNotFoundError:  # sshfs stats an open file by its name: renamed or removed
+                landed = 0  # which of the two, the verdict below finds out
+        if landed > 0:
+            return landed
+        self._check_progress()
+        if self.state is FollowState.WRITING and self._size is not None and self.position < self._size:
+            return self.landed(n)
+        return 0
+
+    def advance(self, n: int) -> None:
+        """The caller delivered the next ``n`` bytes from :meth:`fileno` itself (see :meth:`landed`)."""
+        if self.verify_bytes:
+            raise ValueError("a follower that hashes what it delivers must read it")
+        self.position += n
+
     def vouch(self, size: int) -> None:
         """The writer of the followed file, in this process, verified its first ``size`` bytes.
 

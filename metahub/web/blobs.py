@@ -17,7 +17,7 @@ from metahub.upstream.discard import Discard
 from metahub.web.headers import header_text
 from metahub.web.passthrough import VerifyingRelay
 from metahub.web.ranges import content_range, parse_range
-from metahub.web.sendfile import send_file, zero_copy_socket
+from metahub.web.sendfile import send_file, send_following, zero_copy_socket
 from metahub.web.streaming import send
 
 
@@ -38,8 +38,9 @@ class Blobs:
         #: Reads of files already open: a pool of their own, never queued behind opens that a
         #: stalled store holds up (docs/cluster.md).
         self.read_in_thread = read_in_thread
-        #: The reactor's descriptor set, for the zero-copy path of cached blobs on plain TCP
-        #: (metahub.web.sendfile); without it every body goes through the copy loop.
+        #: The reactor's descriptor set, for the zero-copy path of cached blobs and this node's
+        #: downloads on plain TCP (metahub.web.sendfile); without it every body goes through the
+        #: copy loop.
         self.fds = fds
         self.metrics = metrics
 
@@ -90,12 +91,23 @@ class Blobs:
         size = following.size
         wanted = parse_range(_range_header(request), size) if size is not None else None
         self._range_headers(request, digest, wanted, size)
-        await send(
-            request, following.follower, self.read_in_thread,
-            lambda n: self.metrics.bytes_served.labels("upstream").inc(n),
-            following.wait_for_more, size, following.resume,
-            lambda reason: self.metrics.responses_aborted.labels(reason).inc(),
-        )
+
+        def served(n: int) -> None:
+            self.metrics.bytes_served.labels("upstream").inc(n)
+
+        def aborted(reason: str) -> None:
+            self.metrics.responses_aborted.labels(reason).inc()
+
+        fds = self.fds
+        connection = zero_copy_socket(request, following.follower) if fds is not None else None
+        if connection is not None:
+            assert fds is not None
+            await send_following(request, following, connection, self.read_in_thread, fds, served, aborted)
+        else:
+            await send(
+                request, following.follower, self.read_in_thread, served,
+                following.wait_for_more, size, following.resume, aborted,
+            )
 
     async def _pass_through(self, request: Request, digest: str, bypass: Bypass) -> None:
         """Relay upstream's response to this client alone, verified."""

@@ -1,7 +1,9 @@
 """Send blob bytes to a client with backpressure, never holding more than a chunk or two in memory.
 
-This is the copy loop: for TLS connections, followers of a download, and any transport without a
-socket. A committed blob on plain TCP goes out with ``sendfile`` instead (:mod:`metahub.web.sendfile`).
+This is the copy loop: for TLS connections, followers that hash what they deliver (another node's
+download, a response carried on from another source), and any transport without a socket. On plain
+TCP a committed blob, and this node's download up to its final byte, go out with ``sendfile``
+instead (:mod:`metahub.web.sendfile`), which hands the rest of a download to this loop.
 
 Reads happen in a thread (the store may be on a shared filesystem that stalls), in large chunks so
 the thread hop is paid rarely. The transport pauses us as soon as a chunk is buffered (past

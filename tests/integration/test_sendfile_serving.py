@@ -1,6 +1,7 @@
 """Cached blobs over plain TCP go out with ``os.sendfile`` (issue 14): a real twistd metahub, real
 ``curl`` downloads, byte for byte, whole and ranged; a client leaving mid-body leaves no descriptor
-behind (/proc/PID/fd); TLS serving the same blob stays byte-exact on the copy loop.
+behind (/proc/PID/fd); TLS serving the same blob stays byte-exact on the copy loop. Clients of a
+download in progress get it by sendfile too, as it lands, all but its final byte.
 
 ``strace`` on the server shows which path a response took: sendfile calls for plain TCP, none for TLS.
 """
@@ -11,6 +12,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,12 +24,16 @@ from tests.peers import skopeo
 from tests.peers.oci import make_image
 from tests.peers.ports import LOOPBACK
 from tests.peers.registry import Registry
+from tests.peers.relay import Relay
 from tests.peers.tls import make_ca
 
 from .common import descriptors, pid_of, request, settle
 from .metahub_process import Metahub, ServerTLS
 
 LAYER_BYTES = 40 << 20
+#: A blob the followers' test downloads through a relay slowed to FOLLOW_RATE: three seconds.
+FOLLOW_BYTES = 30 << 20
+FOLLOW_RATE = 10 << 20
 REPO = "team/big"
 
 
@@ -164,9 +170,13 @@ def test_access_log_and_metrics_count_the_bytes_sent(world: World, tmp_path: Pat
 
 
 def _served_from_cache(hub: Metahub) -> float:
+    return _served(hub, "cache")
+
+
+def _served(hub: Metahub, source: str) -> float:
     status, _, body = request(hub.host, "GET", "/metrics")
     assert status == 200
-    match = re.search(r'^metahub_bytes_served_total\{source="cache"\} (\S+)$', body.decode(), re.MULTILINE)
+    match = re.search(rf'^metahub_bytes_served_total\{{source="{source}"\}} (\S+)$', body.decode(), re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 
@@ -214,3 +224,47 @@ def test_tls_serves_the_cached_blob_byte_for_byte_on_the_copy_loop(world: World,
     assert _curl(url, out, *cacert, "-r", "5-1000004") == (206, 1000000)
     assert out.read_bytes() == world.data[5:1000005]
 
+
+
+def test_followers_of_a_download_get_it_by_sendfile_as_it_lands(tmp_path: Path) -> None:
+    """Two curls of a blob still coming from a slow upstream: both follow the one download, get
+    every byte but the last by sendfile from the file being written (the last, held until the blob
+    verified, through the copy loop), and get the blob exactly."""
+    with Registry(tmp_path / "upstream") as upstream, Relay(upstream.url) as relay:
+        image = make_image(tmp_path / "layout", "v1", layers=[FOLLOW_BYTES])
+        skopeo.push(tmp_path / "layout", "v1", f"{upstream.host}/{REPO}:v1")
+        layer = image.layers[0]
+        data = (tmp_path / "layout" / "blobs" / "sha256" / layer.digest[7:]).read_bytes()
+        relay.reset()
+        relay.rate = FOLLOW_RATE
+        with Metahub(tmp_path / "hub", {"local": {"url": relay.url}}, default_upstream="local") as hub:
+            url = f"{hub.url}/v2/{REPO}/blobs/{layer.digest}"
+            outs = [tmp_path / "first", tmp_path / "second"]
+            got: list[tuple[int, int]] = []
+
+            def pull(out: Path) -> None:
+                got.append(_curl(url, out))
+
+            traced = Strace(pid_of(hub), tmp_path / "followers.strace") if shutil.which("strace") else None
+            started = time.monotonic()
+            if traced is not None:
+                traced.__enter__()
+            try:
+                pulls = [threading.Thread(target=pull, args=(out,)) for out in outs]
+                pulls[0].start()
+                time.sleep(0.5)  # the second joins the download the first started
+                pulls[1].start()
+                for thread in pulls:
+                    thread.join(120)
+            finally:
+                if traced is not None:
+                    traced.__exit__()
+            took = time.monotonic() - started
+            assert got == [(200, len(data))] * 2
+            assert all(out.read_bytes() == data for out in outs)
+            assert took > 2, f"{took:.1f} s: the relay did not hold the download up, so none was followed"
+            assert relay.blob_gets(REPO, layer.digest) == 1  # one download, two followers
+            if traced is not None:
+                assert traced.sent() == 2 * (len(data) - 1)
+            assert _served(hub, "upstream") == 2 * len(data) and _served(hub, "cache") == 0
+            assert "aborting a response" not in hub.log() and "Traceback" not in hub.log()

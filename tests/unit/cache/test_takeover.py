@@ -17,6 +17,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
 
 from metahub.cache.downloads import WRITE_BYTES, AlreadyStored, Downloads
 from metahub.cache.manifests import Manifests
@@ -28,6 +30,7 @@ from metahub.runtime.metrics import Metrics
 from metahub.runtime.pools import ThreadPoolRunner
 from metahub.upstream.client import ManifestHead
 from metahub.upstream.upstreams import Upstreams
+from metahub.web.blobs import Blobs
 from metahub.web.site import _access_line
 from metahub.web.streaming import send
 from storage import (
@@ -48,6 +51,7 @@ from tests.unit.fakes import (
     join_now,
     store_capacity,
 )
+from tests.unit.loopback import Loopback
 
 UPSTREAM = UpstreamConfig("local", "http://127.0.0.1:1", read_timeout=30.0)
 ROUTE = Route(UPSTREAM, "team/app")
@@ -218,6 +222,62 @@ def test_a_holder_that_lost_its_lease_steps_aside_and_its_clients_finish_from_th
     assert served.called and client.finished and not client.transport.aborted and client.body() == DATA
     assert a.aborted() == 0 and a.downloads.capacity.can_store()
     assert a.storage.blobs.stat(DIGEST) is not None and os.listdir(a.storage.blobs.tmp_dir) == []
+
+
+class _BlobPage(Resource):
+    """The blob, served by ``blobs`` (set once the connection, whose reactor it needs, exists)."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blobs: Blobs | None = None
+        self.served: Deferred | None = None
+
+    def render_GET(self, request: Request) -> object:  # noqa: N802
+        assert self.blobs is not None
+        self.served = ensureDeferred(self.blobs.serve(request, ROUTE, DIGEST, head=False))
+        return NOT_DONE_YET
+
+
+def test_a_client_on_plain_tcp_gets_what_landed_by_sendfile_and_the_rest_from_the_taker(tmp_path, monkeypatch) -> None:
+    """The holder that steps aside, its client on a real TCP connection: what landed in its own file
+    goes by sendfile, the rest (from the node that took over, old bytes and new hashed) through the
+    copy loop, and the client gets every byte in one response."""
+    real_sendfile = os.sendfile
+    by_sendfile: list[int] = []
+
+    def counting(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        by_sendfile.append(real_sendfile(out_fd, in_fd, offset, count))
+        return by_sendfile[-1]
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    clock, (a, b) = cluster(tmp_path, "a", "b")
+    page = _BlobPage()
+    client = Loopback(page)
+    page.blobs = Blobs(cache=a.blobs.cache, clock=clock, metrics=a.metrics, read_in_thread=inline, fds=client.reactor)
+    client.get()
+    client.read_in_background(len(DATA))
+    a_body = a.upstream.answer()
+    a_body.send(DATA[:HALF])
+    assert client.turn_until_body(HALF) == DATA[:HALF] and sum(by_sendfile) == HALF
+    stalled = join_now(a.downloads, ROUTE, DIGEST)
+    stalled.heartbeat.stop()  # node A's store stalls: its heartbeats hang
+    advance(clock, 31)
+    _, taking = b.serve()  # node B finds the lease stale and takes it over
+    b_body = b.upstream.answer()
+    b_body.send(DATA[:HALF])
+    ensureDeferred(a.downloads._heartbeat(stalled))  # A's store answers again: it steps aside
+    a_body.protocol.connectionLost(Failure(PotentialDataLoss()))
+    advance(clock, 1)
+    b_body.send(DATA[HALF:])
+    b_body.end()
+    advance(clock, 1)
+    assert client.turn_until_body(len(DATA)) == DATA
+    assert page.served is not None and page.served.called and client.transport.connected
+    assert sum(by_sendfile) == HALF  # the successor hashes what it delivers: the copy loop's
+    assert a.aborted() == 0 and os.listdir(a.storage.blobs.tmp_dir) == []
+    client.close()
 
 
 def test_a_holder_whose_commit_comes_after_the_takers_ends_cleanly(tmp_path) -> None:

@@ -14,6 +14,7 @@ from storage import (
     BlobStore,
     BlobWriteError,
     DigestMismatch,
+    FollowFailure,
     FollowState,
     InvalidDigest,
     SizeMismatch,
@@ -389,6 +390,108 @@ def test_a_vouched_follower_ends_committed_before_the_rename(tmp_path) -> None:
     follower.vouch(len(data))
     assert follower.state is FollowState.COMMITTED and follower.read(10) == b""
     writer.commit()
+
+
+def test_a_follower_says_what_has_landed_for_a_caller_that_sends_it_itself(tmp_path) -> None:
+    """landed/advance: what read would give, left in the file (for sendfile), to the same verdict."""
+    store = BlobStore(str(tmp_path))
+    data = os.urandom(10000)
+    writer = store.writer(sha256_digest(data), len(data))
+    follower = store.follow(writer.digest)
+    assert follower.landed(1 << 20) == 0 and follower.state is FollowState.WRITING
+    writer.write(data[:6000])
+    assert follower.landed(1 << 20) == 6000 and follower.landed(100) == 100
+    assert follower.position == 0  # nothing read: the caller sends from fileno() itself
+    follower.advance(6000)
+    assert os.pread(follower.fileno(), 10, 5990) == data[5990:6000]
+    assert follower.landed(1 << 20) == 0 and follower.state is FollowState.WRITING
+    writer.write(data[6000:])
+    writer.verify()
+    follower.vouch(len(data))  # known size: no more than it ever lands
+    assert follower.landed(1 << 20) == 4000
+    follower.advance(4000)
+    assert follower.landed(1 << 20) == 0 and follower.state is FollowState.COMMITTED
+    writer.commit()
+
+
+def test_a_follower_that_finds_its_file_gone_says_so_when_nothing_has_landed(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    data = os.urandom(10000)
+    writer = store.writer(sha256_digest(data), len(data))
+    follower = store.follow(writer.digest)
+    writer.write(data[:3000])
+    follower.advance(follower.landed(1 << 20))
+    writer.abort()
+    assert follower.landed(1 << 20) == 0
+    assert follower.state is FollowState.FAILED and follower.failure is FollowFailure.REMOVED
+
+
+def _stat_by_name_only(monkeypatch, follower, name: str) -> None:
+    """What sshfs does: fstat of an open file whose name was renamed or removed fails."""
+    real = os.fstat
+
+    def fstat(fd: int) -> os.stat_result:
+        if fd == follower.fileno() and not os.path.exists(name):
+            raise FileNotFoundError(2, "No such file or directory")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fstat", fstat)
+
+
+def test_a_follower_on_sshfs_finds_the_rest_in_the_committed_blob(tmp_path, monkeypatch) -> None:
+    store = BlobStore(str(tmp_path))
+    data = os.urandom(10000)
+    writer = store.writer(sha256_digest(data), len(data))
+    follower = store.follow(writer.digest)
+    _stat_by_name_only(monkeypatch, follower, writer.temp_path)
+    writer.write(data[:4000])
+    follower.advance(follower.landed(1 << 20))
+    writer.write(data[4000:])
+    writer.commit()  # renamed: the follower's file can no longer be stat'ed
+    assert follower.landed(1 << 20) == 6000 and follower.state is FollowState.WRITING
+    assert os.pread(follower.fileno(), 6000, 4000) == data[4000:]
+    follower.advance(6000)
+    assert follower.landed(1 << 20) == 0 and follower.state is FollowState.COMMITTED
+
+
+def test_a_vouched_follower_on_sshfs_needs_no_stat_after_the_rename(tmp_path, monkeypatch) -> None:
+    store = BlobStore(str(tmp_path))
+    data = os.urandom(10000)
+    writer = store.writer(sha256_digest(data), len(data))
+    follower = store.follow(writer.digest)
+    _stat_by_name_only(monkeypatch, follower, writer.temp_path)
+    writer.write(data)
+    follower.advance(follower.landed(5000))
+    follower.vouch(len(data))
+    writer.commit()
+    assert follower.landed(1 << 20) == 5000
+    follower.advance(5000)
+    assert follower.landed(1 << 20) == 0 and follower.state is FollowState.COMMITTED
+
+
+def test_a_follower_on_sshfs_whose_file_is_removed_says_so(tmp_path, monkeypatch) -> None:
+    store = BlobStore(str(tmp_path))
+    data = os.urandom(10000)
+    writer = store.writer(sha256_digest(data), len(data))
+    follower = store.follow(writer.digest)
+    _stat_by_name_only(monkeypatch, follower, writer.temp_path)
+    writer.write(data[:3000])
+    follower.advance(follower.landed(1 << 20))
+    writer.abort()
+    assert follower.landed(1 << 20) == 0 and follower.failure is FollowFailure.REMOVED
+
+
+def test_a_follower_that_hashes_must_read_what_it_delivers(tmp_path) -> None:
+    store = BlobStore(str(tmp_path))
+    writer = store.writer(sha256_digest(b"abc"), 3)
+    follower = store.follow(writer.digest)
+    follower.verify_bytes = True
+    writer.write(b"abc")
+    with pytest.raises(ValueError):
+        follower.landed(3)
+    with pytest.raises(ValueError):
+        follower.advance(3)
+    writer.abort()
 
 
 def test_vouching_is_ignored_for_another_nodes_file(tmp_path) -> None:

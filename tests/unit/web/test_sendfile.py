@@ -1,9 +1,8 @@
-"""The zero-copy path: which responses take it, and the producer that sends them.
+"""The zero-copy path: which responses take it, and the producer that sends them: a cached blob, and
+a download as it lands (what has landed, waiting for more, the final byte only once verified).
 
-The producer is tested on a real loopback TCP connection: metahub's own channel (``RegistrySite``)
-on Twisted's TCP transport, whose reactor is a memory reactor the test turns by hand (each writer's
-``doWrite`` is what the reactor would call when the socket can take bytes). The client is a plain
-socket read by a thread; the jobs run inline, on the test's thread, unless a test holds them.
+The producer is tested on a real loopback TCP connection (tests/unit/loopback.py); the jobs run
+inline, on the test's thread, unless a test holds them.
 """
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import tcp
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
@@ -31,14 +29,27 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from metahub.cache.blobs import Following, Recover, WaitForMore
 from metahub.config.file import HttpConfig
 from metahub.web import sendfile
-from metahub.web.sendfile import BlobTruncated, send_file, zero_copy_socket
+from metahub.web.sendfile import (
+    BlobTruncated,
+    send_file,
+    send_following,
+    zero_copy_socket,
+)
 from metahub.web.site import RegistrySite
-from storage import BlobReader, BlobStore, sha256_digest
+from storage import (
+    BlobFollower,
+    BlobReader,
+    BlobStore,
+    DigestMismatch,
+    FollowState,
+    sha256_digest,
+)
 from tests.unit.fakes import inline
+from tests.unit.loopback import PEER, Loopback, socket_pair
 
-_PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 MiB = 1 << 20
 
 
@@ -51,14 +62,6 @@ def _blob(store: BlobStore, data: bytes) -> str:
 
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-def _socket_pair() -> tuple[socket.socket, socket.socket]:
-    """Server and client ends of a loopback TCP connection."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return server, client
 
 
 class HeldJobs:
@@ -94,6 +97,7 @@ class _BlobPage(Resource):
     def render_GET(self, request: Request) -> object:  # noqa: N802
         served = self.served
         reader = served.reader
+        assert reader is not None
         request.setResponseCode(206 if reader.start else 200)
         request.setHeader("Content-Length", str(reader.end - reader.start))
         connection = zero_copy_socket(request, reader)
@@ -106,58 +110,50 @@ class _BlobPage(Resource):
         return NOT_DONE_YET
 
 
-class Served:
-    """One GET of a blob over a real TCP connection, the server's reactor turned by the test."""
+class _FollowPage(Resource):
+    """Serves ``following`` (a download the test writes) the way Blobs does, through send_following."""
 
-    def __init__(self, reader: BlobReader, in_thread: Any = inline) -> None:
+    isLeaf = True
+
+    def __init__(self, served: Served) -> None:
+        super().__init__()
+        self.served = served
+
+    def render_GET(self, request: Request) -> object:  # noqa: N802
+        served = self.served
+        following = served.following
+        assert following is not None and following.size is not None
+        request.setResponseCode(200)
+        request.setHeader("Content-Length", str(following.size))
+        connection = zero_copy_socket(request, following.follower)
+        assert connection is not None
+        served.request = request
+        served.result = ensureDeferred(send_following(
+            request, following, connection, served.in_thread, served.reactor, served.counted.append,
+            served.aborts.append,
+        ))
+        served.result.addBoth(served.closed_reader)
+        return NOT_DONE_YET
+
+
+class Served(Loopback):
+    """One GET of a blob (or of a download, ``following``) over a real TCP connection."""
+
+    def __init__(self, reader: BlobReader | None, in_thread: Any = inline, following: Following | None = None) -> None:
         self.reader = reader
+        self.following = following
         self.in_thread = in_thread
-        self.reactor = MemoryReactorClock()
         self.counted: list[int] = []
+        self.aborts: list[str] = []
         self.request: Request | None = None
         self.result: Deferred[bool] | None = None
         self.outcome: object = None
-        site = RegistrySite(_BlobPage(self), HttpConfig(), access_log=False, reactor=Clock())
-        self.channel = site.buildProtocol(_PEER)
-        assert isinstance(self.channel, HTTPChannel)
-        server, self.client = _socket_pair()
-        # What tcp.Port does with an accepted connection (no Port here: the reactor is in memory).
-        self.transport = tcp.Server(server, self.channel, ("127.0.0.1", 40000), None, 1, self.reactor)
-        self.channel.makeConnection(self.transport)
-        self.received = bytearray()
-        self._reader: threading.Thread | None = None
+        super().__init__(_BlobPage(self) if following is None else _FollowPage(self))
 
     def closed_reader(self, outcome: object) -> None:
-        self.reader.close()
+        if self.reader is not None:
+            self.reader.close()
         self.outcome = outcome  # a Failure is the test's to look at
-
-    def get(self) -> None:
-        self.channel.dataReceived(b"GET /blob HTTP/1.1\r\nHost: metahub.test\r\n\r\n")
-
-    def read_in_background(self, body_length: int) -> None:
-        """Read a response of ``body_length`` body bytes in a thread (or until the server closes)."""
-
-        def complete() -> bool:
-            head, separator, body = bytes(self.received[:100_000]).partition(b"\r\n\r\n")
-            return bool(separator) and len(self.received) - len(head) - 4 >= body_length
-
-        def read() -> None:
-            while not complete():
-                try:
-                    chunk = self.client.recv(1 << 20)
-                except OSError:  # reset
-                    return
-                if not chunk:
-                    return
-                self.received += chunk
-
-        self._reader = threading.Thread(target=read, daemon=True)
-        self._reader.start()
-
-    def turn(self) -> None:
-        """One turn of the reactor: everything waiting to write gets its doWrite."""
-        for writer in list(self.reactor.getWriters()):
-            writer.doWrite()
 
     def turn_until_done(self, limit: int = 10_000) -> None:
         assert self.result is not None
@@ -166,19 +162,6 @@ class Served:
                 break
             self.turn()
         assert self.result.called
-
-    def join(self) -> bytes:
-        assert self._reader is not None
-        self._reader.join(timeout=10)
-        return bytes(self.received)
-
-    def close(self) -> None:
-        self.client.shutdown(socket.SHUT_RDWR)
-        if self._reader is not None:
-            self._reader.join(timeout=10)
-        self.client.close()
-        if self.transport.connected:
-            self.transport.connectionLost(Failure(ConnectionDone()))
 
 
 @pytest.fixture
@@ -200,7 +183,7 @@ def _site() -> RegistrySite:
 
 
 def _request_on(transport: object) -> Request:
-    channel = _site().buildProtocol(_PEER)
+    channel = _site().buildProtocol(PEER)
     assert channel is not None
     channel.makeConnection(transport)
     return _request_of(channel)
@@ -221,7 +204,7 @@ def reader(store) -> Iterator[BlobReader]:
 
 @pytest.fixture
 def tcp_transport() -> Iterator[tcp.Server]:
-    server, client = _socket_pair()
+    server, client = socket_pair()
     transport = tcp.Server(server, HTTPChannel(), ("127.0.0.1", 40000), None, 1, MemoryReactorClock())
     yield transport
     client.close()
@@ -234,7 +217,7 @@ def test_a_committed_blob_on_plain_tcp_is_sent_from_its_socket(reader, tcp_trans
 
 
 def test_tls_keeps_the_copy_loop(reader, tcp_transport) -> None:
-    wrapper = TLSMemoryBIOFactory(CertificateOptions(), False, _site()).buildProtocol(_PEER)
+    wrapper = TLSMemoryBIOFactory(CertificateOptions(), False, _site()).buildProtocol(PEER)
     assert wrapper is not None
     wrapper.makeConnection(tcp_transport)  # TLS over the very TCP connection that qualifies bare
     request = _request_of(wrapper.wrappedProtocol)  # the channel, on the TLS wrapper
@@ -248,9 +231,19 @@ def test_a_connection_that_started_tls_keeps_the_copy_loop(reader, tcp_transport
     assert zero_copy_socket(request, reader) is None
 
 
-def test_a_follower_of_a_download_keeps_the_copy_loop(store, tcp_transport) -> None:
+def test_a_follower_of_this_nodes_download_is_sent_from_its_socket(store, tcp_transport) -> None:
     follower = store.follow(_blob(store, b"being written, as far as the follower knows"))
     assert follower is not None
+    try:
+        assert zero_copy_socket(_request_on(tcp_transport), follower) is tcp_transport.getHandle()
+    finally:
+        follower.close()
+
+
+def test_a_follower_that_hashes_what_it_delivers_keeps_the_copy_loop(store, tcp_transport) -> None:
+    follower = store.follow(_blob(store, b"another node's file, or a response carried on"))
+    assert follower is not None
+    follower.verify_bytes = True
     try:
         assert zero_copy_socket(_request_on(tcp_transport), follower) is None
     finally:
@@ -509,3 +502,181 @@ def test_a_client_hanging_up_once_it_has_the_last_byte_gets_a_whole_logged_respo
     done.callback(result)
     assert served.outcome is True and sum(served.counted) == len(data)
     assert logged == [served.request] and served.request.sentLength == len(data)
+
+
+# --- a download, as it lands -------------------------------------------------------------------
+
+
+class Download:
+    """A download in progress as its followers see it: the lane's writer, written by the test, and
+    a ``wait_for_more`` whose waits the test ends, vouching once the bytes verified (as
+    metahub.cache.blobs.wait_for_more does for this node's download)."""
+
+    def __init__(self, store: BlobStore, data: bytes) -> None:
+        self.data = data
+        self.writer = store.writer(sha256_digest(data), len(data))
+        self.follower = BlobFollower(store, self.writer.digest, os.open(self.writer.temp_path, os.O_RDONLY),
+                                     self.writer.temp_path)
+        self.waits: list[Deferred[None]] = []
+        self.verified = False
+
+    def wait_for_more(self) -> Deferred[None]:
+        self.waits.append(Deferred())
+        return self.waits[-1]
+
+    def land(self, end: int) -> None:
+        self.writer.write(self.data[self.writer.bytes_written:end])
+
+    def verify(self) -> None:
+        self.writer.verify()
+        self.verified = True
+
+    def wake(self) -> None:
+        if self.verified:
+            self.follower.vouch(self.writer.bytes_written)
+        self.waits.pop(0).callback(None)
+
+    def following(self, resume: Recover | None = None) -> Following:
+        return Following(self.follower, len(self.data), self.wait_for_more, resume or (lambda old: succeed(None)))
+
+
+@pytest.fixture
+def by_sendfile(monkeypatch) -> list[int]:
+    """The bytes each sendfile call sent."""
+    real = os.sendfile
+    sent: list[int] = []
+
+    def counting(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        sent.append(real(out_fd, in_fd, offset, count))
+        return sent[-1]
+
+    monkeypatch.setattr(os, "sendfile", counting)
+    return sent
+
+
+def test_a_follower_gets_what_has_landed_waits_and_its_final_byte_only_once_verified(store, by_sendfile) -> None:
+    data = os.urandom(3 * MiB + 5)
+    download = Download(store, data)
+    download.land(MiB)
+    served = Served(None, following=download.following())
+    served.get()
+    served.read_in_background(len(data))
+    served.turn()  # the headers, then what has landed; then the body waits for more
+    assert served.turn_until_body(MiB) == data[:MiB]
+    assert len(download.waits) == 1 and sum(by_sendfile) == MiB and not served.result.called
+    download.land(len(data))
+    download.wake()
+    # Every byte but the final one by sendfile; the copy loop holds that one until the blob verifies.
+    assert served.turn_until_body(len(data) - 1) == data[:-1]
+    assert sum(by_sendfile) == len(data) - 1 and len(download.waits) == 1
+    for _ in range(20):
+        served.turn()
+    assert served.body_so_far() == data[:-1] and not served.result.called
+    download.verify()
+    download.wake()
+    served.turn_until_done()
+    served.turn_until_body(len(data))  # the copy loop's last byte leaves the transport
+    assert _head_and_body(served.join())[1] == data
+    assert served.outcome is True and served.request is not None and served.request.finished
+    assert sum(served.counted) == len(data) and served.request.sentLength == len(data)
+    assert served.transport.producer is served.channel and download.follower.fileno() == -1
+    download.writer.commit()
+    served.close()
+
+
+def test_a_download_that_does_not_verify_never_gives_its_final_byte(store, by_sendfile) -> None:
+    data = os.urandom(2 * MiB)
+    download = Download(store, data)
+    download.data = data[:-1] + bytes([data[-1] ^ 1])  # the last byte arrives wrong
+    download.land(len(data))
+    served = Served(None, following=download.following())
+    served.get()
+    served.read_in_background(len(data))
+    served.turn()
+    assert served.turn_until_body(len(data) - 1) == data[:-1]
+    with pytest.raises(DigestMismatch):
+        download.verify()  # the writer refuses it and removes its file: the follower sees it fail
+    download.wake()
+    for _ in range(20):
+        served.turn()
+    served.reactor.advance(0)
+    assert served.outcome is False and served.aborts == ["source_removed"]
+    assert served.body_so_far() == data[:-1] and not served.transport.connected
+
+
+def test_a_client_leaving_while_its_follower_waits_ends_the_body_at_once(store) -> None:
+    before = _open_fds()
+    data = os.urandom(2 * MiB)
+    download = Download(store, data)
+    download.land(MiB)
+    served = Served(None, following=download.following())
+    served.get()
+    served.read_in_background(len(data))
+    served.turn()
+    served.turn_until_body(MiB)
+    assert len(download.waits) == 1
+    served.close()  # gone while the body waits for the download
+    assert served.outcome is False and served.request is not None and not served.request.finished
+    assert served.reactor.getWriters() == [] and download.follower.fileno() == -1
+    download.land(len(data))
+    download.wake()  # the wait ends after the body: it finds nothing to do
+    assert download.waits == []
+    download.writer.abort()
+    assert _open_fds() == before
+
+
+def test_a_client_leaving_mid_follow_while_a_job_runs_stops_it(store, monkeypatch) -> None:
+    monkeypatch.setattr(sendfile, "POLL_WAIT", 30.0)
+    data = os.urandom(32 * MiB)
+    download = Download(store, data)
+    download.land(len(data))
+    jobs = HeldJobs()
+    served = Served(None, jobs, following=download.following())
+    served.get()
+    served.turn()
+    served.read_in_background(len(data))
+    jobs.run_one()  # one slice sent
+    served.close()  # gone while the next job waits for its thread
+    assert served.outcome is None and download.follower.fileno() >= 0  # the job still holds the file
+    jobs.run_one()
+    assert served.outcome is False and sum(served.counted) == sendfile.SLICE
+    assert jobs.pending == [] and download.follower.fileno() == -1
+    download.writer.abort()
+
+
+def test_a_follower_whose_file_goes_away_carries_on_from_a_successor(store, by_sendfile) -> None:
+    """A takeover: the followed file is removed (its download stepped aside); the response goes on
+    from the download that took over, as BlobCache's resume gives it, hashing old bytes and new."""
+    data = os.urandom(2 * MiB + 3)
+    download = Download(store, data)
+    download.land(MiB)
+    taker = Download(store, data)  # the download that takes over, from the first byte
+    taker.follower.close()
+    resumed: list[BlobFollower] = []
+
+    def resume(old: BlobFollower) -> Deferred[tuple[BlobFollower, WaitForMore] | None]:
+        successor = BlobFollower(store, taker.writer.digest, os.open(taker.writer.temp_path, os.O_RDONLY),
+                                 taker.writer.temp_path)
+        successor.carry_on(old.position, old.delivered_hash())
+        resumed.append(successor)
+        return succeed((successor, taker.wait_for_more))
+
+    served = Served(None, following=download.following(resume))
+    served.get()
+    served.read_in_background(len(data))
+    served.turn()
+    assert served.turn_until_body(MiB) == data[:MiB]
+    download.writer.abort()  # stepped aside: its file goes, no byte was wrong
+    download.wake()
+    assert len(resumed) == 1 and resumed[0].position == MiB  # from the byte the client has
+    assert len(taker.waits) == 1  # the successor has nothing new yet
+    taker.land(len(data))
+    taker.writer.commit()
+    taker.wake()
+    served.turn_until_done()
+    served.turn_until_body(len(data))
+    assert _head_and_body(served.join())[1] == data
+    assert served.outcome is True and served.aborts == [] and resumed[0].state is FollowState.COMMITTED
+    assert sum(by_sendfile) == MiB  # the successor hashes what it delivers: the copy loop's
+    assert sum(served.counted) == len(data) and resumed[0].fileno() == -1
+    served.close()
