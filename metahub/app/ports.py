@@ -57,7 +57,9 @@ def with_backlog(description: str, backlog: int) -> str:
     candidate = f"{description}:backlog={backlog}"
     try:
         endpoints.serverFromString(None, candidate)  # parses only; nothing listens without a reactor
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001
+        # A backlog given by position (TypeError), or an ssl: key or certificate that cannot be
+        # read or loaded: the description stays as written, and building it reports the problem.
         return description
     return candidate
 
@@ -108,7 +110,7 @@ class PortService(Service):
     def startService(self) -> None:
         super().startService()
         description = self.description
-        try:  # one load of an ssl: endpoint's key and certificate, not a check and then the real one
+        try:  # built once (an ssl: key and certificate are loaded by with_backlog's parse too)
             endpoint = server_endpoint(self.reactor, with_backlog(description, self.backlog))
         except EndpointProblem as problem:
             give_up(f"listen {description!r}: {problem}")

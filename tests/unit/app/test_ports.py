@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from twisted.internet.endpoints import quoteStringArgument, serverFromString
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactor
 
 from metahub.app import ports
@@ -64,3 +66,13 @@ def test_the_port_listens_with_that_backlog_and_shows_the_users_description() ->
     PortService(description="tcp:0:backlog=7", factory=lambda: None,  # type: ignore[arg-type,return-value]
                 what="test", reactor=mine, backlog=2048).startService()
     assert mine.tcpServers[0][2] == 7
+
+
+def test_an_ssl_key_that_cannot_be_read_at_start_is_said_in_one_line(tmp_path: Path) -> None:
+    # check-config passed, but the key is unreadable by the time the port starts (twistd --uid
+    # drops privileges first): one line, not a traceback from the backlog's trial parse.
+    missing = quoteStringArgument(str(tmp_path / "key.pem"))
+    port = PortService(description=f"ssl:0:privateKey={missing}:certKey={missing}", factory=Factory,
+                       what="test", reactor=MemoryReactor(), backlog=2048)
+    with pytest.raises(SystemExit, match="cannot read .*key.pem"):
+        port.startService()
