@@ -100,18 +100,32 @@ class Index:
 
     @contextmanager
     def _transaction(self, write: bool = False) -> Iterator[lmdb.Transaction[bytes]]:
-        with self._transactions:
-            while self._growing:
-                self._transactions.wait()
-            self._open += 1
+        txn = self._begin(write)
         try:
-            with self.env.begin(write=write) as txn:
+            with txn:
                 yield txn
         finally:
+            self._closed()
+
+    def _begin(self, write: bool) -> lmdb.Transaction[bytes]:
+        while True:
             with self._transactions:
-                self._open -= 1
-                if not self._open:
-                    self._transactions.notify_all()
+                while self._growing:
+                    self._transactions.wait()
+                self._open += 1
+            try:
+                return self.env.begin(write=write)
+            except lmdb.MapResizedError:
+                # Another process (``metahub cache gc`` beside the server) grew the map: every
+                # transaction here fails until this process adopts the new size.
+                self._closed()
+                self._resize(None)
+
+    def _closed(self) -> None:
+        with self._transactions:
+            self._open -= 1
+            if not self._open:
+                self._transactions.notify_all()
 
     def _write(self, work: Callable[[lmdb.Transaction[bytes]], T]) -> T:
         while True:
@@ -120,20 +134,21 @@ class Index:
                 with self._transaction(write=True) as txn:
                     return work(txn)
             except lmdb.MapFullError:
-                self._grow(full)
+                self._resize(full)
 
-    def _grow(self, full: int) -> None:
-        """Double a map found full at ``full`` bytes, once no transaction of this process is open."""
+    def _resize(self, full: int | None) -> None:
+        """Once no transaction of this process is open: double a map found full at ``full`` bytes,
+        or (``None``) adopt the size another process gave it."""
         with self._transactions:
             while self._growing:
                 self._transactions.wait()
-            if self.map_size != full:
+            if full is not None and self.map_size != full:
                 return  # another writer grew it meanwhile
             self._growing = True
             try:
                 while self._open:
                     self._transactions.wait()
-                self.env.set_mapsize(full * 2)
+                self.env.set_mapsize(0 if full is None else full * 2)  # 0: the size in the file
             finally:
                 self._growing = False
                 self._transactions.notify_all()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -149,4 +151,26 @@ def test_the_map_grows_only_once_no_transaction_of_another_thread_is_open(tmp_pa
     writer.join(timeout=30)
     assert not writer.is_alive() and index.map_size > start
     assert index.count_blobs() == 3001
+    index.close()
+
+
+def test_a_map_another_process_grew_is_adopted(tmp_path) -> None:
+    # `metahub cache gc` may write the index beside a running server; LMDB then fails every
+    # transaction of the server (MDB_MAP_RESIZED) until it adopts the new size.
+    path = tmp_path / "index"
+    index = Index(str(path), map_size=64 * 1024)
+    index.put_blob(D1, 3, now=1.0)
+    grow = (
+        "import sys\nfrom storage import Index, sha256_digest\n"
+        f"other = Index({str(path)!r}, map_size=64 * 1024)\n"
+        "for i in range(3000):\n"
+        "    other.put_blob(sha256_digest(str(i).encode()), i, now=1.0, repository='r' * 200)\n"
+        "other.close()\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    subprocess.run([sys.executable, "-c", grow], check=True, env={**os.environ, "PYTHONPATH": root}, timeout=60)
+    assert index.get_blob(D1).size == 3
+    assert index.get_blob(sha256_digest(b"2999")).size == 2999
+    index.put_blob(D2, 4, now=2.0)
+    assert index.count_blobs() == 3002
     index.close()
