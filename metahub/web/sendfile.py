@@ -361,7 +361,10 @@ class SendfileBody:
             return self._end(Ended.REST)
         assert self._copy is not None
         self._job_running = True
-        job = self.in_thread(self.source.send, self._copy.fileno(), self._stop)
+        try:
+            job = self.in_thread(self.source.send, self._copy.fileno(), self._stop)
+        except Exception:  # a pool already stopped (the server stopping) refuses the job at once
+            return self._broken(Failure())
         job.addCallbacks(self._sent, self._broken)
 
     def _sent(self, result: tuple[int, Slice]) -> None:
@@ -428,7 +431,8 @@ class SendfileBody:
     def _complete(self) -> None:
         if self._stop.is_set():
             # The last job put the last byte in the socket, and the client, having it all, hung
-            # up before the job's result reached the reactor. The response is whole; Twisted
+            # up before the job's result reached the reactor. The response is whole (as whole as
+            # any finished one: its bytes were handed to the kernel, as finish's are); Twisted
             # refuses to finish a request whose connection is gone, so write the access-log line
             # finish would have written (Request.finish calls the factory's log the same way).
             factory = self._channel.factory

@@ -680,3 +680,19 @@ def test_a_follower_whose_file_goes_away_carries_on_from_a_successor(store, by_s
     assert sum(by_sendfile) == MiB  # the successor hashes what it delivers: the copy loop's
     assert sum(served.counted) == len(data) and resumed[0].fileno() == -1
     served.close()
+
+
+def test_a_pool_that_refuses_the_job_fails_the_response_and_frees_the_descriptor(store) -> None:
+    # At shutdown the read pool is stopped, and a job asked of it raises at once (AlreadyQuit):
+    # the body must end (its follower closed, its duplicate descriptor freed), not hang.
+    def stopped(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        raise RuntimeError("the pool has stopped")
+
+    before = _open_fds()
+    served = Served(store.open(_blob(store, os.urandom(MiB))), stopped)
+    served.get()
+    served.turn_until_done()
+    assert isinstance(served.outcome, Failure) and served.outcome.check(RuntimeError)
+    assert served.transport.producer is served.channel
+    served.close()
+    assert _open_fds() == before
