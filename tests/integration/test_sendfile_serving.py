@@ -122,8 +122,12 @@ class Strace:
         self.process.wait(timeout=10)
 
     def sent(self) -> int:
-        """Bytes the traced sendfile calls reported sending."""
-        return sum(int(n) for n in re.findall(r"sendfile\(.*\) = (\d+)", self.log.read_text()))
+        """Bytes the traced sendfile calls reported sending.
+
+        A call that another thread's call interrupted in the log is split over two lines, the
+        second ``<... sendfile resumed> ...) = N``: its bytes are on that one."""
+        calls = r"^(?:\d+\s+)?(?:sendfile\(|<\.\.\. sendfile resumed>).*\) = (\d+)$"
+        return sum(int(n) for n in re.findall(calls, self.log.read_text(), re.MULTILINE))
 
 
 def _traced_curl(hub: Metahub, url: str, out: Path, *args: str) -> tuple[int, int, int | None]:
